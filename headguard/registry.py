@@ -1,0 +1,81 @@
+"""The catalogue of checks: a registry of named properties, each gated on the capabilities it needs."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from typing import Any
+
+AREAS = ("head", "forward", "loss", "shape_loss", "training")
+
+
+class CheckFailure(AssertionError):
+    """A property does not hold. `message` is written for the head's author; `example` is the (shrunk) input."""
+
+    def __init__(self, message: str, *, example: str | None = None, reproduce: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.example = example
+        self.reproduce = reproduce
+
+
+class CheckSkipped(Exception):
+    """The check does not apply here (for example, no CUDA device); the reason says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckContext:
+    """What a check may use besides the subject: the Hypothesis profile and a base seed."""
+
+    profile: str = "dev"
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    name: str
+    area: str
+    func: Callable[[Any, CheckContext], None]
+    requires: frozenset[str]
+    doc: str
+
+    def applies_to(self, capabilities: Iterable[str]) -> bool:
+        return self.requires <= frozenset(capabilities)
+
+    def __call__(self, subject, ctx: CheckContext | None = None) -> None:
+        self.func(subject, ctx or CheckContext())
+
+
+CATALOGUE: dict[str, Check] = {}
+
+
+def check(*, area: str, requires: Iterable[str] = (), name: str | None = None):
+    """Register `func(subject, ctx)` as a check. Its name is the function name unless given."""
+    if area not in AREAS:
+        raise ValueError(f"Expected area in {AREAS}, got area={area!r}")
+
+    def register(func):
+        key = name or func.__name__
+        if key in CATALOGUE:
+            raise ValueError(f"a check named {key!r} is already registered")
+        doc = (func.__doc__ or "").strip().splitlines()[0] if func.__doc__ else ""
+        CATALOGUE[key] = Check(key, area, func, frozenset(requires), doc)
+        return func
+
+    return register
+
+
+def checks_for(capabilities: Iterable[str], *, select: Iterable[str] = (), deselect: Iterable[str] = ()) -> list[Check]:
+    """The registered checks that apply to a subject with `capabilities`, filtered by name."""
+    _load_catalogue()
+    unknown = sorted((set(select) | set(deselect)) - set(CATALOGUE))
+    if unknown:
+        raise KeyError(f"unknown check name(s) {unknown}; known: {sorted(CATALOGUE)}")
+    chosen = [c for c in CATALOGUE.values() if c.applies_to(capabilities)]
+    if select:
+        chosen = [c for c in chosen if c.name in set(select)]
+    return [c for c in chosen if c.name not in set(deselect)]
+
+
+def _load_catalogue() -> None:
+    from headguard import checks  # noqa: F401  (importing the package registers every check)

@@ -1,0 +1,112 @@
+"""A subject: everything the checks need to know about one head under test, and nothing about how it was named."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+DEFAULT_CHANNELS = (16, 32, 64)
+DEFAULT_STRIDES = (8.0, 16.0, 32.0)
+DEFAULT_NC = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadSpec:
+    """How to build a head under test and its loss, for heads that are not drop-in Ultralytics-style classes.
+
+    head: the head class (or any callable returning an `nn.Module`), called with `head_kwargs`.
+    loss: a callable that takes the built head and returns the criterion `loss(preds, batch) -> (vector, items)`;
+        `None` picks `PolygonLoss` when the head produces "polygons", else `DetectionLoss`.
+    train_step: replaces `headguard.training.train_step` when given.
+    expected_failures: check name -> reason; such a check failing is reported as xfailed.
+    """
+
+    head: Callable[..., nn.Module]
+    loss: Callable[[nn.Module], Callable] | None = None
+    head_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    train_step: Callable | None = None
+    expected_failures: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Subject:
+    """One head under test. `build_head()` returns a fresh copy of the initialised head, in train mode."""
+
+    name: str
+    prototype: nn.Module
+    loss_factory: Callable[[nn.Module], Callable]
+    train_step: Callable
+    strides: tuple[float, ...]
+    channels: tuple[int, ...]
+    nc: int
+    capabilities: frozenset[str]
+    expected_failures: Mapping[str, str]
+
+    def build_head(self) -> nn.Module:
+        return copy.deepcopy(self.prototype).train()
+
+    def build_loss(self, head: nn.Module) -> Callable:
+        return self.loss_factory(head)
+
+    @property
+    def num_vertices(self) -> int:
+        """Vertices per polygon (0 for heads without polygons)."""
+        return int(getattr(self.prototype, "np", 0)) if "polygons" in self.capabilities else 0
+
+    def feature_shapes(self, image_size: tuple[int, int], batch: int = 2) -> list[tuple[int, int, int, int]]:
+        """Feature-map shapes (B, C, H, W) for an image of `image_size` (H, W) pixels."""
+        h, w = image_size
+        return [(batch, c, max(1, round(h / s)), max(1, round(w / s))) for c, s in zip(self.channels, self.strides)]
+
+
+def build_subject(spec: HeadSpec, name: str) -> Subject:
+    """Instantiate the head once (strides set, `bias_init()` run) and derive the subject from what it produces."""
+    from headguard.training import train_step as reference_step  # late: training imports torch.optim machinery
+
+    kwargs = {"nc": DEFAULT_NC, "ch": DEFAULT_CHANNELS, **dict(spec.head_kwargs)}
+    head = spec.head(**kwargs)
+    if not isinstance(head, nn.Module):
+        raise TypeError(f"{name}: expected the head factory to return an nn.Module, got {type(head).__name__}")
+    strides = tuple(float(s) for s in kwargs.get("strides", DEFAULT_STRIDES))
+    head.stride = torch.tensor(strides)
+    if hasattr(head, "bias_init"):
+        head.bias_init()
+    channels = tuple(int(c) for c in kwargs["ch"])
+    capabilities = _capabilities(head, channels, strides)
+    loss_factory = spec.loss or _default_loss(capabilities)
+    return Subject(
+        name=name,
+        prototype=head.train(),
+        loss_factory=loss_factory,
+        train_step=spec.train_step or reference_step,
+        strides=strides,
+        channels=channels,
+        nc=int(kwargs["nc"]),
+        capabilities=capabilities,
+        expected_failures=dict(spec.expected_failures),
+    )
+
+
+def _capabilities(head: nn.Module, channels: tuple[int, ...], strides: tuple[float, ...]) -> frozenset[str]:
+    """What the head produces, found by running it once rather than by its class name."""
+    probe = copy.deepcopy(head).train()
+    feats = [torch.randn(1, c, max(1, int(64 // s)), max(1, int(64 // s))) for c, s in zip(channels, strides)]
+    with torch.no_grad():
+        out = probe(feats)
+    caps = set()
+    if isinstance(out, Mapping) and "polygons" in out:
+        caps.add("polygons")
+    if int(getattr(head, "reg_max", 1)) > 1:
+        caps.add("dfl")
+    return frozenset(caps)
+
+
+def _default_loss(capabilities: frozenset[str]) -> Callable[[nn.Module], Callable]:
+    import losses
+
+    return losses.PolygonLoss.for_head if "polygons" in capabilities else losses.DetectionLoss.for_head
