@@ -1,0 +1,5 @@
+"""Reference heads (torch only)."""
+
+from .detect import Detect
+
+__all__ = ["Detect"]
