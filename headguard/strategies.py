@@ -1,0 +1,505 @@
+"""Hypothesis strategies for detector heads: feature maps, targets, initialisations and compute dtypes.
+
+Conventions (Hypothesis style): plural nouns for value strategies, `from_head` binds them all to one head,
+keyword-only `min_*`/`max_*` pairs, `None` means "derive from the other arguments", and bad arguments raise
+`hypothesis.errors.InvalidArgument` naming the argument and its value.
+
+`targets` only produces batches that are VALID input for the reference losses (every box inside the image, positive
+or zero extent, classes in range); `invalid_targets` produces batches a loss must reject with a clear error. Keep the
+two apart: a check that feeds `targets` expects a finite loss; one that feeds `invalid_targets` expects an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import torch
+from hypothesis import strategies as st
+from hypothesis.errors import InvalidArgument
+from torch import nn
+
+__all__ = [
+    "ComputeDtype",
+    "HeadStrategies",
+    "Initialisation",
+    "LAYOUTS",
+    "dtypes",
+    "feature_maps",
+    "from_head",
+    "image_sizes",
+    "initialisations",
+    "invalid_targets",
+    "magnitudes",
+    "targets",
+]
+
+LAYOUTS = ("contiguous", "channels_last", "non_contiguous")
+FILLS = ("normal", "constant", "signs")
+BOX_KINDS = ("normal", "tiny", "zero_width", "zero_height", "image_covering", "edge", "duplicate")
+# Valid for detection losses but not drawn by default: a polygon inside such a box would leave the image.
+EXTRA_BOX_KINDS = ("out_of_image",)
+POLYGON_KINDS = ("convex", "all_equal", "collinear", "repeated_vertex", "padded")
+INVALID_KINDS = ("nan_box", "inf_box", "negative_size", "class_out_of_range", "batch_idx_out_of_range", "fractional_class")
+
+
+# --------------------------------------------------------------------------------------------- argument validation
+def _check_type(value, types, name: str, type_name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, types):
+        raise InvalidArgument(f"Expected {type_name} for {name}, got {name}={value!r} (type={type(value).__name__})")
+
+
+def _check_int(value, name: str, *, min_value: int | None = None) -> None:
+    _check_type(value, int, name, "int")
+    if min_value is not None and value < min_value:
+        raise InvalidArgument(f"Expected {name} >= {min_value}, got {name}={value!r}")
+
+
+def _check_range(lo: int, hi: int, lo_name: str, hi_name: str) -> None:
+    if lo > hi:
+        raise InvalidArgument(f"Expected {lo_name} <= {hi_name}, got {lo_name}={lo!r} and {hi_name}={hi!r}")
+
+
+def _check_levels(channels, strides) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    for name, seq in (("channels", channels), ("strides", strides)):
+        if not isinstance(seq, Sequence) or isinstance(seq, str) or len(seq) == 0:
+            raise InvalidArgument(f"Expected a non-empty sequence for {name}, got {name}={seq!r} (type={type(seq).__name__})")
+    for i, c in enumerate(channels):
+        _check_int(c, f"channels[{i}]", min_value=1)
+    for i, s in enumerate(strides):
+        _check_type(s, (int, float), f"strides[{i}]", "a number")
+        if not s > 0:
+            raise InvalidArgument(f"Expected strides[{i}] > 0, got strides[{i}]={s!r}")
+    if len(channels) != len(strides):
+        raise InvalidArgument(
+            f"Expected one stride per level, got {len(channels)} channels={tuple(channels)!r} and "
+            f"{len(strides)} strides={tuple(strides)!r}"
+        )
+    return tuple(int(c) for c in channels), tuple(float(s) for s in strides)
+
+
+def _check_strategy(value, name: str) -> None:
+    if not isinstance(value, st.SearchStrategy):
+        raise InvalidArgument(f"Expected a SearchStrategy for {name}, got {name}={value!r} (type={type(value).__name__})")
+
+
+def _check_dtype(dtype) -> None:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise InvalidArgument(f"Expected a floating torch.dtype for dtype, got dtype={dtype!r} (type={type(dtype).__name__})")
+
+
+# ----------------------------------------------------------------------------------------------------- feature maps
+def magnitudes(*, max_value: float | None = 1e4, dtype: torch.dtype = torch.float32) -> st.SearchStrategy[float]:
+    """Scales for feature maps: 0, 1e-30, ordinary values, 1e4, and (with max_value=None) near `dtype`'s maximum.
+
+    The default stops at 1e4, where every head should stay finite; pass max_value=None for overflow hunting.
+    """
+    _check_dtype(dtype)
+    top = torch.finfo(dtype).max / 4 if max_value is None else max_value
+    _check_type(top, (int, float), "max_value", "a number or None")
+    if not (math.isfinite(top) and top > 0):
+        raise InvalidArgument(f"Expected a finite max_value > 0, got max_value={max_value!r}")
+    ladder = [v for v in (0.0, 1e-30, 1e-6, 1e-2, 1.0, 1e2, 1e4) if v <= top]
+    extremes = [top] if top not in ladder else []
+    tiny = torch.finfo(dtype).tiny
+    ladder = [v for v in ladder if v == 0.0 or v >= tiny] or [0.0]
+    return st.sampled_from(ladder + extremes) | st.floats(min_value=0.0, max_value=min(top, 1e4))
+
+
+def image_sizes(*, min_size: int = 33, max_size: int = 96) -> st.SearchStrategy[tuple[int, int]]:
+    """(H, W) in pixels, odd and even, non-square; small by default so the anchor count A stays small."""
+    _check_int(min_size, "min_size", min_value=1)
+    _check_int(max_size, "max_size", min_value=1)
+    _check_range(min_size, max_size, "min_size", "max_size")
+    side = st.integers(min_value=min_size, max_value=max_size)
+    return st.tuples(side, side)
+
+
+def feature_size(pixels: int, stride: float) -> int:
+    """Feature-map side for an image side: a chain of padded stride-2 convs gives ceil(pixels / stride)."""
+    return max(1, math.ceil(pixels / stride))
+
+
+@dataclasses.dataclass(frozen=True)
+class _MapRecipe:
+    """Everything that determines one list of feature maps; shrinks and prints readably in falsifying examples."""
+
+    batch: int
+    image_size: tuple[int, int]
+    magnitude: float
+    fill: str
+    layout: str
+    seed: int
+
+
+def feature_maps(
+    channels: Sequence[int],
+    strides: Sequence[float],
+    *,
+    min_batch: int = 1,
+    max_batch: int = 4,
+    image_sizes: st.SearchStrategy[tuple[int, int]] | None = None,
+    magnitudes: st.SearchStrategy[float] | None = None,
+    dtype: torch.dtype = torch.float32,
+    fills: Sequence[str] = FILLS,
+    layouts: Sequence[str] = LAYOUTS,
+) -> st.SearchStrategy[list[torch.Tensor]]:
+    """Lists of feature maps (B, C_l, H_l, W_l), one per level, with one batch size and one image behind them.
+
+    Values are `magnitude * base` where base is standard normal, a constant 1, or random signs; layouts are
+    contiguous, channels-last, or non-contiguous (a transposed view), to catch `.view` on strided inputs.
+    """
+    channels, strides = _check_levels(channels, strides)
+    _check_int(min_batch, "min_batch", min_value=1)
+    _check_int(max_batch, "max_batch", min_value=1)
+    _check_range(min_batch, max_batch, "min_batch", "max_batch")
+    _check_dtype(dtype)
+    sizes = image_sizes if image_sizes is not None else globals()["image_sizes"]()
+    scales = magnitudes if magnitudes is not None else globals()["magnitudes"](dtype=dtype)
+    _check_strategy(sizes, "image_sizes")
+    _check_strategy(scales, "magnitudes")
+    for name, chosen, known in (("fills", fills, FILLS), ("layouts", layouts, LAYOUTS)):
+        bad = [x for x in chosen if x not in known]
+        if not chosen or bad:
+            raise InvalidArgument(f"Expected a non-empty subset of {known} for {name}, got {name}={tuple(chosen)!r}")
+    recipes = st.builds(
+        _MapRecipe,
+        batch=st.integers(min_batch, max_batch),
+        image_size=sizes,
+        magnitude=scales,
+        fill=st.sampled_from(tuple(fills)),
+        layout=st.sampled_from(tuple(layouts)),
+        seed=st.integers(0, 2**31 - 1),
+    )
+    return recipes.map(lambda r: make_feature_maps(channels, strides, r, dtype=dtype))
+
+
+class FeatureMaps(list):
+    """A list of feature maps that prints as the recipe that made it (falsifying examples stay readable)."""
+
+    def __init__(self, maps, recipe: _MapRecipe):
+        super().__init__(maps)
+        self.recipe = recipe
+
+    def __repr__(self) -> str:
+        shapes = [tuple(m.shape) for m in self]
+        return f"FeatureMaps({self.recipe!r}, dtype={self[0].dtype}, shapes={shapes})"
+
+
+class TargetBatch(dict):
+    """A batch dict that prints its rows compactly."""
+
+    def __repr__(self) -> str:
+        rows = [
+            f"(img={int(i)}, cls={int(c)}, xywh={[round(float(v), 4) for v in b]})"
+            for i, c, b in zip(self["batch_idx"], self["cls"][:, 0], self["bboxes"])
+        ]
+        extra = f", polygons {tuple(self['polygons'].shape)}" if "polygons" in self else ""
+        return f"TargetBatch([{', '.join(rows)}]{extra})"
+
+
+def make_feature_maps(channels, strides, recipe: _MapRecipe, *, dtype=torch.float32) -> list[torch.Tensor]:
+    """Build the feature maps a recipe describes (deterministic in recipe.seed)."""
+    gen = torch.Generator().manual_seed(recipe.seed)
+    h, w = recipe.image_size
+    maps = []
+    for c, s in zip(channels, strides):
+        fh, fw = feature_size(h, s), feature_size(w, s)
+        if recipe.fill == "constant":
+            base = torch.ones(recipe.batch, c, fw, fh, dtype=torch.float64)
+        elif recipe.fill == "signs":
+            base = torch.randint(0, 2, (recipe.batch, c, fw, fh), generator=gen).double() * 2 - 1
+        else:
+            base = torch.randn(recipe.batch, c, fw, fh, generator=gen, dtype=torch.float64)
+        # Built as (B, C, W, H) then transposed: the "non_contiguous" layout is that view itself.
+        x = (base * recipe.magnitude).to(dtype).transpose(-1, -2)
+        if recipe.layout == "contiguous":
+            x = x.contiguous()
+        elif recipe.layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        maps.append(x)
+    return FeatureMaps(maps, recipe)
+
+
+# ---------------------------------------------------------------------------------------------------------- targets
+def _box_from_kind(draw, kind: str, previous: list[tuple[float, float, float, float]]):
+    """One normalised xywh box inside the unit image (edges may touch the border)."""
+    if kind == "duplicate" and previous:
+        return draw(st.sampled_from(previous))
+    if kind == "image_covering":
+        return (0.5, 0.5, 1.0, 1.0)
+    if kind == "tiny":
+        w = h = 1e-3
+    elif kind in ("zero_width", "zero_height"):
+        size = draw(st.floats(0.05, 0.5))
+        w, h = (0.0, size) if kind == "zero_width" else (size, 0.0)
+    else:
+        w, h = draw(st.floats(0.05, 0.9)), draw(st.floats(0.05, 0.9))
+    if kind == "out_of_image":  # centre outside the unit image, partly or wholly off it
+        return (draw(st.sampled_from([-0.2, 1.1, 1.5])), draw(st.floats(0.0, 1.0)), w, h)
+    if kind == "edge":  # touches the top-left corner exactly
+        return (w / 2, h / 2, w, h)
+    cx = draw(st.floats(w / 2, 1 - w / 2))
+    cy = draw(st.floats(h / 2, 1 - h / 2))
+    return (cx, cy, w, h)
+
+
+def _polygon_in_box(draw, kind: str, box, num_vertices: int) -> tuple[list[list[float]], list[bool]]:
+    """np vertices inside `box` (normalised xywh) of one family, cw or ccw, and the mask of real vertices."""
+    cx, cy, w, h = box
+    mask = [True] * num_vertices
+    if kind == "all_equal":
+        pts = [[cx, cy]] * num_vertices
+    elif kind == "collinear":
+        pts = [[cx - w / 2 + w * i / (num_vertices - 1), cy - h / 2 + h * i / (num_vertices - 1)] for i in range(num_vertices)]
+    else:
+        real = num_vertices
+        if kind == "padded":
+            real = draw(st.integers(3, num_vertices))
+        phase = draw(st.floats(0.0, 2 * math.pi))
+        # A regular polygon inscribed in the box's ellipse: convex, with its bounding box inside `box`.
+        pts = [
+            [cx + w / 2 * math.cos(phase + 2 * math.pi * i / real), cy + h / 2 * math.sin(phase + 2 * math.pi * i / real)]
+            for i in range(real)
+        ]
+        if kind == "repeated_vertex":
+            pts[1] = list(pts[0])
+        if draw(st.booleans()):
+            pts.reverse()  # clockwise instead of counter-clockwise
+        pts = pts + [list(pts[-1])] * (num_vertices - real)
+        mask = [True] * real + [False] * (num_vertices - real)
+    return [[min(max(x, 0.0), 1.0), min(max(y, 0.0), 1.0)] for x, y in pts], mask
+
+
+@st.composite
+def _target_batches(draw, nc, batch_size, num_vertices, min_objects, max_objects, box_kinds, polygon_kinds):
+    n = draw(st.integers(min_objects, max_objects))
+    boxes, idx, cls, polys, masks = [], [], [], [], []
+    for _ in range(n):
+        kind = draw(st.sampled_from(box_kinds))
+        box = _box_from_kind(draw, kind, boxes)
+        boxes.append(box)
+        idx.append(draw(st.integers(0, batch_size - 1)))
+        cls.append(draw(st.integers(0, nc - 1)))
+        if num_vertices:
+            pts, mask = _polygon_in_box(draw, draw(st.sampled_from(polygon_kinds)), box, num_vertices)
+            polys.append(pts)
+            masks.append(mask)
+    batch = TargetBatch({
+        "batch_idx": torch.tensor(idx, dtype=torch.float32),
+        "cls": torch.tensor(cls, dtype=torch.float32).reshape(n, 1),
+        "bboxes": torch.tensor(boxes, dtype=torch.float32).reshape(n, 4),
+    })
+    if num_vertices:
+        batch["polygons"] = torch.tensor(polys, dtype=torch.float32).reshape(n, num_vertices, 2)
+        batch["polygon_mask"] = torch.tensor(masks, dtype=torch.bool).reshape(n, num_vertices)
+    return batch
+
+
+def _check_target_args(nc, batch_size, num_vertices, min_objects, max_objects) -> None:
+    _check_int(nc, "nc", min_value=1)
+    _check_int(batch_size, "batch_size", min_value=1)
+    _check_int(num_vertices, "num_vertices", min_value=0)
+    if 0 < num_vertices < 3:
+        raise InvalidArgument(f"Expected num_vertices == 0 (no polygons) or >= 3, got num_vertices={num_vertices!r}")
+    _check_int(min_objects, "min_objects", min_value=0)
+    _check_int(max_objects, "max_objects", min_value=0)
+    _check_range(min_objects, max_objects, "min_objects", "max_objects")
+
+
+def _check_kinds(chosen, known, name):
+    bad = [k for k in chosen if k not in known]
+    if not chosen or bad:
+        raise InvalidArgument(f"Expected a non-empty subset of {known} for {name}, got {name}={tuple(chosen)!r}")
+
+
+def targets(
+    nc: int,
+    *,
+    batch_size: int = 1,
+    num_vertices: int = 0,
+    min_objects: int = 0,
+    max_objects: int = 6,
+    box_kinds: Sequence[str] = BOX_KINDS,
+    polygon_kinds: Sequence[str] = POLYGON_KINDS,
+) -> st.SearchStrategy[dict[str, torch.Tensor]]:
+    """VALID batch dicts for `batch_size` images: `batch_idx (N,)`, `cls (N, 1)`, `bboxes (N, 4)` normalised xywh,
+    plus `polygons (N, np, 2)` and `polygon_mask (N, np)` when num_vertices > 0.
+
+    Empty batches, one object and many; zero-width/height, tiny, image-covering, edge-touching and duplicate boxes;
+    polygons convex, all-equal, collinear, with a repeated vertex, or padded (masked), in either orientation. Every
+    box and vertex lies inside the image [0, 1]; each polygon lies inside its box. Restrict `box_kinds` /
+    `polygon_kinds` to exclude degenerate families when a property needs ordinary objects.
+    """
+    _check_target_args(nc, batch_size, num_vertices, min_objects, max_objects)
+    _check_kinds(box_kinds, BOX_KINDS + EXTRA_BOX_KINDS, "box_kinds")
+    _check_kinds(polygon_kinds, POLYGON_KINDS, "polygon_kinds")
+    return _target_batches(nc, batch_size, num_vertices, min_objects, max_objects, tuple(box_kinds), tuple(polygon_kinds))
+
+
+@st.composite
+def _invalid_batches(draw, nc, batch_size, num_vertices, kinds):
+    batch = draw(targets(nc, batch_size=batch_size, num_vertices=num_vertices, min_objects=1, max_objects=3,
+                         box_kinds=("normal",), polygon_kinds=("convex",)))
+    kind = draw(st.sampled_from(kinds))
+    row = draw(st.integers(0, batch["cls"].shape[0] - 1))
+    if kind == "nan_box":
+        batch["bboxes"][row, draw(st.integers(0, 3))] = math.nan
+    elif kind == "inf_box":
+        batch["bboxes"][row, draw(st.integers(0, 3))] = math.inf
+    elif kind == "negative_size":
+        batch["bboxes"][row, draw(st.integers(2, 3))] = -0.1
+    elif kind == "class_out_of_range":
+        batch["cls"][row, 0] = float(draw(st.sampled_from([nc, nc + 3, -1])))
+    elif kind == "batch_idx_out_of_range":
+        batch["batch_idx"][row] = float(draw(st.sampled_from([batch_size, -1])))
+    elif kind == "fractional_class":
+        batch["cls"][row, 0] = 0.5
+    return kind, batch
+
+
+def invalid_targets(
+    nc: int, *, batch_size: int = 1, num_vertices: int = 0, kinds: Sequence[str] = INVALID_KINDS
+) -> st.SearchStrategy[tuple[str, dict[str, torch.Tensor]]]:
+    """(kind, batch) pairs a loss must reject with a clear error: non-finite or negative-size boxes, classes or
+    image indices out of range or fractional. Never mix these into `targets`.
+
+    Boxes reaching outside the image are NOT here: the reference losses accept them (the assigner simply finds no
+    anchors outside), so they are valid input; `targets(box_kinds=(..., "out_of_image"))` produces them."""
+    _check_target_args(nc, batch_size, num_vertices, 1, 3)
+    _check_kinds(kinds, INVALID_KINDS, "kinds")
+    return _invalid_batches(nc, batch_size, num_vertices, tuple(kinds))
+
+
+# ------------------------------------------------------------------------------------------ initialisations, dtypes
+@dataclasses.dataclass(frozen=True)
+class Initialisation:
+    """Applies one initialisation to a head in place: bias_init as shipped (scale 1), or every conv weight scaled."""
+
+    scale: float = 1.0
+
+    def __call__(self, head: nn.Module) -> nn.Module:
+        if self.scale != 1.0:
+            with torch.no_grad():
+                for m in head.modules():
+                    if isinstance(m, nn.Conv2d) and m.weight.requires_grad:
+                        m.weight.mul_(self.scale)
+        return head
+
+    def __repr__(self) -> str:
+        return "Initialisation(as shipped)" if self.scale == 1.0 else f"Initialisation(weights x {self.scale:g})"
+
+
+def initialisations(*, scales: Sequence[float] = (1e-3, 1e-1, 10.0, 1e2)) -> st.SearchStrategy[Initialisation]:
+    """The shipped init (bias_init only) and trainable conv weights scaled by small and large factors."""
+    for i, s in enumerate(scales):
+        _check_type(s, (int, float), f"scales[{i}]", "a number")
+        if not (math.isfinite(s) and s > 0):
+            raise InvalidArgument(f"Expected finite scales > 0, got scales[{i}]={s!r}")
+    return st.sampled_from((Initialisation(1.0),) + tuple(Initialisation(float(s)) for s in scales))
+
+
+@dataclasses.dataclass(frozen=True)
+class ComputeDtype:
+    """Where and in what precision to run: fp32, bf16 autocast on CPU, fp16 autocast (with a GradScaler) on CUDA."""
+
+    name: str
+    device: str
+    autocast_dtype: torch.dtype | None
+
+    def autocast(self):
+        import contextlib
+
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device, dtype=self.autocast_dtype)
+
+    def __repr__(self) -> str:
+        return f"ComputeDtype({self.name})"
+
+
+FP32 = ComputeDtype("float32", "cpu", None)
+BF16_CPU = ComputeDtype("bfloat16-autocast-cpu", "cpu", torch.bfloat16)
+FP16_CUDA = ComputeDtype("float16-autocast-cuda", "cuda", torch.float16)
+
+
+def dtypes(*, cuda: bool | None = None) -> st.SearchStrategy[ComputeDtype]:
+    """fp32 and bf16 autocast on CPU; fp16 autocast on CUDA only (cuda=None: when a CUDA device is available)."""
+    if cuda is not None:
+        _check_type(cuda, (bool, type(None)), "cuda", "bool or None")
+    use_cuda = torch.cuda.is_available() if cuda is None else cuda
+    return st.sampled_from((FP32, BF16_CPU) + ((FP16_CUDA,) if use_cuda else ()))
+
+
+# ------------------------------------------------------------------------------------------------------ from_head
+@dataclasses.dataclass(frozen=True)
+class HeadStrategies:
+    """All strategies bound to one head's channels, strides, nc and vertex count."""
+
+    channels: tuple[int, ...]
+    strides: tuple[float, ...]
+    nc: int
+    num_vertices: int = 0
+
+    def feature_maps(self, **kwargs) -> st.SearchStrategy[list[torch.Tensor]]:
+        return feature_maps(self.channels, self.strides, **kwargs)
+
+    def targets(self, **kwargs) -> st.SearchStrategy[dict[str, torch.Tensor]]:
+        return targets(self.nc, num_vertices=self.num_vertices, **kwargs)
+
+    def invalid_targets(self, **kwargs):
+        return invalid_targets(self.nc, num_vertices=self.num_vertices, **kwargs)
+
+    def inputs(self, *, targets_kwargs: dict | None = None, **map_kwargs):
+        """(feature maps, batch dict) pairs with matching batch sizes."""
+
+        def with_targets(maps):
+            batch = targets(self.nc, batch_size=maps[0].shape[0], num_vertices=self.num_vertices, **(targets_kwargs or {}))
+            return batch.map(lambda b: (maps, b))
+
+        return self.feature_maps(**map_kwargs).flatmap(with_targets)
+
+    @staticmethod
+    def initialisations(**kwargs) -> st.SearchStrategy[Initialisation]:
+        return initialisations(**kwargs)
+
+    @staticmethod
+    def dtypes(**kwargs) -> st.SearchStrategy[ComputeDtype]:
+        return dtypes(**kwargs)
+
+
+def from_head(head_or_subject) -> HeadStrategies:
+    """Bind the strategies to a subject (`headguard.subject.Subject`) or an initialised head module.
+
+    For a bare module: strides come from `head.stride`, `nc` and `np` from its attributes, and each level's input
+    channels from the first Conv2d of each item of its first per-level ModuleList.
+    """
+    if hasattr(head_or_subject, "prototype") and hasattr(head_or_subject, "channels"):
+        s = head_or_subject
+        return HeadStrategies(tuple(s.channels), tuple(float(x) for x in s.strides), int(s.nc), int(s.num_vertices))
+    if not isinstance(head_or_subject, nn.Module):
+        raise InvalidArgument(
+            f"Expected an nn.Module or a Subject for head_or_subject, got head_or_subject={head_or_subject!r} "
+            f"(type={type(head_or_subject).__name__})"
+        )
+    head = head_or_subject
+    stride = getattr(head, "stride", None)
+    if stride is None or not bool((torch.as_tensor(stride) > 0).all()):
+        raise InvalidArgument(f"from_head needs head.stride set to positive values, got head.stride={stride!r}")
+    strides = tuple(float(x) for x in torch.as_tensor(stride).flatten())
+    channels = _input_channels(head, len(strides))
+    nc = getattr(head, "nc", None)
+    _check_int(nc, "head.nc", min_value=1)
+    return HeadStrategies(channels, strides, nc, int(getattr(head, "np", 0) or 0))
+
+
+def _input_channels(head: nn.Module, levels: int) -> tuple[int, ...]:
+    for child in head.children():
+        if isinstance(child, nn.ModuleList) and len(child) == levels:
+            firsts = [next((m for m in branch.modules() if isinstance(m, nn.Conv2d)), None) for branch in child]
+            if all(f is not None for f in firsts):
+                return tuple(f.in_channels for f in firsts)
+    raise InvalidArgument(f"from_head could not find a per-level nn.ModuleList of {levels} conv branches on the head")
+
+
