@@ -1,0 +1,75 @@
+"""Input checks shared by the losses: one error type, messages that name the tensor, the finding and the expectation.
+
+Each finiteness check is one fused `isfinite().all()` per tensor. Reading its result is a host sync; we accept it,
+because a quiet NaN loss costs far more than one sync per step. Details (count, first index) are computed only on
+the failure path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+class LossInputError(ValueError):
+    """A loss was given inputs it cannot use; the message names the tensor, what was found and what was expected."""
+
+
+def check_tensor(name: str, value: object) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise LossInputError(f"{name} is a {type(value).__name__}; expected a torch.Tensor")
+    return value
+
+
+def check_shape(name: str, t: torch.Tensor, expected: Sequence[int | None], meaning: str = "") -> None:
+    """`expected` may hold None for a free dimension."""
+    ok = t.ndim == len(expected) and all(e is None or s == e for s, e in zip(t.shape, expected))
+    if not ok:
+        shown = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ")"
+        extra = f" {meaning}" if meaning else ""
+        raise LossInputError(f"{name} has shape {tuple(t.shape)}; expected {shown}{extra}")
+
+
+def check_floating(name: str, t: torch.Tensor) -> None:
+    if not t.is_floating_point():
+        raise LossInputError(f"{name} has dtype {t.dtype}; expected a floating-point tensor")
+
+
+def check_like(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor, dtype: bool = True) -> None:
+    """Same device (and, if `dtype`, same dtype) as the reference tensor."""
+    if t.device != ref.device:
+        raise LossInputError(f"{name} is on {t.device}; expected {ref.device}, the device of {ref_name}")
+    if dtype and t.dtype != ref.dtype:
+        raise LossInputError(f"{name} has dtype {t.dtype}; expected {ref.dtype}, the dtype of {ref_name}")
+
+
+def check_finite(name: str, t: torch.Tensor, expected: str) -> None:
+    """Raise if any value is NaN/Inf; never replaces values (a masked NaN trains on corrupted weights)."""
+    if bool(torch.isfinite(t).all()):
+        return
+    bad = ~torch.isfinite(t)
+    first = [int(i) for i in bad.nonzero()[0]]
+    raise LossInputError(f"{name} has {int(bad.sum())} non-finite values (first at {first}); expected {expected}")
+
+
+def check_range(name: str, t: torch.Tensor, low: float, high: float, expected: str) -> None:
+    """All values in [low, high); reports the first offender."""
+    if t.numel() == 0:
+        return
+    bad = (t < low) | (t >= high)
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0, 0])
+        raise LossInputError(
+            f"{name} has {int(bad.sum())} values outside [{low:g}, {high:g}) "
+            f"(first at row {first}: {t.reshape(t.shape[0], -1)[first].tolist()}); expected {expected}"
+        )
+
+
+def check_integral(name: str, t: torch.Tensor) -> None:
+    if t.is_floating_point() and t.numel() and bool((t != t.round()).any()):
+        first = int((t != t.round()).reshape(t.shape[0], -1).any(1).nonzero()[0, 0])
+        raise LossInputError(
+            f"{name} has non-integer values (first at row {first}: {t.reshape(t.shape[0], -1)[first].tolist()}); "
+            "expected integer ids"
+        )

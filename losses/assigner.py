@@ -1,0 +1,171 @@
+"""Task-aligned assignment (TOOD), numerically equal to Ultralytics 8.4.190's TaskAlignedAssigner.
+
+A pure function: settings come in a frozen dataclass, tensors in, an `Assignment` out; no module state.
+Fully vectorised over images, ground truths and anchors (dense (B, n, A) masks, no host sync).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+
+from ._boxes import bbox_ciou, xywh2xyxy, xyxy2xywh
+
+
+@dataclasses.dataclass(frozen=True)
+class AssignerConfig:
+    """topk candidates per gt; metric = score^alpha * CIoU^beta; `ensure_coverage` is the R11 remedy (off = Ultralytics)."""
+
+    topk: int = 10
+    alpha: float = 0.5
+    beta: float = 6.0
+    eps: float = 1e-9
+    ensure_coverage: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.topk, int) or self.topk < 1:
+            raise ValueError(f"Expected a positive int for topk, got topk={self.topk!r}")
+        if self.eps <= 0:
+            raise ValueError(f"Expected eps > 0, got eps={self.eps!r}")
+
+
+class Assignment(NamedTuple):
+    """Per anchor: target_labels (B, A) long, target_bboxes (B, A, 4) xyxy pixels, target_scores (B, A, nc) float,
+    fg_mask (B, A) bool, target_gt_idx (B, A) long index into that image's own padded gt list (not the flat batch)."""
+
+    target_labels: torch.Tensor
+    target_bboxes: torch.Tensor
+    target_scores: torch.Tensor
+    fg_mask: torch.Tensor
+    target_gt_idx: torch.Tensor
+
+
+def task_aligned_assign(
+    pd_scores: torch.Tensor,
+    pd_bboxes: torch.Tensor,
+    anchor_points: torch.Tensor,
+    gt_labels: torch.Tensor,
+    gt_bboxes: torch.Tensor,
+    mask_gt: torch.Tensor,
+    strides: Sequence[float],
+    config: AssignerConfig = AssignerConfig(),
+) -> Assignment:
+    """Assign ground truths to anchors.
+
+    pd_scores (B, A, nc) probabilities; pd_bboxes (B, A, 4) xyxy pixels; anchor_points (A, 2) pixels;
+    gt_labels (B, n, 1); gt_bboxes (B, n, 4) xyxy pixels; mask_gt (B, n, 1) true for real (non-padding) boxes;
+    strides: one per level. Gt sides smaller than `strides[1]` (or `strides[0]` with one level) are enlarged to it
+    about their centre when choosing candidate anchors.
+    """
+    with torch.no_grad():
+        return _assign(pd_scores, pd_bboxes, anchor_points, gt_labels, gt_bboxes, mask_gt.bool(), strides, config)
+
+
+def _assign(pd_scores, pd_bboxes, anchor_points, gt_labels, gt_bboxes, mask_gt, strides, cfg) -> Assignment:
+    b, a, nc = pd_scores.shape
+    n = gt_bboxes.shape[1]
+    if n == 0:
+        return Assignment(
+            torch.full((b, a), nc, dtype=torch.long, device=pd_scores.device),
+            torch.zeros_like(pd_bboxes),
+            torch.zeros_like(pd_scores),
+            torch.zeros((b, a), dtype=torch.bool, device=pd_scores.device),
+            torch.zeros((b, a), dtype=torch.long, device=pd_scores.device),
+        )
+    if a < cfg.topk:
+        raise ValueError(f"task_aligned_assign got {a} anchors; expected at least topk = {cfg.topk}")
+    min_side = float(strides[1] if len(strides) > 1 else strides[0])
+    in_box = _anchors_in_boxes(anchor_points, gt_bboxes, mask_gt, min_side)  # (B, n, A)
+    candidate = in_box & mask_gt
+    labels = gt_labels.long().squeeze(-1)  # (B, n)
+    overlaps, align = _metrics(pd_scores, pd_bboxes, labels, gt_bboxes, candidate, cfg)
+
+    mask_pos = _top_candidates(align, mask_gt, cfg.topk) & candidate
+    mask_pos = _resolve_conflicts(mask_pos, overlaps)
+    rescued = None
+    if cfg.ensure_coverage:
+        mask_pos, rescued = _ensure_coverage(mask_pos, candidate, align, anchor_points, gt_bboxes)
+
+    fg_mask, target_gt_idx = mask_pos.max(1)  # first gt for background anchors, as Ultralytics
+    target_labels = labels.gather(1, target_gt_idx).clamp(0)
+    target_bboxes = gt_bboxes.gather(1, target_gt_idx.unsqueeze(-1).expand(-1, -1, 4))
+
+    # Soft targets: each gt's metrics rescaled so its best positive reaches its best IoU.
+    mask_f = mask_pos.to(align.dtype)
+    align = align * mask_f
+    overlaps = overlaps * mask_f
+    best_align = align.amax(-1, keepdim=True)
+    best_overlap = overlaps.amax(-1, keepdim=True)
+    norm = (align * best_overlap / (best_align + cfg.eps)).amax(1)  # (B, A)
+    if rescued is not None:
+        # A rescued positive of a gt with zero metric everywhere still needs weight, or it teaches nothing.
+        norm = torch.where(rescued & (norm == 0), torch.ones_like(norm), norm)
+    target_scores = torch.zeros((b, a, nc), dtype=norm.dtype, device=norm.device)
+    target_scores.scatter_(2, target_labels.unsqueeze(-1), (norm * fg_mask).unsqueeze(-1))
+    return Assignment(target_labels, target_bboxes, target_scores, fg_mask.bool(), target_gt_idx)
+
+
+def _anchors_in_boxes(anchor_points, gt_bboxes, mask_gt, min_side: float) -> torch.Tensor:
+    """(B, n, A) bool: anchor strictly inside the gt box, whose sides below `min_side` are enlarged to it."""
+    xywh = xyxy2xywh(gt_bboxes)
+    small = (xywh[..., 2:] < min_side) & mask_gt
+    xywh = torch.cat((xywh[..., :2], torch.where(small, torch.full_like(xywh[..., 2:], min_side), xywh[..., 2:])), -1)
+    boxes = xywh2xyxy(xywh).unsqueeze(2)  # (B, n, 1, 4)
+    x, y = anchor_points[:, 0], anchor_points[:, 1]
+    eps = 1e-9
+    return (
+        (x - boxes[..., 0] > eps) & (y - boxes[..., 1] > eps) & (boxes[..., 2] - x > eps) & (boxes[..., 3] - y > eps)
+    )
+
+
+def _metrics(pd_scores, pd_bboxes, labels, gt_bboxes, candidate, cfg):
+    """CIoU (clamped at 0) and alignment metric per (image, gt, anchor); exactly 0 for non-candidates."""
+    b, a, _ = pd_scores.shape
+    n = labels.shape[1]
+    ciou = bbox_ciou(gt_bboxes.unsqueeze(2), pd_bboxes.unsqueeze(1)).clamp(0)  # (B, n, A)
+    overlaps = torch.where(candidate, ciou, torch.zeros((), dtype=ciou.dtype, device=ciou.device))
+    cls_prob = pd_scores.transpose(1, 2).gather(1, labels.unsqueeze(-1).expand(b, n, a))  # (B, n, A)
+    align = cls_prob.pow(cfg.alpha) * overlaps.pow(cfg.beta)
+    align = torch.where(candidate, align, torch.zeros((), dtype=align.dtype, device=align.device))
+    return overlaps, align
+
+
+def _top_candidates(align, mask_gt, topk: int) -> torch.Tensor:
+    """(B, n, A) bool: the topk anchors of each real gt; an anchor picked more than once in a row is dropped."""
+    idx = align.topk(topk, dim=-1).indices
+    # Padding rows all point at anchor 0, so it is counted topk times and dropped (their rows are masked later).
+    idx = idx.masked_fill(~mask_gt, 0)
+    count_dtype = torch.int8 if topk < 128 else torch.int32
+    count = torch.zeros(align.shape, dtype=count_dtype, device=align.device)
+    count.scatter_add_(-1, idx, torch.ones_like(idx, dtype=count_dtype))
+    return count == 1
+
+
+def _resolve_conflicts(mask_pos, overlaps) -> torch.Tensor:
+    """An anchor positive for several gts keeps only the gt with the highest overlap."""
+    multi = mask_pos.sum(1, keepdim=True) > 1  # (B, 1, A)
+    best = torch.zeros_like(mask_pos).scatter_(1, overlaps.max(1).indices.unsqueeze(1), True)
+    return torch.where(multi, best, mask_pos)
+
+
+def _ensure_coverage(mask_pos, candidate, align, anchor_points, gt_bboxes):
+    """Give each gt with candidates but no positive its best candidate (by metric, then distance to the box centre).
+
+    A rescued anchor is taken from any other gt it was positive for (the lowest-index rescuer wins a shared anchor).
+    Returns the new mask and a (B, A) bool of rescued anchors.
+    """
+    starving = candidate.any(-1) & ~mask_pos.any(-1)  # (B, n)
+    neg_inf = torch.tensor(float("-inf"), dtype=align.dtype, device=align.device)
+    metric = torch.where(candidate, align, neg_inf)
+    best = metric == metric.amax(-1, keepdim=True)
+    centre = (gt_bboxes[..., :2] + gt_bboxes[..., 2:]) / 2  # (B, n, 2)
+    dist2 = (anchor_points.unsqueeze(0).unsqueeze(0) - centre.unsqueeze(2)).pow(2).sum(-1)  # (B, n, A)
+    dist2 = torch.where(candidate & best, dist2, torch.full_like(dist2, float("inf")))
+    pick = torch.zeros_like(mask_pos).scatter_(-1, dist2.argmin(-1, keepdim=True), True) & starving.unsqueeze(-1)
+    rescued = pick.any(1)  # (B, A)
+    first = torch.zeros_like(pick).scatter_(1, pick.to(torch.uint8).argmax(1, keepdim=True), True) & pick
+    mask_pos = torch.where(rescued.unsqueeze(1), first, mask_pos)
+    return mask_pos, rescued

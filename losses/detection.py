@@ -1,0 +1,264 @@
+"""Detection loss (CIoU + DFL box terms, BCE class term), numerically equal to Ultralytics 8.4.190's v8DetectionLoss."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from heads._decode import make_anchors
+
+from ._boxes import bbox2dist, bbox_ciou, dfl_loss, dist2bbox, xywh2xyxy
+from ._validate import (
+    LossInputError,
+    check_finite,
+    check_floating,
+    check_integral,
+    check_like,
+    check_range,
+    check_shape,
+    check_tensor,
+)
+from .assigner import AssignerConfig, task_aligned_assign
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectionGains:
+    """Multipliers of the box (CIoU), class (BCE) and DFL terms; defaults are Ultralytics' box/cls/dfl."""
+
+    box: float = 7.5
+    cls: float = 0.5
+    dfl: float = 1.5
+
+
+class DetectionTargets(NamedTuple):
+    """What the assigner decided, with everything a derived loss needs to gather its own targets.
+
+    Per anchor (B images, A anchors): fg_mask (B, A) bool; target_gt_idx (B, A) long index into that image's own
+    padded gt slots (NOT a flat batch row: use `gt_rows` to map); target_bboxes (B, A, 4) xyxy pixels;
+    target_scores (B, A, nc); pred_bboxes (B, A, 4) xyxy in grid units (decoded, with gradient).
+    Per gt slot (n = max objects in one image): gt_labels (B, n, 1), gt_bboxes (B, n, 4) xyxy pixels, mask_gt (B, n)
+    bool (real box, not padding), gt_rows (B, n) long: the row of that object in the flat batch tensors, -1 for padding.
+    Shared: target_scores_sum (0-d, >= 1), anchor_points (A, 2) grid units, stride_tensor (A, 1), imgsz (2,) (h, w) px.
+    """
+
+    fg_mask: torch.Tensor
+    target_gt_idx: torch.Tensor
+    target_bboxes: torch.Tensor
+    target_scores: torch.Tensor
+    target_scores_sum: torch.Tensor
+    anchor_points: torch.Tensor
+    stride_tensor: torch.Tensor
+    pred_bboxes: torch.Tensor
+    gt_labels: torch.Tensor
+    gt_bboxes: torch.Tensor
+    mask_gt: torch.Tensor
+    gt_rows: torch.Tensor
+    imgsz: torch.Tensor
+
+
+class PaddedTargets(NamedTuple):
+    """Flat batch targets regrouped per image: labels (B, n, 1), boxes (B, n, 4) xyxy px, mask (B, n), rows (B, n)."""
+
+    labels: torch.Tensor
+    bboxes: torch.Tensor
+    mask: torch.Tensor
+    rows: torch.Tensor
+
+
+class DetectionLoss:
+    """YOLOv8-style detection loss with explicit configuration; never reads a model.
+
+    `loss(preds, batch)` (also `__call__`) returns (loss_vector * B, items): the vector is the gain-scaled
+    [box, cls, dfl] terms times the batch size, items a dict {"box_loss", "cls_loss", "dfl_loss"} of detached 0-d
+    tensors (not times B), as Ultralytics 8.4.
+
+    preds: the head's training dict {"boxes": (B, 4*reg_max, A) logits, "scores": (B, nc, A) logits, "feats": list of
+    (B, C, H, W) per level}, or its eval tuple (y, that dict).
+    batch: {"batch_idx": (N,) image index of each object, "cls": (N, 1) class id, "bboxes": (N, 4) normalised xywh}.
+    The class BCE is normalised by max(1, sum of target scores). Host syncs: the finiteness checks (one per tensor),
+    the padded per-image object count (a shape) and the number of positives (a shape, for the box/DFL gathers).
+    """
+
+    names = ("box_loss", "cls_loss", "dfl_loss")
+
+    def __init__(
+        self,
+        nc: int,
+        strides: Sequence[float] | torch.Tensor,
+        reg_max: int = 16,
+        gains: DetectionGains = DetectionGains(),
+        assigner: AssignerConfig = AssignerConfig(),
+    ):
+        if not isinstance(nc, int) or nc < 1:
+            raise ValueError(f"Expected a positive int for nc, got nc={nc!r}")
+        if not isinstance(reg_max, int) or reg_max < 2:
+            raise ValueError(f"Expected an int reg_max >= 2 (DFL box branch), got reg_max={reg_max!r}")
+        strides = [float(s) for s in (strides.tolist() if isinstance(strides, torch.Tensor) else strides)]
+        if not strides or not all(s > 0 for s in strides):
+            raise ValueError(
+                f"Expected one positive stride per level, got strides={strides!r}; set the head's stride first"
+            )
+        self.nc = nc
+        self.reg_max = reg_max
+        self.strides = tuple(strides)
+        self.gains = gains
+        self.assigner = assigner
+
+    @classmethod
+    def for_head(cls, head, **kwargs) -> DetectionLoss:
+        """Build from a head's `nc`, `reg_max` and `stride` (read explicitly; nothing else)."""
+        return cls(nc=head.nc, strides=head.stride, reg_max=head.reg_max, **kwargs)
+
+    def __call__(self, preds, batch: Mapping[str, torch.Tensor]):
+        return self.loss(preds, batch)
+
+    def loss(self, preds, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        preds = self.parse_output(preds)
+        terms, _ = self.detection_terms(preds, batch)
+        batch_size = preds["boxes"].shape[0]
+        return terms * batch_size, dict(zip(self.names, terms.detach()))
+
+    @staticmethod
+    def parse_output(preds):
+        """Accept the training dict or the eval tuple (y, dict)."""
+        return preds[1] if isinstance(preds, tuple) else preds
+
+    def detection_terms(
+        self, preds: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, DetectionTargets]:
+        """Gain-scaled [box, cls, dfl] (3,) (not times B) and the assignment, for losses that add their own terms."""
+        boxes, scores, feats = self._check_preds(preds)
+        b, _, a = scores.shape
+        dtype = scores.dtype
+        anchor_points, stride_tensor = make_anchors(feats, self.strides)
+        h, w = feats[0].shape[2:]
+        imgsz = torch.tensor((h, w), dtype=dtype, device=scores.device) * self.strides[0]
+
+        gt = self.pad_targets(batch, b, imgsz)
+        dist_logits = boxes.view(b, 4, self.reg_max, a).permute(0, 3, 1, 2)  # (B, A, 4, R) view, no copy
+        pred_bboxes = self._decode(dist_logits, anchor_points)  # (B, A, 4) xyxy grid units
+        scores_t = scores.transpose(1, 2)  # (B, A, nc) view
+
+        assignment = task_aligned_assign(
+            scores_t.detach().sigmoid(),
+            (pred_bboxes.detach() * stride_tensor).to(gt.bboxes.dtype),
+            anchor_points * stride_tensor,
+            gt.labels,
+            gt.bboxes,
+            gt.mask.unsqueeze(-1),
+            self.strides,
+            self.assigner,
+        )
+        target_scores = assignment.target_scores
+        target_scores_sum = target_scores.sum().clamp(min=1)
+
+        cls_term = F.binary_cross_entropy_with_logits(scores_t, target_scores.to(dtype), reduction="sum")
+        cls_term = cls_term / target_scores_sum
+        target_bboxes_grid = assignment.target_bboxes / stride_tensor
+        box_term, dfl_term = self._box_terms(
+            dist_logits, pred_bboxes, anchor_points, target_bboxes_grid, target_scores, target_scores_sum,
+            assignment.fg_mask,
+        )
+        g = self.gains
+        terms = torch.stack((box_term * g.box, cls_term * g.cls, dfl_term * g.dfl))
+        targets = DetectionTargets(
+            assignment.fg_mask, assignment.target_gt_idx, assignment.target_bboxes, target_scores, target_scores_sum,
+            anchor_points, stride_tensor, pred_bboxes, gt.labels, gt.bboxes, gt.mask, gt.rows, imgsz,
+        )
+        return terms, targets
+
+    def _decode(self, dist_logits: torch.Tensor, anchor_points: torch.Tensor) -> torch.Tensor:
+        bins = torch.arange(self.reg_max, dtype=dist_logits.dtype, device=dist_logits.device)
+        dist = dist_logits.softmax(-1).matmul(bins)  # (B, A, 4) expected distances in bins
+        return dist2bbox(dist, anchor_points, xywh=False)
+
+    def _box_terms(self, dist_logits, pred_bboxes, anchor_points, target_bboxes, target_scores, tss, fg_mask):
+        """CIoU and DFL terms over positives, each weighted by its summed target score; both 0 with no positives."""
+        fg = fg_mask.nonzero(as_tuple=True)  # shape-determining: the number of positives
+        weight = target_scores[fg].sum(-1)
+        ciou = bbox_ciou(pred_bboxes[fg], target_bboxes[fg])
+        box_term = ((1.0 - ciou) * weight).sum() / tss
+        target_ltrb = bbox2dist(anchor_points[fg[1]], target_bboxes[fg], self.reg_max - 1)
+        dfl_term = (dfl_loss(dist_logits[fg], target_ltrb) * weight).sum() / tss
+        return box_term, dfl_term
+
+    def pad_targets(self, batch: Mapping[str, torch.Tensor], batch_size: int, imgsz: torch.Tensor) -> PaddedTargets:
+        """Regroup the flat batch per image (stable: rows keep their order within an image) into padded slots."""
+        batch_idx, cls, bboxes = self._check_batch(batch, batch_size, imgsz)
+        device, dtype = imgsz.device, imgsz.dtype
+        counts = torch.bincount(batch_idx, minlength=batch_size)
+        n = int(counts.max()) if batch_idx.numel() else 0  # the one shape-determining sync
+        labels = torch.zeros((batch_size, n, 1), dtype=dtype, device=device)
+        boxes = torch.zeros((batch_size, n, 4), dtype=dtype, device=device)
+        mask = torch.zeros((batch_size, n), dtype=torch.bool, device=device)
+        rows = torch.full((batch_size, n), -1, dtype=torch.long, device=device)
+        if n:
+            order = torch.sort(batch_idx, stable=True).indices
+            starts = counts.cumsum(0) - counts
+            slot = torch.empty_like(batch_idx)
+            slot[order] = torch.arange(batch_idx.numel(), device=device) - starts[batch_idx[order]]
+            labels[batch_idx, slot, 0] = cls.to(dtype)
+            boxes[batch_idx, slot] = xywh2xyxy(bboxes.to(dtype) * imgsz[[1, 0, 1, 0]])
+            mask[batch_idx, slot] = True
+            rows[batch_idx, slot] = torch.arange(batch_idx.numel(), device=device)
+        return PaddedTargets(labels, boxes, mask, rows)
+
+    def _check_preds(self, preds):
+        if not isinstance(preds, Mapping):
+            raise LossInputError(
+                f"preds is a {type(preds).__name__}; expected the head's dict with 'boxes', 'scores', 'feats' "
+                "(or the eval tuple (y, dict))"
+            )
+        for key in ("boxes", "scores", "feats"):
+            if key not in preds:
+                raise LossInputError(f"preds has no {key!r} entry (keys: {sorted(preds)}); expected 'boxes', 'scores', 'feats'")
+        boxes = check_tensor("preds['boxes']", preds["boxes"])
+        scores = check_tensor("preds['scores']", preds["scores"])
+        feats = preds["feats"]
+        if not isinstance(feats, (list, tuple)) or len(feats) != len(self.strides):
+            found = f"{len(feats)} levels" if isinstance(feats, (list, tuple)) else f"a {type(feats).__name__}"
+            raise LossInputError(f"preds['feats'] has {found}; expected a list of {len(self.strides)} (one per stride)")
+        for i, f in enumerate(feats):
+            check_tensor(f"preds['feats'][{i}]", f)
+            check_shape(f"preds['feats'][{i}]", f, (None, None, None, None), "(B, C, H, W)")
+        check_floating("preds['scores']", scores)
+        check_shape("preds['scores']", scores, (None, self.nc, None), f"(B, nc={self.nc}, A)")
+        b, _, a = scores.shape
+        anchors = sum(int(f.shape[2] * f.shape[3]) for f in feats)
+        check_shape("preds['scores']", scores, (b, self.nc, anchors), f"(B, nc, A) with A = {anchors} from feats")
+        check_shape("preds['boxes']", boxes, (b, 4 * self.reg_max, a), f"(B, 4*reg_max, A) with reg_max={self.reg_max}")
+        check_like("preds['boxes']", boxes, "preds['scores']", scores)
+        check_finite("preds['scores']", scores, "finite logits — the head produced NaN/Inf, fix the head rather than masking")
+        check_finite("preds['boxes']", boxes, "finite logits — the head produced NaN/Inf, fix the head rather than masking")
+        return boxes, scores, feats
+
+    def _check_batch(self, batch, batch_size: int, imgsz: torch.Tensor):
+        if not isinstance(batch, Mapping):
+            raise LossInputError(f"batch is a {type(batch).__name__}; expected a dict with 'batch_idx', 'cls', 'bboxes'")
+        for key in ("batch_idx", "cls", "bboxes"):
+            if key not in batch:
+                raise LossInputError(f"batch has no {key!r} entry (keys: {sorted(batch)}); expected 'batch_idx', 'cls', 'bboxes'")
+        batch_idx = check_tensor("batch['batch_idx']", batch["batch_idx"])
+        cls = check_tensor("batch['cls']", batch["cls"])
+        bboxes = check_tensor("batch['bboxes']", batch["bboxes"])
+        check_shape("batch['batch_idx']", batch_idx, (None,), "(N,): the image index of each object")
+        count = batch_idx.shape[0]
+        if cls.ndim == 1:
+            cls = cls.unsqueeze(-1)
+        check_shape("batch['cls']", cls, (count, 1), f"(N, 1) with N = {count} from batch['batch_idx']")
+        check_shape("batch['bboxes']", bboxes, (count, 4), f"(N, 4) normalised xywh with N = {count}")
+        for name, t in (("batch['batch_idx']", batch_idx), ("batch['cls']", cls), ("batch['bboxes']", bboxes)):
+            check_like(name, t, "preds['scores']", imgsz, dtype=False)
+        check_floating("batch['bboxes']", bboxes)
+        check_finite("batch['bboxes']", bboxes, "finite normalised xywh boxes")
+        check_integral("batch['batch_idx']", batch_idx)
+        check_integral("batch['cls']", cls)
+        check_range("batch['batch_idx']", batch_idx, 0, batch_size, f"image indices in [0, {batch_size}) for batch size {batch_size}")
+        check_range("batch['cls']", cls, 0, self.nc, f"class ids in [0, {self.nc}) for nc={self.nc}")
+        if count and bool((bboxes[:, 2:] < 0).any()):
+            check_range("batch['bboxes'][:, 2:] (w, h)", bboxes[:, 2:], 0, float("inf"), "non-negative box sizes")
+        return batch_idx.long(), cls.long().squeeze(-1), bboxes
