@@ -1,0 +1,238 @@
+"""Helpers shared by the checks: seeded inputs for a subject, running head + loss, finding branches and their final
+convs, and turning a Hypothesis failure into a CheckFailure whose `example` is the falsifying example."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from hypothesis import given, seed, settings
+from torch import nn
+
+from headguard.registry import CheckContext, CheckFailure, CheckSkipped
+
+# Small images keep the anchor count A small (64 x 80 px -> A = 80 + 20 + 6 = 106 at strides 8/16/32).
+IMAGE_SIZE = (64, 80)
+OUTPUT_KEYS = ("boxes", "scores")
+
+
+# -------------------------------------------------------------------------------------------------------- inputs
+def features(subject, *, batch: int = 2, image_size=IMAGE_SIZE, seed: int = 0, scale: float = 1.0) -> list[torch.Tensor]:
+    """Seeded standard-normal feature maps (times `scale`) with the shapes the subject expects for `image_size`."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=gen) * scale for shape in subject.feature_shapes(image_size, batch)]
+
+
+def ordinary_targets(subject, batch: int, *, per_image: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Seeded, unremarkable objects: boxes 30-60 % of the image, convex polygons inscribed in them."""
+    gen = torch.Generator().manual_seed(seed)
+    n = batch * per_image
+    wh = 0.3 + 0.3 * torch.rand(n, 2, generator=gen)
+    centre = wh / 2 + (1 - wh) * torch.rand(n, 2, generator=gen)
+    out = {
+        "batch_idx": torch.arange(batch).repeat_interleave(per_image).float(),
+        "cls": torch.randint(0, subject.nc, (n, 1), generator=gen).float(),
+        "bboxes": torch.cat((centre, wh), 1),
+    }
+    npv = subject.num_vertices
+    if npv:
+        angle = torch.arange(npv) * (2 * math.pi / npv) + torch.rand(n, 1, generator=gen)
+        out["polygons"] = torch.stack(
+            (centre[:, :1] + wh[:, :1] / 2 * angle.cos(), centre[:, 1:] + wh[:, 1:] / 2 * angle.sin()), -1
+        )
+        out["polygon_mask"] = torch.ones(n, npv, dtype=torch.bool)
+    return out
+
+
+def select_images(batch: Mapping[str, torch.Tensor], images: list[int]) -> dict[str, torch.Tensor]:
+    """The objects of `images` (in that order), re-indexed 0..len(images)-1."""
+    rows, idx = [], []
+    for new, old in enumerate(images):
+        r = (batch["batch_idx"] == old).nonzero().flatten()
+        rows.append(r)
+        idx.append(torch.full((len(r),), float(new)))
+    rows_t = torch.cat(rows)
+    out = {k: v[rows_t] for k, v in batch.items() if k != "batch_idx"}
+    out["batch_idx"] = torch.cat(idx)
+    return out
+
+
+def detached_preds(preds: Mapping[str, Any], *, requires_grad: bool = False, dtype=None) -> dict[str, Any]:
+    """Leaf copies of the head's prediction tensors, so gradients can be read and inputs compared."""
+    out = {}
+    for k, v in preds.items():
+        if isinstance(v, torch.Tensor):
+            t = v.detach().clone()
+            if dtype is not None:
+                t = t.to(dtype)
+            out[k] = t.requires_grad_(requires_grad)
+        elif isinstance(v, list):
+            out[k] = [t.detach().clone() for t in v]
+        else:
+            out[k] = v
+    return out
+
+
+def train_preds(head: nn.Module, feats) -> dict[str, Any]:
+    head.train()
+    out = call("the head's training forward", head, list(feats))
+    if not isinstance(out, Mapping):
+        raise CheckFailure(
+            f"the head's training forward returned a {type(out).__name__}; expected a dict with keys "
+            "'boxes', 'scores', 'feats' (and 'polygons' for polygon heads)"
+        )
+    return out
+
+
+def call(what: str, fn: Callable, *args, **kwargs):
+    """Run `fn`; an exception becomes a CheckFailure naming `what` (the head or loss raised on valid input)."""
+    try:
+        return fn(*args, **kwargs)
+    except CheckFailure:
+        raise
+    except Exception as err:  # noqa: BLE001  (any error on valid input is the finding)
+        raise CheckFailure(f"{what} raised {type(err).__name__} on valid input: {err}") from err
+
+
+def all_finite(obj) -> bool:
+    if isinstance(obj, torch.Tensor):
+        return bool(torch.isfinite(obj).all()) if obj.is_floating_point() else True
+    if isinstance(obj, Mapping):
+        return all(all_finite(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return all(all_finite(v) for v in obj)
+    return True
+
+
+def count_nonfinite(t: torch.Tensor) -> str:
+    bad = int((~torch.isfinite(t)).sum())
+    return f"{bad} of {t.numel()} values non-finite"
+
+
+def items_close(a: Mapping, b: Mapping, *, rtol: float, atol: float) -> list[str]:
+    """Names (with values) of items that differ beyond tolerance; also reports different keys."""
+    if set(a) != set(b):
+        return [f"item keys differ: {sorted(a)} vs {sorted(b)}"]
+    bad = []
+    for k in a:
+        x, y = float(a[k]), float(b[k])
+        if not (math.isclose(x, y, rel_tol=rtol, abs_tol=atol) or (math.isnan(x) and math.isnan(y))):
+            bad.append(f"{k}: {x:.6g} vs {y:.6g}")
+    return bad
+
+
+def where_nonfinite(head: nn.Module, run: Callable[[nn.Module], Any], *, backward: bool = True) -> str:
+    """' (first non-finite value in cv2.0.1.bn during the forward pass: ...)' or '' when the tracer is absent."""
+    try:
+        from headguard.tracing import locate_nonfinite
+    except ImportError:
+        return ""
+    try:
+        origin = locate_nonfinite(head, run, backward=backward)
+    except Exception:  # noqa: BLE001  (locating is a courtesy; the finding stands without it)
+        return ""
+    return f" ({origin})" if origin is not None else ""
+
+
+# ---------------------------------------------------------------------------------------------- head structure
+def branches(head: nn.Module, levels: int) -> list[tuple[str, nn.ModuleList]]:
+    """Top-level ModuleList children with one item per level, each containing a Conv2d: the per-level branches."""
+    found = []
+    for name, child in head.named_children():
+        if isinstance(child, nn.ModuleList) and len(child) == levels:
+            if all(any(isinstance(m, nn.Conv2d) for m in item.modules()) for item in child):
+                found.append((name, child))
+    return found
+
+
+def final_convs(head: nn.Module, feats) -> list[tuple[str, int, str, nn.Conv2d]]:
+    """(branch, level, qualified name, conv) of the LAST Conv2d each branch item runs, in execution order.
+
+    Found by hooking every Conv2d during one training forward, not by `[-1]` indexing, so branches built from
+    nested Sequentials or custom blocks are handled the same way.
+    """
+    order: list[nn.Module] = []
+    handles = [m.register_forward_hook(lambda mod, a, o: order.append(mod)) for m in head.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            head.train()(list(feats))
+    finally:
+        for h in handles:
+            h.remove()
+    names = {m: n for n, m in head.named_modules()}
+    out = []
+    for bname, blist in branches(head, len(feats)):
+        for level, item in enumerate(blist):
+            members = {m for m in item.modules() if isinstance(m, nn.Conv2d)}
+            ran = [m for m in order if m in members]
+            if ran:
+                out.append((bname, level, names[ran[-1]], ran[-1]))
+    return out
+
+
+def branch_by_out_channels(finals, out_channels: int) -> list[str]:
+    """Names of branches whose final convs all produce `out_channels` channels."""
+    by_branch: dict[str, list[int]] = {}
+    for bname, _level, _name, conv in finals:
+        by_branch.setdefault(bname, []).append(conv.out_channels)
+    return [b for b, outs in by_branch.items() if all(o == out_channels for o in outs)]
+
+
+def configured_prior(head: nn.Module, level: int, stride: float) -> float:
+    """The head's own `class_prior(level)` when it has one, else the Ultralytics convention it documents:
+    5 objects per 640 px image spread over nc classes and (640 / stride)^2 cells."""
+    if callable(getattr(head, "class_prior", None)):
+        return float(head.class_prior(level))
+    return 5.0 / head.nc / (640.0 / stride) ** 2
+
+
+# ------------------------------------------------------------------------------------------------- Hypothesis
+def run_property(ctx: CheckContext, inner: Callable, *strategies, max_examples: int | None = None, **kw) -> None:
+    """Run `inner(*drawn)` under the active profile (seeded with ctx.seed); a CheckFailure it raises comes back with
+    Hypothesis' "Falsifying example" note as `example`. `max_examples` caps the profile's count for costly checks."""
+    base = settings.get_profile(ctx.profile)
+    count = base.max_examples if max_examples is None else min(base.max_examples, max_examples)
+    test = seed(ctx.seed)(settings(base, max_examples=max(1, count), database=None)(given(*strategies, **kw)(inner)))
+    try:
+        test()
+    except CheckFailure as err:
+        raise _with_example(err) from None
+    except BaseExceptionGroup as group:  # several distinct failures: report the first property failure
+        match, _ = group.split(CheckFailure)
+        if match is None:
+            raise
+        first = match.exceptions[0]
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise _with_example(first) from None
+
+
+def _with_example(err: CheckFailure) -> CheckFailure:
+    notes = list(getattr(err, "__notes__", []))
+    example = "\n".join(n for n in notes if n.startswith("Falsifying")) or err.example
+    reproduce = "\n".join(n for n in notes if "reproduce_failure" in n) or err.reproduce
+    return CheckFailure(err.message, example=example, reproduce=reproduce)
+
+
+__all__ = [
+    "CheckFailure",
+    "CheckSkipped",
+    "IMAGE_SIZE",
+    "all_finite",
+    "branch_by_out_channels",
+    "branches",
+    "call",
+    "configured_prior",
+    "count_nonfinite",
+    "detached_preds",
+    "features",
+    "final_convs",
+    "items_close",
+    "ordinary_targets",
+    "run_property",
+    "select_images",
+    "train_preds",
+    "where_nonfinite",
+]
