@@ -1,7 +1,27 @@
 """headguard: property-based and fuzz tests for object-detector heads."""
 
-from headguard.registry import CATALOGUE, CheckFailure, check
+from headguard.registry import CATALOGUE, CheckFailure, CheckSkipped, check
 from headguard.subject import HeadSpec, Subject, build_subject
 
-__all__ = ["CATALOGUE", "CheckFailure", "HeadSpec", "Subject", "build_subject", "check"]
+__all__ = [
+    "CATALOGUE", "CheckFailure", "CheckResult", "CheckSkipped", "HeadSpec", "NonFiniteOrigin", "Subject",
+    "build_subject", "check", "locate_nonfinite", "parametrize_with_checks", "run_checks",
+]
 __version__ = "0.1.0"
+
+# Resolved on first use: `import headguard` stays light, and parametrize_with_checks needs pytest only when used.
+_LAZY = {
+    "CheckResult": "headguard.runner",
+    "run_checks": "headguard.runner",
+    "locate_nonfinite": "headguard.tracing",
+    "NonFiniteOrigin": "headguard.tracing",
+    "parametrize_with_checks": "headguard.plugin",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'headguard' has no attribute {name!r}")

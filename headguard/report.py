@@ -1,0 +1,132 @@
+"""Reports of check results: a text table for people, JSON for scripts, JUnit XML for CI dashboards."""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Sequence
+
+from headguard.runner import STATUSES, CheckResult
+
+JSON_SCHEMA_VERSION = 1
+_LABELS = {"passed": "passed", "failed": "FAILED", "xfailed": "xfailed", "skipped": "skipped", "error": "ERROR"}
+
+
+def by_target(results: Iterable[CheckResult]) -> dict[str, list[CheckResult]]:
+    grouped: dict[str, list[CheckResult]] = {}
+    for result in results:
+        grouped.setdefault(result.target, []).append(result)
+    return grouped
+
+
+def counts(results: Iterable[CheckResult]) -> dict[str, int]:
+    tally = dict.fromkeys(STATUSES, 0)
+    for result in results:
+        tally[result.status] += 1
+    return tally
+
+
+def summary_line(results: Sequence[CheckResult], *, elapsed_s: float | None = None) -> str:
+    parts = [f"{n} {status}" for status, n in counts(results).items() if n]
+    tail = f" in {elapsed_s:.1f}s" if elapsed_s is not None else ""
+    return (", ".join(parts) or "no checks ran") + tail
+
+
+def format_table(results: Sequence[CheckResult]) -> str:
+    """One block per target: status, check name and duration of each check."""
+    lines = []
+    for target, rows in by_target(results).items():
+        width = max(len(r.name) for r in rows)
+        lines.append(f"{target}  ({len(rows)} checks)")
+        lines.extend(f"  {_LABELS[r.status]:<8} {r.name:<{width}}  {r.duration_s:7.2f}s" for r in rows)
+        lines.append("")
+    return "\n".join(lines)
+
+
+def format_failure(result: CheckResult) -> str:
+    """What the head's author needs: the property, what broke, on which input, and how to run it again."""
+    title = f"{_LABELS[result.status]} {result.target}::{result.name}"
+    lines = [title]
+    if result.doc:
+        lines.append(f"  property: {result.doc}")
+    lines.append(_field("message", result.message))
+    if result.where:
+        lines.append(f"  where:    {result.where}")
+    if result.example:
+        lines.append(_field("example", result.example))
+    if result.reproduce:
+        lines.append(f"  reproduce: {result.reproduce}")
+    return "\n".join(lines)
+
+
+def _field(label: str, text: str) -> str:
+    body = text.strip().splitlines() or [""]
+    if len(body) == 1:
+        return f"  {label + ':':<9} {body[0]}"
+    return f"  {label}:\n" + textwrap.indent("\n".join(body), "      ")
+
+
+def format_report(results: Sequence[CheckResult], *, profile: str, seed: int, elapsed_s: float | None = None) -> str:
+    """Table, then every failure and error in full, then the summary line."""
+    parts = [f"headguard: profile {profile}, seed {seed}", "", format_table(results)]
+    bad = [r for r in results if r.status in ("failed", "error")]
+    if bad:
+        parts.append("=" * 30 + " failures " + "=" * 30)
+        parts.extend(format_failure(r) + "\n" for r in bad)
+    xfails = [r for r in results if r.status == "xfailed"]
+    if xfails:
+        parts.append("expected failures:")
+        parts.extend(f"  {r.target}::{r.name}: {r.message}" for r in xfails)
+        parts.append("")
+    parts.append(summary_line(results, elapsed_s=elapsed_s))
+    return "\n".join(parts) + "\n"
+
+
+def write_json(path: str | os.PathLike, results: Sequence[CheckResult], *, profile: str, seed: int) -> None:
+    """`{"version", "profile", "seed", "summary", "results": [record, ...]}`, one record per check."""
+    doc = {
+        "version": JSON_SCHEMA_VERSION,
+        "profile": profile,
+        "seed": seed,
+        "summary": counts(results),
+        "results": [r.to_record() for r in results],
+    }
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(doc, fh, indent=2)
+        fh.write("\n")
+
+
+def junit_tree(results: Sequence[CheckResult], *, profile: str, seed: int) -> ET.ElementTree:
+    """JUnit XML: a testsuite per target, a testcase per check; xfailed and skipped become <skipped>."""
+    root = ET.Element("testsuites", name="headguard")
+    for target, rows in by_target(results).items():
+        tally = counts(rows)
+        suite = ET.SubElement(root, "testsuite", {
+            "name": target,
+            "tests": str(len(rows)),
+            "failures": str(tally["failed"]),
+            "errors": str(tally["error"]),
+            "skipped": str(tally["skipped"] + tally["xfailed"]),
+            "time": f"{sum(r.duration_s for r in rows):.3f}",
+        })
+        props = ET.SubElement(suite, "properties")
+        for key, value in (("profile", profile), ("seed", str(seed))):
+            ET.SubElement(props, "property", name=key, value=value)
+        for r in rows:
+            case = ET.SubElement(suite, "testcase", classname=target, name=r.name, time=f"{r.duration_s:.3f}")
+            if r.status == "failed":
+                ET.SubElement(case, "failure", message=r.message, type="CheckFailure").text = format_failure(r)
+            elif r.status == "error":
+                ET.SubElement(case, "error", message=r.message, type="error").text = format_failure(r)
+            elif r.status == "skipped":
+                ET.SubElement(case, "skipped", message=r.message, type="skipped")
+            elif r.status == "xfailed":
+                ET.SubElement(case, "skipped", message=r.message, type="xfailed")
+    ET.indent(root)
+    return ET.ElementTree(root)
+
+
+def write_junit(path: str | os.PathLike, results: Sequence[CheckResult], *, profile: str, seed: int) -> None:
+    junit_tree(results, profile=profile, seed=seed).write(path, encoding="utf-8", xml_declaration=True)
