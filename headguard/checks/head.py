@@ -15,6 +15,7 @@ from headguard.checks._common import (
     branch_by_out_channels,
     branches,
     call,
+    check,
     configured_prior,
     detached_preds,
     features,
@@ -22,7 +23,7 @@ from headguard.checks._common import (
     ordinary_targets,
     train_preds,
 )
-from headguard.registry import CheckFailure, CheckSkipped, check
+from headguard.registry import CheckFailure, CheckSkipped
 
 
 def _reg_max(head) -> int:
