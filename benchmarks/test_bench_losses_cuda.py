@@ -1,0 +1,65 @@
+"""Loss benchmarks, forward+backward of the loss alone, fp32, at the issue's shapes (a) and (b).
+
+Ours (DetectionLoss; PolygonLoss in l2 and mgiou mode) and Ultralytics' v8DetectionLoss get the very same prediction
+and target tensors; each benchmark is tagged with `pair` = "loss-<shape>", so the ratio table lines them up.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks._inputs import DEVICES, REG_MAX, STRIDES, clear_grads, loss_shape, make_batch, make_preds
+
+losses = pytest.importorskip("losses")
+
+OURS = ["detection", "polygon-l2", "polygon-mgiou"]
+
+
+def _our_loss(kind: str, nc: int, np: int):
+    if kind == "detection":
+        return losses.DetectionLoss(nc, STRIDES, reg_max=REG_MAX)
+    mode = kind.split("-", 1)[1]
+    return losses.PolygonLoss(nc, STRIDES, np=np, reg_max=REG_MAX, mode=mode)
+
+
+def _step(criterion, preds, batch):
+    """Forward and backward of the loss alone; returns the loss vector for a sanity check."""
+    loss, _items = criterion(preds, batch)
+    loss.sum().backward()
+    return loss
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape_name", ["a", "b"])
+@pytest.mark.parametrize("kind", OURS)
+def test_loss_fwd_bwd(device_bench, device, shape_name, kind):
+    shape = loss_shape(shape_name, device)
+    polygons = kind != "detection"
+    criterion = _our_loss(kind, shape.nc, shape.np)
+    preds = make_preds(shape, device, polygons=polygons)
+    batch = make_batch(shape, device, polygons=polygons)
+    device_bench(
+        lambda: _step(criterion, preds, batch), setup=lambda: clear_grads(preds),
+        pair=f"loss-{shape_name}", impl=kind, batch=shape.batch, nc=shape.nc, objects=int(batch["cls"].shape[0]),
+    )
+    assert torch.isfinite(_step(criterion, preds, batch)).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape_name", ["a", "b"])
+def test_ultralytics_loss_fwd_bwd(device_bench, device, shape_name):
+    pytest.importorskip("ultralytics")
+    from benchmarks._ultralytics import ultralytics_detection_loss
+
+    shape = loss_shape(shape_name, device)
+    criterion = ultralytics_detection_loss(shape.nc, REG_MAX, STRIDES, device)
+    # The polygon key is in the dict as for our PolygonLoss; Ultralytics ignores it, so inputs are the same.
+    preds = make_preds(shape, device, polygons=True)
+    batch = make_batch(shape, device, polygons=True)
+    device_bench(
+        lambda: _step(criterion, preds, batch), setup=lambda: clear_grads(preds),
+        pair=f"loss-{shape_name}", impl="ultralytics", batch=shape.batch, nc=shape.nc,
+        objects=int(batch["cls"].shape[0]),
+    )
+    assert torch.isfinite(_step(criterion, preds, batch)).all()
