@@ -1,5 +1,6 @@
 """Reference heads (torch only)."""
 
 from .detect import Detect
+from .polygon import Polygon, decode_polygons
 
-__all__ = ["Detect"]
+__all__ = ["Detect", "Polygon", "decode_polygons"]
