@@ -8,6 +8,7 @@ file or directory arguments it runs only those items, not the test suite found f
 from __future__ import annotations
 
 import dataclasses
+import traceback
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -16,7 +17,7 @@ from hypothesis import settings
 
 import headguard.profiles  # (registers dev, ci and fuzz before Hypothesis reads --hypothesis-profile)
 from headguard.cli import add_run_options
-from headguard.registry import Check, CheckContext, CheckFailure
+from headguard.registry import Check, CheckContext, CheckFailure, CheckSkipped
 from headguard.report import format_failure
 from headguard.runner import (
     CheckResult, UnknownCheckError, as_check_failure, reproduce_command, run_check, seed_everything, select_checks, validate_names,
@@ -77,7 +78,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         except (TargetError, UnknownCheckError) as exc:
             raise pytest.UsageError(f"--headguard: {exc}") from None
         collector = HeadguardTarget.from_parent(session, name=target, nodeid=target, subject=subject)
-        items.extend(collector.collect())
+        items.extend(session.genitems(collector))  # reports the collection, as for files
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -86,6 +87,16 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
         if not torch.cuda.is_available():
             pytest.skip("needs a CUDA device (marked cuda); none is available here")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """Report a skipped check at its node id ("SKIPPED [1] heads:Polygon::check_x: reason"), not at the line of
+    this plugin that called pytest.skip()."""
+    report = yield
+    if isinstance(item, HeadguardItem) and report.skipped and isinstance(report.longrepr, tuple):
+        report.longrepr = (str(item.config.rootpath / item.nodeid), None, report.longrepr[2])
+    return report
 
 
 class HeadguardTarget(pytest.Collector):
@@ -125,14 +136,16 @@ class HeadguardItem(pytest.Item):
             pytest.skip(result.message)
         if result.status == "xfailed":
             pytest.xfail(result.message)
-        if result.status == "error" and result.exception is not None:
-            raise result.exception  # a crash keeps its own traceback
         if result.status != "passed":
             raise CheckFailed(result)
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style=None):
         if isinstance(excinfo.value, CheckFailed):
-            return format_failure(excinfo.value.result)
+            result = excinfo.value.result
+            text = format_failure(result, title=False)
+            if result.status == "error" and result.exception is not None:
+                text += "\n\n" + _check_traceback(result.exception)
+            return text
         return super().repr_failure(excinfo, style=style)
 
     def reportinfo(self):
@@ -160,6 +173,8 @@ class BoundCheck:
         seed_everything(self.seed)
         try:
             self.check.func(subject, ctx)
+        except CheckSkipped as exc:
+            pytest.skip(str(exc))
         except Exception as exc:
             failure = as_check_failure(exc)
             if not isinstance(failure, CheckFailure):
@@ -171,6 +186,12 @@ class BoundCheck:
 
     def __repr__(self) -> str:
         return self.check.name
+
+
+def _check_traceback(exc: BaseException) -> str:
+    """The traceback of a crashed check from the check's own frame down (the runner's frame is left out)."""
+    tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
+    return "".join(traceback.format_exception(type(exc), exc, tb)).rstrip()
 
 
 def _attach_notes(failure: CheckFailure, subject: Subject, bound: BoundCheck, ctx: CheckContext) -> None:

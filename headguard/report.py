@@ -45,13 +45,14 @@ def format_table(results: Sequence[CheckResult]) -> str:
     return "\n".join(lines)
 
 
-def format_failure(result: CheckResult) -> str:
-    """What the head's author needs: the property, what broke, on which input, and how to run it again."""
-    title = f"{_LABELS[result.status]} {result.target}::{result.name}"
-    lines = [title]
+def format_failure(result: CheckResult, *, title: bool = True) -> str:
+    """What the head's author needs: the property, what broke, on which input, and how to run it again. Without
+    `title` (pytest prints its own), the message comes first, so pytest's one-line summary shows it."""
+    lines = [f"{_LABELS[result.status]} {result.target}::{result.name}"] if title else [result.message]
     if result.doc:
         lines.append(f"  property: {result.doc}")
-    lines.append(_field("message", result.message))
+    if title:
+        lines.append(_field("message", result.message))
     if result.where:
         lines.append(f"  where:    {result.where}")
     if result.example:

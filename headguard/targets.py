@@ -145,7 +145,8 @@ def _describe(obj: Any) -> str:
         return f"an instance of {type(obj).__name__} (pass the class, or a HeadSpec whose head builds it)"
     if isinstance(obj, type):
         return f"the class {obj.__qualname__}, which is not an nn.Module subclass"
-    return f"a {type(obj).__name__}"
+    kind = type(obj).__name__
+    return f"{'an' if kind[0].lower() in 'aeiou' else 'a'} {kind}"
 
 
 def _one_line(exc: BaseException) -> str:

@@ -8,6 +8,7 @@ the autograd engine's. Hooks are removed afterwards, also when `run` raises.
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
@@ -44,6 +45,11 @@ def locate_nonfinite(
     also call `.backward()` itself). `run` may mutate `model` (BN statistics, `.grad`): pass a copy if that
     matters. If `run` raises after a non-finite value was seen, the origin is returned (the non-finite value is the
     likely cause, e.g. a loss rejecting NaN predictions); if it raises before, the exception propagates.
+
+    Backward attribution: the first module (in backward order) whose output gradient is finite while its input or
+    parameter gradients are not. When every module already receives a non-finite output gradient, the value was
+    born in code outside the modules (typically the loss), and the module named is the last one to start its
+    forward pass among those, i.e. the one whose output that code consumed.
     Limitation: full backward hooks forbid modifying a module's input or output in place (`inplace=True`
     activations); use `backward=False` for such models.
     """
@@ -54,32 +60,38 @@ def locate_nonfinite(
         with tracer:
             try:
                 out = run(model)
+                if tracer.origin() is None:
+                    tracer.check_result(out)
+                # When `run` backpropagated itself the graph may be freed already; one backward pass is enough.
+                if tracer.origin() is None and backward and not tracer.saw_backward:
+                    root = _sum_requiring_grad(out)
+                    if root is not None:
+                        root.backward()
             except Exception:
-                if tracer.origin is not None:
-                    return tracer.origin
+                if tracer.origin() is not None:
+                    return tracer.origin()
                 raise
-            if tracer.origin is None:
-                tracer.check_result(out)
-            # When `run` backpropagated itself the graph may be freed already; one backward pass is enough.
-            if tracer.origin is None and backward and not tracer.saw_backward:
-                root = _sum_requiring_grad(out)
-                if root is not None:
-                    root.backward()
-    return tracer.origin
+    return tracer.origin()
 
 
 class _Tracer:
     def __init__(self, model: nn.Module, *, backward: bool):
         self.model = model
         self.backward = backward
-        self.origin: NonFiniteOrigin | None = None
+        self.forward_origin: NonFiniteOrigin | None = None
         self.saw_backward = False
+        self._started: dict[str, int] = {}  # module -> order in which its (last) forward call started
+        self._clock = itertools.count()
+        self._inside: list[NonFiniteOrigin] = []  # finite grad_output, non-finite grad_input
+        self._param: list[NonFiniteOrigin] = []  # non-finite parameter gradient
+        self._outside: dict[str, NonFiniteOrigin] = {}  # non-finite grad_output
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def __enter__(self) -> _Tracer:
         try:
             for name, module in self.model.named_modules():
                 label = name or "<root>"
+                self._handles.append(module.register_forward_pre_hook(self._pre_hook(label)))
                 self._handles.append(module.register_forward_hook(self._forward_hook(label)))
                 if self.backward:
                     self._handles.append(module.register_full_backward_hook(self._backward_hook(label)))
@@ -100,13 +112,27 @@ class _Tracer:
             handle.remove()
         self._handles.clear()
 
-    def _record(self, module: str, pass_: str, detail: str) -> None:
-        if self.origin is None:
-            self.origin = NonFiniteOrigin(module, pass_, detail)
+    def origin(self) -> NonFiniteOrigin | None:
+        if self.forward_origin is not None:
+            return self.forward_origin
+        if self._inside:
+            return self._inside[0]
+        for event in self._param:
+            if event.module not in self._outside:
+                return event
+        if self._outside:
+            return max(self._outside.values(), key=lambda e: self._started.get(e.module, -1))
+        return None
+
+    def _pre_hook(self, label: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            self._started[label] = next(self._clock)
+
+        return hook
 
     def _forward_hook(self, label: str):
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            if self.origin is not None:
+            if self.forward_origin is not None:
                 return
             bad_out = _describe_nonfinite(output, "output")
             if bad_out is None:
@@ -116,23 +142,23 @@ class _Tracer:
                 detail = f"{bad_out}; its {bad_in} already (produced by code between modules, or given to the model)"
             else:
                 detail = bad_out + _own_state_note(module)
-            self._record(label, "forward", detail)
+            self.forward_origin = NonFiniteOrigin(label, "forward", detail)
 
         return hook
 
     def _backward_hook(self, label: str):
         def hook(module: nn.Module, grad_input: tuple, grad_output: tuple) -> None:
             self.saw_backward = True
-            if self.origin is not None:
-                return
             bad_out = _describe_nonfinite(grad_output, "gradient w.r.t. the output")
             if bad_out is not None:
-                self._record(label, "backward", f"{bad_out} (it came from the code that consumes this module's "
-                             "output, e.g. the loss, not from this module)")
+                self._outside.setdefault(label, NonFiniteOrigin(label, "backward", (
+                    f"{bad_out}: it came from the code that consumes this module's output (e.g. the loss), "
+                    "not from a module")))
                 return
             bad_in = _describe_nonfinite(grad_input, "gradient w.r.t. the input")
             if bad_in is not None:
-                self._record(label, "backward", f"{bad_in} while the gradient w.r.t. its output is finite")
+                self._inside.append(
+                    NonFiniteOrigin(label, "backward", f"{bad_in} while the gradient w.r.t. its output is finite"))
 
         return hook
 
@@ -141,10 +167,9 @@ class _Tracer:
 
         def hook(grad: torch.Tensor) -> None:
             self.saw_backward = True
-            if self.origin is None:
-                bad = _describe_nonfinite(grad, f"gradient of parameter {leaf!r}")
-                if bad is not None:
-                    self._record(module or "<root>", "backward", bad)
+            bad = _describe_nonfinite(grad, f"gradient of its parameter {leaf!r}")
+            if bad is not None:
+                self._param.append(NonFiniteOrigin(module or "<root>", "backward", bad))
 
         return hook
 
@@ -152,7 +177,7 @@ class _Tracer:
         """Non-finite results with every module output finite: the value came from `run`'s own code."""
         bad = _describe_nonfinite(out, "result of run()")
         if bad is not None:
-            self._record(OUTSIDE, "forward", f"{bad}, although every module's output was finite")
+            self.forward_origin = NonFiniteOrigin(OUTSIDE, "forward", f"{bad}, although every module's output was finite")
 
 
 def _tensors(obj: Any) -> Iterable[torch.Tensor]:
