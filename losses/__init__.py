@@ -4,6 +4,8 @@ from ._boxes import bbox2dist, bbox_ciou, dfl_loss, dist2bbox, xywh2xyxy, xyxy2x
 from ._validate import LossInputError
 from .assigner import AssignerConfig, Assignment, task_aligned_assign
 from .detection import DetectionGains, DetectionLoss, DetectionTargets
+from .polygon import PolygonGains, PolygonLoss
+from .polygon_targets import assigned_polygon_targets, polygons_to_targets, resample_polygon
 
 __all__ = [
     "AssignerConfig",
@@ -12,10 +14,15 @@ __all__ = [
     "DetectionLoss",
     "DetectionTargets",
     "LossInputError",
+    "PolygonGains",
+    "PolygonLoss",
+    "assigned_polygon_targets",
     "bbox2dist",
     "bbox_ciou",
     "dfl_loss",
     "dist2bbox",
+    "polygons_to_targets",
+    "resample_polygon",
     "task_aligned_assign",
     "xywh2xyxy",
     "xyxy2xywh",

@@ -1,0 +1,238 @@
+"""Polygon loss: the detection loss's box/cls/dfl terms, unchanged, plus one vertex term (l2, MGIoU or a blend).
+
+The vertex term, per positive anchor k with summed target score w_k (the box term's weight):
+
+- "l2": mean over real vertices of |pred - target|^2 / (area + AREA_EPS), area = the matched box's w*h, everything in
+  that anchor's stride units (OKS-like: a fixed error costs less on a large object; padded vertices excluded);
+- "mgiou": `losses.mgiou(pred, target, target_mask=mask)` in [0, 1];
+- "hybrid": (1 - progress) * l2 + progress * mgiou, a pure function of (pred, target, progress): no running state.
+
+polygon term = gains.polygon * sum_k(w_k * loss_k) / max(1, sum of target scores), normalised once over the whole
+batch exactly like the box term, so it does not grow with the batch size (R4).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
+
+import torch
+
+from heads._decode import decode_polygons
+
+from ._validate import LossInputError, check_finite, check_floating, check_like, check_shape, check_tensor
+from .assigner import AssignerConfig
+from .detection import DetectionGains, DetectionLoss, DetectionTargets
+from .mgiou import mgiou
+from .polygon_targets import MIN_VERTICES, assigned_polygon_targets
+
+__all__ = ["AREA_EPS", "MODES", "PolygonGains", "PolygonLoss", "PolygonTerms", "polygon_vertex_loss"]
+
+MODES = ("l2", "mgiou", "hybrid")
+AREA_EPS = 1e-9  # stride units^2, computed in float32 at least, where it is representable (R6)
+
+
+@dataclasses.dataclass(frozen=True)
+class PolygonGains:
+    """Multipliers of the box (CIoU), polygon, class (BCE) and DFL terms; box/cls/dfl default to Ultralytics'."""
+
+    box: float = 7.5
+    polygon: float = 12.0
+    cls: float = 0.5
+    dfl: float = 1.5
+
+    def detection(self) -> DetectionGains:
+        return DetectionGains(box=self.box, cls=self.cls, dfl=self.dfl)
+
+
+class PolygonTerms(NamedTuple):
+    """Everything behind one loss evaluation (for tests and tools; `PolygonLoss.loss` returns only the vector).
+
+    vector (4,): gain-scaled [box, polygon, cls, dfl], not times B. For the P positive anchors in `fg_mask.nonzero()`
+    order: pred (P, V, 2) and target (P, V, 2) vertices in each anchor's stride units, mask (P, V) real target
+    vertices, rows (P,) flat batch row of the matched object, per_anchor (P,) vertex loss, weight (P,) summed target
+    score. polygon = gains.polygon * (per_anchor * weight).sum() / detection.target_scores_sum.
+    """
+
+    vector: torch.Tensor
+    pred: torch.Tensor
+    target: torch.Tensor
+    mask: torch.Tensor
+    rows: torch.Tensor
+    per_anchor: torch.Tensor
+    weight: torch.Tensor
+    detection: DetectionTargets
+
+
+def _l2(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, area: torch.Tensor) -> torch.Tensor:
+    # Select before subtracting: a padded target vertex may hold anything, and NaN * 0 would poison the gradient (R7).
+    target = torch.where(mask[..., None], target, torch.zeros_like(target))
+    squared = torch.where(mask, (pred - target).pow(2).sum(-1), torch.zeros_like(mask, dtype=pred.dtype))
+    mean = squared.sum(-1) / mask.sum(-1).to(pred.dtype)
+    return mean / (area + AREA_EPS)
+
+
+def polygon_vertex_loss(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, area: torch.Tensor, mode: str, progress: float = 0.0
+) -> torch.Tensor:
+    """Per-polygon vertex loss (P,) of pred/target (P, V, 2), mask (P, V) (>= 1 real vertex each), area (P,).
+
+    Pure: the result depends only on the arguments (see the module docstring for the modes). Computed in float32 at
+    least. `area` is only used by "l2" and "hybrid".
+    """
+    dtype = torch.promote_types(pred.dtype, torch.float32)
+    pred, target, area = pred.to(dtype), target.to(dtype), area.to(dtype)
+    if mode == "l2":
+        return _l2(pred, target, mask, area)
+    shape = mgiou(pred, target, target_mask=mask, check_finite=False)  # the caller checked finiteness
+    if mode == "mgiou":
+        return shape
+    if mode == "hybrid":
+        return (1.0 - progress) * _l2(pred, target, mask, area) + progress * shape
+    raise LossInputError(f"mode is {mode!r}; expected one of {MODES}")
+
+
+class PolygonLoss:
+    """Detection loss plus a polygon vertex term; explicit configuration, no model access, no state between calls.
+
+    `loss(preds, batch, progress=0.0)` (also `__call__`) returns (loss_vector * B, items): the vector is the
+    gain-scaled [box, polygon, cls, dfl], items {"box_loss", "polygon_loss", "cls_loss", "dfl_loss"} detached 0-d
+    tensors (not times B). box/cls/dfl are `DetectionLoss.detection_terms` on the same inputs, bit for bit.
+
+    preds: the Polygon head's training dict (Detect's keys plus "polygons" (B, 2*np, A) raw offsets) or its eval
+    tuple. batch: DetectionLoss's keys plus "polygons" (N, np, 2) normalised xy and optional "polygon_mask" (N, np)
+    bool (True = real vertex; at least one per polygon; padded vertices are never read). progress in [0, 1] is the
+    fraction of training done; only "hybrid" uses it.
+    """
+
+    names = ("box_loss", "polygon_loss", "cls_loss", "dfl_loss")
+
+    def __init__(
+        self,
+        nc: int,
+        strides: Sequence[float] | torch.Tensor,
+        np: int = 8,
+        reg_max: int = 16,
+        mode: str = "l2",
+        gains: PolygonGains = PolygonGains(),
+        assigner: AssignerConfig = AssignerConfig(),
+    ):
+        if isinstance(np, bool) or not isinstance(np, int) or np < MIN_VERTICES:
+            raise ValueError(f"Expected an int np >= {MIN_VERTICES} for vertices per polygon, got np={np!r}")
+        if mode not in MODES:
+            raise ValueError(f"Expected mode in {MODES}, got mode={mode!r}")
+        if not isinstance(gains, PolygonGains):
+            raise TypeError(f"Expected a PolygonGains for gains, got {type(gains).__name__}")
+        self.np = np
+        self.mode = mode
+        self.gains = gains
+        self.detection = DetectionLoss(nc, strides, reg_max=reg_max, gains=gains.detection(), assigner=assigner)
+
+    @classmethod
+    def for_head(cls, head, **kwargs) -> PolygonLoss:
+        """Build from a head's `nc`, `np`, `reg_max` and `stride` (read explicitly; nothing else)."""
+        return cls(nc=head.nc, strides=head.stride, np=head.np, reg_max=head.reg_max, **kwargs)
+
+    def __call__(self, preds, batch: Mapping[str, torch.Tensor], progress: float = 0.0):
+        return self.loss(preds, batch, progress)
+
+    def loss(self, preds, batch: Mapping[str, torch.Tensor], progress: float = 0.0):
+        preds = DetectionLoss.parse_output(preds)
+        vector = self.terms(preds, batch, progress).vector
+        return vector * preds["scores"].shape[0], dict(zip(self.names, vector.detach()))
+
+    def terms(self, preds, batch: Mapping[str, torch.Tensor], progress: float = 0.0) -> PolygonTerms:
+        """The loss vector (not times B) and the per-positive quantities behind the polygon term."""
+        preds = DetectionLoss.parse_output(preds)
+        progress = self._check_progress(progress)
+        detection_vector, det = self.detection.detection_terms(preds, batch)
+        raw = self._check_pred_polygons(preds)
+        polygons, polygon_mask = self._check_batch_polygons(batch, det)
+
+        w, h = det.imgsz[1], det.imgsz[0]
+        scale = torch.stack((w, h)).to(polygons.dtype)
+        target, mask, rows = assigned_polygon_targets(
+            polygons * scale, polygon_mask, det.gt_rows, det.target_gt_idx, det.fg_mask, det.stride_tensor
+        )
+        pred = self._positive_vertices(raw, det)
+        check_finite("decoded preds['polygons'] at positive anchors", pred,
+                     "finite vertices (decode_polygons is finite for |raw| <= 1e30)")
+
+        image, anchor = det.fg_mask.nonzero(as_tuple=True)
+        box = det.target_bboxes[image, anchor] / det.stride_tensor[anchor]
+        area = (box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1])
+        per_anchor = polygon_vertex_loss(pred, target, mask, area, self.mode, progress)
+        weight = det.target_scores[image, anchor].sum(-1).to(per_anchor.dtype)
+        polygon_term = (per_anchor * weight).sum() / det.target_scores_sum * self.gains.polygon
+
+        dtype = torch.promote_types(detection_vector.dtype, polygon_term.dtype)
+        box_t, cls_t, dfl_t = detection_vector.to(dtype).unbind()
+        vector = torch.stack((box_t, polygon_term.to(dtype), cls_t, dfl_t))
+        return PolygonTerms(vector, pred, target, mask, rows, per_anchor, weight, det)
+
+    @staticmethod
+    def _positive_vertices(raw: torch.Tensor, det: DetectionTargets) -> torch.Tensor:
+        """Predicted vertices (P, V, 2) of the positive anchors in their stride units, via the head's own decode."""
+        image, anchor = det.fg_mask.nonzero(as_tuple=True)
+        stride = det.stride_tensor[anchor]
+        # decode_polygons takes (B, 2*np, A): the P positives are decoded as one image of P anchors.
+        pixels = decode_polygons(raw[image, :, anchor].T.contiguous()[None], det.anchor_points[anchor], stride)
+        return (pixels[0].T / stride.to(pixels.dtype)).reshape(-1, raw.shape[1] // 2, 2)
+
+    def _check_pred_polygons(self, preds: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if "polygons" not in preds:
+            raise LossInputError(
+                f"preds has no 'polygons' entry (keys: {sorted(preds)}); expected the Polygon head's raw vertex "
+                f"offsets (B, 2*np, A) with np={self.np}"
+            )
+        raw = check_tensor("preds['polygons']", preds["polygons"])
+        scores = preds["scores"]
+        b, _, a = scores.shape
+        check_floating("preds['polygons']", raw)
+        check_shape("preds['polygons']", raw, (b, 2 * self.np, a), f"(B, 2*np, A) with np={self.np}, B and A as scores")
+        check_like("preds['polygons']", raw, "preds['scores']", scores, dtype=False)
+        check_finite("preds['polygons']", raw, "finite offsets: the head produced NaN/Inf, fix the head rather than masking")
+        return raw
+
+    def _check_batch_polygons(self, batch: Mapping[str, torch.Tensor], det: DetectionTargets):
+        """(N, np, 2) normalised polygons in float32 at least, and their (N, np) mask (all True when not given)."""
+        if "polygons" not in batch:
+            raise LossInputError(
+                f"batch has no 'polygons' entry (keys: {sorted(batch)}); expected (N, np, 2) normalised xy with "
+                f"np={self.np} (see losses.polygons_to_targets)"
+            )
+        polygons = check_tensor("batch['polygons']", batch["polygons"])
+        count = batch["batch_idx"].shape[0]
+        check_floating("batch['polygons']", polygons)
+        check_shape("batch['polygons']", polygons, (count, self.np, 2),
+                    f"(N, np, 2) normalised xy with N = {count} from batch['batch_idx'] and np={self.np}")
+        check_like("batch['polygons']", polygons, "preds['scores']", det.imgsz, dtype=False)
+        mask = batch.get("polygon_mask")
+        if mask is None:
+            mask = torch.ones(polygons.shape[:2], dtype=torch.bool, device=polygons.device)
+        else:
+            check_tensor("batch['polygon_mask']", mask)
+            if mask.dtype != torch.bool:
+                raise LossInputError(f"batch['polygon_mask'] has dtype {mask.dtype}; expected torch.bool (True = real vertex)")
+            check_shape("batch['polygon_mask']", mask, (count, self.np), f"(N, np) with N = {count} and np={self.np}")
+            check_like("batch['polygon_mask']", mask, "batch['polygons']", polygons, dtype=False)
+        real = torch.where(mask[..., None], polygons, torch.zeros_like(polygons))  # padded vertices are never read
+        check_finite("batch['polygons'] (real vertices)", real, "finite normalised xy for every real vertex")
+        if count and not bool(mask.any(-1).all()):
+            rows = (~mask.any(-1)).nonzero().flatten()[:5].tolist()
+            raise LossInputError(
+                f"batch['polygon_mask'] has no real vertex in rows {rows}; expected at least one per polygon"
+            )
+        return polygons.to(torch.promote_types(polygons.dtype, torch.float32)), mask
+
+    @staticmethod
+    def _check_progress(progress) -> float:
+        if isinstance(progress, torch.Tensor) and progress.numel() == 1:
+            progress = progress.item()
+        if isinstance(progress, bool) or not isinstance(progress, (int, float)):
+            raise LossInputError(f"progress is a {type(progress).__name__}; expected a float in [0, 1]")
+        if not (math.isfinite(progress) and 0.0 <= progress <= 1.0):
+            raise LossInputError(f"progress is {progress!r}; expected a float in [0, 1] (fraction of training done)")
+        return float(progress)
