@@ -1,1 +1,207 @@
-"""placeholder"""
+"""The training step: clipping really bounds the update, a skipped step leaves the model finite (R0), and a few
+dozen reference steps on synthetic data neither blow up nor diverge (the canary, with its curves saved)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+from headguard.checks._common import call, check, features, ordinary_targets, where_nonfinite
+from headguard.registry import CheckFailure
+
+CANARY_STEPS = 30
+# "No divergence": the last loss may not exceed the first by more than this factor. Plain SGD on one fixed batch
+# should decrease the loss; 1.5 leaves room for momentum overshoot in the first steps without hiding a blow-up.
+DIVERGENCE_FACTOR = 1.5
+
+
+def _nonfinite_state(head) -> list[str]:
+    named = list(head.named_parameters()) + list(head.named_buffers())
+    return [n for n, t in named if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def _snapshot(head) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in head.parameters()]
+
+
+def _distance(head, before) -> float:
+    return float(torch.sqrt(sum(((p.detach().double() - b.double()) ** 2).sum() for p, b in zip(head.parameters(), before))))
+
+
+def _step(subject, head, loss, opt, feats, batch, **kwargs):
+    return call("the training step", subject.train_step, head, loss, opt, feats, batch, **kwargs)
+
+
+@check(area="training")
+def check_clipping_bounds_update(subject, ctx):
+    """After clipping, one SGD step moves the parameters by at most lr * max_norm (L2); a step whose gradients are
+    non-finite (finite loss) is reported skipped and changes no parameter."""
+    feats = features(subject, batch=2, image_size=(64, 64), seed=ctx.seed)
+    batch = ordinary_targets(subject, 2, seed=ctx.seed)
+    for lr, max_norm in ((0.1, 1e-3), (0.01, 0.1), (1.0, 10.0)):
+        head = subject.build_head()
+        loss = subject.build_loss(head)
+        opt = torch.optim.SGD(head.parameters(), lr=lr)
+        before = _snapshot(head)
+        result = _step(subject, head, loss, opt, feats, batch, max_norm=max_norm)
+        if result.skipped:
+            raise CheckFailure(f"the training step skipped an ordinary finite batch (loss {result.loss:.4g}); only "
+                               "non-finite losses or gradients may be skipped")
+        moved = _distance(head, before)
+        # float32 parameters: allow relative rounding of the clip coefficient and the update.
+        if moved > lr * max_norm * (1 + 1e-3) + 1e-6:
+            raise CheckFailure(
+                f"one SGD step (lr={lr:g}) with max_norm={max_norm:g} moved the parameters by {moved:.4g} in L2, more "
+                f"than lr * max_norm = {lr * max_norm:.4g} (reported gradient norm {result.grad_norm:.4g}): the step "
+                "does not clip the total gradient norm before optimizer.step() (clip_grad_norm_ over ALL parameters)"
+            )
+    _check_nonfinite_gradient_skipped(subject, feats, batch)
+
+
+def _check_nonfinite_gradient_skipped(subject, feats, batch):
+    head = subject.build_head()
+    loss = subject.build_loss(head)
+
+    def poisoned(preds, batch_):
+        vector, items = loss(preds, batch_)
+        # sqrt at 0 has an infinite derivative, times the 0 from `* 0.0`: NaN gradients with a finite loss value.
+        return vector + torch.sqrt(preds["scores"].sum() * 0.0), items
+
+    opt = torch.optim.SGD(head.parameters(), lr=0.01)
+    before = _snapshot(head)
+    result = _step(subject, head, poisoned, opt, feats, batch)
+    moved = _distance(head, before)
+    if not result.skipped or not math.isfinite(moved) or moved > 0:
+        raise CheckFailure(
+            f"a step with NaN gradients (finite loss {result.loss:.4g}) was {'not ' if not result.skipped else ''}"
+            f"reported skipped and moved the parameters by {moved:.4g}; check the gradient norm for finiteness and "
+            "skip optimizer.step() when it is not (clipping NaN gradients still gives NaN)"
+        )
+
+
+def _overflowing(feats):
+    """The same maps with one +inf per level: every conv that sees it produces a non-finite activation."""
+    bad = [f.clone() for f in feats]
+    for f in bad:
+        f[0, 0, 0, 0] = math.inf
+    return bad
+
+
+@check(area="training")
+def check_skipped_step_leaves_model_finite(subject, ctx):
+    """After a step on a batch whose activations overflow (skipped), and normal steps after it, every parameter and
+    buffer is finite and an eval forward on a fixed input is finite (R0)."""
+    head = subject.build_head()
+    loss = subject.build_loss(head)
+    opt = torch.optim.SGD(head.parameters(), lr=0.01, momentum=0.9)
+    good = features(subject, batch=2, image_size=(64, 64), seed=ctx.seed)
+    batch = ordinary_targets(subject, 2, seed=ctx.seed)
+    try:
+        result = subject.train_step(head, loss, opt, _overflowing(good), batch)
+    except Exception as err:  # noqa: BLE001  (a crash on a bad batch is the finding)
+        raise CheckFailure(
+            f"the training step raised {type(err).__name__} on a batch with a non-finite activation ({err}); it must "
+            "skip the update and restore the buffers its forward pass changed"
+        ) from err
+    poisoned = _nonfinite_state(head)
+    for _ in range(2):  # later batches train normally in train mode: the poison only shows in eval (R0)
+        _step(subject, head, loss, opt, good, batch)
+    poisoned = poisoned or _nonfinite_state(head)
+    if poisoned:
+        raise CheckFailure(
+            f"after a {'skipped' if result.skipped else 'NOT skipped'} step on a batch with a non-finite activation, "
+            f"{len(poisoned)} parameters/buffers are non-finite, e.g. {poisoned[:4]}: the forward pass wrote inf/NaN "
+            "into BatchNorm running statistics and the step did not restore them; snapshot every buffer before the "
+            "forward and copy it back when the step is skipped (gradient clipping or a zero bias does not help)"
+        )
+    fixed = features(subject, batch=2, image_size=(64, 64), seed=ctx.seed + 7)
+    head.eval()
+    with torch.no_grad():
+        y, _ = call("the head's eval forward", head, list(fixed))
+    if not bool(torch.isfinite(y).all()):
+        where = where_nonfinite(head, lambda m: m(list(fixed)), backward=False)
+        raise CheckFailure(
+            f"after a skipped step the eval output is non-finite ({int((~torch.isfinite(y)).sum())} of {y.numel()} "
+            f"values){where}; restore the buffers the skipped step's forward changed"
+        )
+
+
+@check(area="training")
+def check_training_canary(subject, ctx):
+    """A few dozen reference steps (SGD lr 0.01, momentum 0.9) on one synthetic batch: every loss finite, no step
+    skipped, final loss <= 1.5 x initial, parameters and BN buffers finite. Curves are saved as JSON (and PNG)."""
+    head = subject.build_head()
+    loss = subject.build_loss(head)
+    opt = torch.optim.SGD(head.parameters(), lr=0.01, momentum=0.9)
+    feats = features(subject, batch=2, image_size=(64, 64), seed=ctx.seed)
+    batch = ordinary_targets(subject, 2, seed=ctx.seed)
+    curve = {"loss": [], "grad_norm": [], "skipped": []}
+    failure = None
+    for step in range(CANARY_STEPS):
+        r = _step(subject, head, loss, opt, feats, batch)
+        curve["loss"].append(r.loss)
+        curve["grad_norm"].append(r.grad_norm)
+        curve["skipped"].append(r.skipped)
+        if r.skipped or not math.isfinite(r.loss):
+            failure = (
+                f"training step {step} on a fixed synthetic batch produced a non-finite loss or gradient (loss "
+                f"{r.loss:.4g}, gradient norm {r.grad_norm:.4g}, skipped={r.skipped}) with SGD lr 0.01 momentum 0.9"
+            )
+            break
+    saved = _save_curves(subject, ctx, curve)
+    if failure is None and not curve["loss"][-1] <= DIVERGENCE_FACTOR * curve["loss"][0]:
+        failure = (
+            f"the loss diverged on a fixed synthetic batch: {curve['loss'][0]:.4g} at step 0, {curve['loss'][-1]:.4g} "
+            f"after {CANARY_STEPS} steps (> {DIVERGENCE_FACTOR} x the initial loss) with SGD lr 0.01 momentum 0.9; check "
+            "the loss scale (gains, normalisation) and the gradient of each branch"
+        )
+    bad = _nonfinite_state(head)
+    if failure is None and bad:
+        failure = f"after {CANARY_STEPS} finite steps {len(bad)} parameters/buffers are non-finite, e.g. {bad[:4]}"
+    if failure:
+        raise CheckFailure(f"{failure}. Curves: {saved}")
+
+
+def artifact_dir() -> Path:
+    """$HEADGUARD_ARTIFACTS, else <tempdir>/headguard."""
+    return Path(os.environ.get("HEADGUARD_ARTIFACTS") or Path(tempfile.gettempdir()) / "headguard")
+
+
+def _save_curves(subject, ctx, curve) -> str:
+    """Write the curves as JSON, plus a PNG when matplotlib is installed; returns where they went."""
+    out = artifact_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"canary-{re.sub(r'[^A-Za-z0-9_.-]+', '_', subject.name)}-seed{ctx.seed}"
+    path = out / f"{stem}.json"
+    path.write_text(json.dumps({"subject": subject.name, "seed": ctx.seed, "steps": len(curve["loss"]), **curve}, indent=1))
+    written = [str(path)]
+    png = _plot(curve, out / f"{stem}.png", subject.name)
+    if png:
+        written.append(png)
+    return ", ".join(written)
+
+
+def _plot(curve, path: Path, title: str) -> str | None:
+    try:
+        from matplotlib.figure import Figure  # optional; the object API needs no display backend
+    except ImportError:
+        return None
+    fig = Figure(figsize=(7, 3))
+    for ax, key in zip(fig.subplots(1, 2), ("loss", "grad_norm")):
+        ax.plot(curve[key])
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        ax.set_yscale("log" if all(v > 0 and math.isfinite(v) for v in curve[key]) else "linear")
+    fig.suptitle(f"headguard canary: {title}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    return str(path)
+
+
+__all__ = ["artifact_dir", "check_clipping_bounds_update", "check_skipped_step_leaves_model_finite", "check_training_canary"]
