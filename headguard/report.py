@@ -58,7 +58,7 @@ def format_failure(result: CheckResult, *, title: bool = True) -> str:
     if result.example:
         lines.append(_field("example", result.example))
     if result.reproduce:
-        lines.append(f"  reproduce: {result.reproduce}")
+        lines.append(_field("reproduce", result.reproduce))
     return "\n".join(lines)
 
 

@@ -216,7 +216,7 @@ def _record_exception(result: CheckResult, exc: BaseException) -> None:
         result.status = "failed"
         result.message = exc.message
         result.example = _example_of(exc)
-        result.reproduce = exc.reproduce or result.reproduce
+        result.reproduce = _merge_reproduce(result.reproduce, exc.reproduce)
         return
     result.status = "error"
     first_line = (str(exc).strip().splitlines() or [""])[0]
@@ -226,6 +226,15 @@ def _record_exception(result: CheckResult, exc: BaseException) -> None:
     if frames:
         last = frames[-1]
         result.where = f"{last.filename}:{last.lineno} in {last.name}" + (f": {last.line}" if last.line else "")
+
+
+def _merge_reproduce(command: str, given: str | None) -> str:
+    """A check's own headguard command replaces ours; other hints (a @reproduce_failure blob) follow ours."""
+    if not given or given.strip() == command:
+        return command
+    if given.lstrip().startswith("headguard "):
+        return given.strip()
+    return f"{command}\n{given.strip()}"
 
 
 def _example_of(exc: CheckFailure) -> str | None:

@@ -141,3 +141,19 @@ def test_using_catalogue_leaves_the_global_catalogue_alone():
     with using_catalogue(_fakes.CATALOGUE):
         assert [c.name for c in select_checks(["polygons"])] == [c.name for c in _fakes.CATALOGUE]
     assert CATALOGUE == before
+
+
+@pytest.mark.parametrize(("given", "expected"), [
+    (None, ["headguard check tinyheads:TINY --select check_custom --seed 0 --profile dev"]),
+    ("You can reproduce this test case by adding @reproduce_failure('6', b'AA')",
+     ["headguard check tinyheads:TINY --select check_custom --seed 0 --profile dev",
+      "You can reproduce this test case by adding @reproduce_failure('6', b'AA')"]),
+    ("headguard check tinyheads:TINY --select check_custom --seed 0 --profile fuzz",
+     ["headguard check tinyheads:TINY --select check_custom --seed 0 --profile fuzz"]),
+])
+def test_reproduce_command_comes_first(subject, given, expected):
+    def check_custom(subject, ctx):
+        """Fails with the given reproduce hint."""
+        raise CheckFailure("broken", reproduce=given)
+
+    assert run_check(subject, make_check(check_custom)).reproduce.splitlines() == expected
