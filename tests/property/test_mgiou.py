@@ -1,0 +1,396 @@
+"""MGIoU (losses.mgiou): metric-like properties, invariances, degenerate inputs, gradients, IoU ranking, boxes.
+
+Shapes come from `convex_polygons`: vertices on a rotated ellipse, so every drawn polygon is strictly convex; the
+exact IoU oracle is tests/_polygon_iou.py (Sutherland-Hodgman clipping).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from losses import LossInputError
+from losses.mgiou import box_corners, convexity_loss, mgiou, mgiou_boxes
+from tests._polygon_iou import intersection, polygon_iou, signed_area
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+# ------------------------------------------------------------------------------------------------------ strategies
+def _ellipse_polygon(gaps, start, a, b, angle, centre) -> torch.Tensor:
+    phi = start + 2 * math.pi * np.cumsum(gaps) / np.sum(gaps)
+    local = np.stack((a * np.cos(phi), b * np.sin(phi)), axis=1)
+    rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    return torch.tensor(local @ rot.T + np.asarray(centre), dtype=torch.float64)
+
+
+@st.composite
+def convex_polygons(draw, *, min_vertices: int = 3, max_vertices: int = 8) -> torch.Tensor:
+    """A strictly convex polygon (V, 2) float64, counter-clockwise in a y-up frame."""
+    n = draw(st.integers(min_vertices, max_vertices))
+    gaps = draw(st.lists(st.floats(0.3, 1.0), min_size=n, max_size=n))
+    start, angle = draw(st.floats(0, 2 * math.pi)), draw(st.floats(0, 2 * math.pi))
+    a, b = draw(st.floats(0.5, 3.0)), draw(st.floats(0.5, 3.0))
+    centre = draw(st.tuples(st.floats(-5, 5), st.floats(-5, 5)))
+    return _ellipse_polygon(gaps, start, a, b, angle, centre)
+
+
+def _random_convex(rng: np.random.Generator, n: int) -> torch.Tensor:
+    return _ellipse_polygon(rng.uniform(0.3, 1.0, n), rng.uniform(0, 2 * math.pi), rng.uniform(0.5, 3.0),
+                            rng.uniform(0.5, 3.0), rng.uniform(0, 2 * math.pi), rng.uniform(-2, 2, 2))
+
+
+def _loss(p: torch.Tensor, t: torch.Tensor, dtype=torch.float32, **kwargs) -> float:
+    return float(mgiou(p.to(dtype)[None], t.to(dtype)[None], **kwargs)[0])
+
+
+def _similarity(x: torch.Tensor, scale: float, angle: float, shift) -> torch.Tensor:
+    rot = torch.tensor([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]], dtype=x.dtype)
+    return scale * x @ rot.T + torch.tensor(shift, dtype=x.dtype)
+
+
+def _diameter(x: torch.Tensor) -> float:
+    return float(torch.cdist(x, x).max())
+
+
+# ---------------------------------------------------------------------------------------------- metric properties
+@given(convex_polygons())
+def test_identical_polygons_have_zero_loss(p):
+    assert _loss(p, p) <= 1e-6
+
+
+@given(convex_polygons(), convex_polygons(), st.floats(0, 20))
+def test_loss_is_symmetric_and_within_unit_interval(p, t, shift):
+    p = p + shift  # from overlapping to far apart
+    forward, backward = _loss(p, t), _loss(t, p)
+    assert 0.0 <= forward <= 1.0
+    assert forward == pytest.approx(backward, abs=1e-6)
+
+
+@given(convex_polygons(), convex_polygons(), st.floats(-3, 3), st.floats(0, 2 * math.pi),
+       st.tuples(st.floats(-50, 50), st.floats(-50, 50)))
+def test_loss_is_invariant_to_moving_scaling_and_rotating_both(p, t, log10_scale, angle, shift_in_sizes):
+    scale = 10.0 ** log10_scale
+    shift = [scale * s for s in shift_in_sizes]  # a shift in units of the shapes keeps fp32 resolution
+    moved = _loss(_similarity(p, scale, angle, shift), _similarity(t, scale, angle, shift))
+    assert moved == pytest.approx(_loss(p, t), abs=2e-5)
+
+
+@given(convex_polygons(), st.floats(0, 2 * math.pi))
+def test_loss_strictly_increases_as_prediction_moves_away(t, direction):
+    d = torch.tensor([math.cos(direction), math.sin(direction)], dtype=torch.float64)
+    steps = [0.0, 0.01, 0.1, 0.3, 0.6, 1.0, 1.5, 2.5, 4.0, 8.0]  # in diameters; touching is near 1
+    losses = [_loss(t + s * _diameter(t) * d, t) for s in steps]
+    assert losses[0] <= 1e-6
+    assert all(b > a for a, b in zip(losses, losses[1:])), losses
+
+
+@given(convex_polygons(), st.floats(0.2, 5.0).filter(lambda s: abs(s - 1) > 1e-3))
+def test_scaling_only_the_prediction_changes_the_loss_as_on_every_axis(t, scale):
+    # Scaled about an inner point, the prediction's interval contains the target's (or vice versa) on every axis,
+    # so every 1-D GIoU is min(s, 1/s): the loss is (1 - min(s, 1/s)) / 2, not invariant.
+    centre = t.mean(dim=0)
+    expected = (1 - min(scale, 1 / scale)) / 2
+    assert _loss(centre + scale * (t - centre), t) == pytest.approx(expected, abs=1e-5)
+    assert expected > 0
+
+
+# ------------------------------------------------------------------------------------------------- vertex order
+@given(convex_polygons(), convex_polygons(), st.integers(0, 7), st.integers(0, 7))
+def test_loss_is_invariant_to_start_direction_and_repeated_vertices(p, t, shift, repeat):
+    base = _loss(p, t)
+    k, r = shift % len(p), repeat % len(p)
+    repeated = torch.cat((p[: r + 1], p[r:]))
+    for variant in (torch.roll(p, k, dims=0), p.flip(0), repeated, torch.roll(repeated, k, dims=0).flip(0)):
+        assert _loss(variant, t) == pytest.approx(base, abs=1e-6)
+        assert _loss(t, variant) == pytest.approx(base, abs=1e-6)
+
+
+def _pad(x: torch.Tensor, size: int, positions: list[bool], junk: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spread x's vertices (in order) over `size` slots; the other slots hold junk and are masked."""
+    real = [i for i, keep in enumerate(positions) if keep][: len(x)]
+    real += [i for i in range(size) if i not in real][: len(x) - len(real)]
+    real.sort()
+    mask = torch.zeros(size, dtype=torch.bool)
+    mask[real] = True
+    padded = torch.full((size, 2), junk, dtype=x.dtype)
+    padded[mask] = x
+    return padded, mask
+
+
+@given(convex_polygons(), convex_polygons(), st.lists(st.booleans(), min_size=12, max_size=12),
+       st.sampled_from([0.0, 1e6, -3.5, math.nan, math.inf]))
+def test_padded_vertices_change_nothing(p, t, positions, junk):
+    p32, t32 = p.float().requires_grad_(), t.float().requires_grad_()
+    plain = mgiou(p32[None], t32[None])
+    (plain_grad,) = torch.autograd.grad(plain.sum(), p32)
+
+    pp, pm = _pad(p.float(), 12, positions, junk)
+    tp, tm = _pad(t.float(), 12, positions[::-1], junk)
+    pp.requires_grad_()
+    padded = mgiou(pp[None], tp[None], pm[None], tm[None])
+    (padded_grad,) = torch.autograd.grad(padded.sum(), pp)
+    assert padded.item() == pytest.approx(plain.item(), abs=1e-6)
+    torch.testing.assert_close(padded_grad[pm], plain_grad, atol=1e-5, rtol=1e-4)
+    assert torch.equal(padded_grad[~pm], torch.zeros_like(padded_grad[~pm]))
+
+
+def test_batched_pairs_do_not_interact():
+    rng = np.random.default_rng(3)
+    p = torch.stack([_random_convex(rng, 6) for _ in range(5)])
+    t = torch.stack([_random_convex(rng, 6) for _ in range(5)])
+    batched = mgiou(p, t)
+    one_by_one = torch.cat([mgiou(p[i : i + 1], t[i : i + 1]) for i in range(5)])
+    torch.testing.assert_close(batched, one_by_one)
+
+
+# ---------------------------------------------------------------------------------------------------- degenerate
+def _degenerate_pairs(t: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(pred, target) pairs of each degenerate family, around a proper target t."""
+    point = t.mean(dim=0).expand_as(t).clone()
+    line = t[0] + torch.linspace(0, 1, len(t), dtype=t.dtype)[:, None] * (t[1] - t[0]) * 3
+    zero_width = box_corners(torch.tensor([1.0, -1.0, 1.0, 2.0], dtype=t.dtype)).to(t.dtype)
+    return {
+        "point inside target": (point, t),
+        "point and far point": (point + 100, point),
+        "same point": (point, point),
+        "collinear": (line, t),
+        "both collinear on one line": (line, line.flip(0) * 0.5 + 0.5 * line[0]),
+        "repeated vertices": (torch.cat((t[:1], t[:1], t[1:], t[-1:])), t),
+        "zero width": (zero_width, zero_width + torch.tensor([0.5, 0.0], dtype=t.dtype)),
+        "zero width vs target": (zero_width, t),
+        "all zero": (torch.zeros_like(t), torch.zeros_like(t)),
+        "all zero vs target": (torch.zeros_like(t), t),
+    }
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@given(t=convex_polygons())
+def test_degenerate_families_give_finite_loss_and_gradients(dtype, t):
+    for family, (p, q) in _degenerate_pairs(t).items():
+        p, q = p.to(dtype).requires_grad_(), q.to(dtype).requires_grad_()
+        loss = mgiou(p[None], q[None])
+        assert loss.dtype == torch.float32, family
+        assert bool(torch.isfinite(loss).all()) and 0 <= loss.item() <= 1, (family, loss)
+        grads = torch.autograd.grad(loss.sum() + convexity_loss(p[None]).sum(), (p, q))
+        assert all(bool(torch.isfinite(g).all()) for g in grads), (family, grads)
+
+
+# ----------------------------------------------------------------------------------------------------- gradients
+@given(convex_polygons(), convex_polygons(), st.floats(0.05, 10))
+def test_gradient_is_nonzero_when_prediction_differs(p, t, shift):
+    p = (p + shift).float().requires_grad_()
+    loss = mgiou(p[None], t.float()[None])
+    (grad,) = torch.autograd.grad(loss.sum(), p)
+    assert loss.item() > 0
+    assert float(grad.norm()) > 1e-6
+
+
+@given(convex_polygons(), st.lists(st.floats(0.05, 1.0), min_size=8, max_size=8))
+def test_point_inside_target_is_the_documented_stationary_point(t, weights):
+    # A convex combination of the target's vertices pulled toward their mean lies strictly inside the target.
+    w = torch.tensor(weights[: len(t)], dtype=torch.float64)
+    inside = 0.5 * (w / w.sum()) @ t + 0.5 * t.mean(dim=0)
+    collapsed = inside.expand(6, 2).clone().float().requires_grad_()
+    loss = mgiou(collapsed[None], t.float()[None])
+    (grad,) = torch.autograd.grad(loss.sum(), collapsed)
+    assert loss.item() == pytest.approx(0.5, abs=1e-6)
+    # Zero up to rounding: each axis adds +g*n through the upper end and -g*n through the lower end of one vertex.
+    assert float(grad.abs().max()) <= 1e-6
+    assert "stationary" in mgiou.__doc__.lower()
+
+    # Outside the target the same collapsed prediction does receive a gradient: the point is the exception.
+    outside = (t.float() + 3 * _diameter(t)).mean(dim=0).expand(6, 2).clone().requires_grad_()
+    (grad_out,) = torch.autograd.grad(mgiou(outside[None], t.float()[None]).sum(), outside)
+    assert float(grad_out.norm()) > 0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_autograd_matches_finite_differences_in_float64(seed):
+    rng = np.random.default_rng(seed)
+    # Jittered ellipse points: generic, so no two vertices tie for an extreme projection (no kink).
+    p = (_random_convex(rng, 5) + torch.tensor(rng.normal(0, 0.05, (5, 2)))).requires_grad_()
+    t = (_random_convex(rng, 6) + torch.tensor(rng.normal(0, 0.05, (6, 2)))).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: mgiou(a[None], b[None]), (p, t))
+    assert torch.autograd.gradcheck(lambda a: convexity_loss(a[None]), (p,))
+
+
+# --------------------------------------------------------------------------------------------- agreement with IoU
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Average ranks (ties share their mean rank), as Spearman's rho needs."""
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x), dtype=np.float64)
+    for value in np.unique(x):
+        tied = x == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(_ranks(a), _ranks(b))[0, 1])
+
+
+def _overlapping_pairs(rng: np.random.Generator, count: int):
+    pairs = []
+    while len(pairs) < count:
+        t = _random_convex(rng, int(rng.integers(3, 9)))
+        if len(pairs) % 2:  # an independent shape near the target
+            p = _random_convex(rng, int(rng.integers(3, 9)))
+        else:  # the target moved, scaled and rotated a little
+            p = _similarity(t - t.mean(0), rng.uniform(0.5, 1.5), rng.uniform(-0.6, 0.6), t.mean(0).tolist())
+            p = p + torch.tensor(rng.normal(0, 0.5, 2))
+        iou = polygon_iou(p.numpy(), t.numpy())
+        if iou > 0:
+            pairs.append((p, t, iou))
+    return pairs
+
+
+def test_mgiou_ranks_overlapping_pairs_like_exact_iou():
+    pairs = _overlapping_pairs(np.random.default_rng(0), 300)
+    v = max(max(len(p), len(t)) for p, t, _ in pairs)
+
+    def batch(shapes):
+        padded = [_pad(s.float(), v, [True] * len(s), 0.0) for s in shapes]
+        return torch.stack([x for x, _ in padded]), torch.stack([m for _, m in padded])
+
+    (p, pm), (t, tm) = batch([p for p, _, _ in pairs]), batch([t for _, t, _ in pairs])
+    similarity = 1 - 2 * mgiou(p, t, pm, tm).numpy()
+    rho = _spearman(similarity, np.array([iou for _, _, iou in pairs]))
+    assert rho >= 0.9, f"Spearman rho between MGIoU and exact IoU is {rho:.3f}, expected >= 0.9"
+
+
+def test_exact_iou_oracle_on_known_cases():
+    square = np.array([[0.0, 0], [1, 0], [1, 1], [0, 1]])
+    assert polygon_iou(square, square[::-1]) == pytest.approx(1.0)
+    assert polygon_iou(square, square + [0.5, 0]) == pytest.approx(1 / 3)
+    assert polygon_iou(square, square + [2, 0]) == 0.0
+    diamond = np.array([[0.5, -0.5], [1.5, 0.5], [0.5, 1.5], [-0.5, 0.5]])  # area 2, clipped to the square: 1
+    assert abs(signed_area(intersection(diamond, square))) == pytest.approx(1.0)
+    assert polygon_iou(diamond, square) == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------------------------------------------------- boxes
+def _giou_1d(lo_a, hi_a, lo_b, hi_b):
+    """Textbook GIoU of two intervals: I/U - (C - U)/C."""
+    inter = (torch.minimum(hi_a, hi_b) - torch.maximum(lo_a, lo_b)).clamp(min=0)
+    union = (hi_a - lo_a) + (hi_b - lo_b) - inter
+    hull = torch.maximum(hi_a, hi_b) - torch.minimum(lo_a, lo_b)
+    return inter / union - (hull - union) / hull
+
+
+xyxy_boxes = st.tuples(st.floats(-10, 10), st.floats(-10, 10), st.floats(0.1, 10), st.floats(0.1, 10)).map(
+    lambda b: [b[0], b[1], b[0] + b[2], b[1] + b[3]])
+
+
+@given(st.lists(st.tuples(xyxy_boxes, xyxy_boxes), min_size=1, max_size=6))
+def test_axis_aligned_boxes_average_the_x_and_y_giou(pairs):
+    pred = torch.tensor([p for p, _ in pairs], dtype=torch.float64)
+    target = torch.tensor([t for _, t in pairs], dtype=torch.float64)
+    expected = (1 - (_giou_1d(pred[:, 0], pred[:, 2], target[:, 0], target[:, 2])
+                     + _giou_1d(pred[:, 1], pred[:, 3], target[:, 1], target[:, 3])) / 2) / 2
+    torch.testing.assert_close(mgiou_boxes(pred, target), expected)
+    torch.testing.assert_close(mgiou_boxes(pred, target), mgiou(box_corners(pred), box_corners(target)))
+
+
+rotated_boxes = st.tuples(st.floats(-10, 10), st.floats(-10, 10), st.floats(0.1, 10), st.floats(0.1, 10),
+                          st.floats(-math.pi, math.pi)).map(list)
+
+
+@given(st.lists(st.tuples(rotated_boxes, rotated_boxes), min_size=1, max_size=6), st.floats(-math.pi, math.pi))
+def test_rotated_boxes_equal_mgiou_of_their_corners_and_are_rotation_invariant(pairs, turn):
+    pred = torch.tensor([p for p, _ in pairs], dtype=torch.float64)
+    target = torch.tensor([t for _, t in pairs], dtype=torch.float64)
+    loss = mgiou_boxes(pred, target, "xywhr")
+    torch.testing.assert_close(loss, mgiou(box_corners(pred, "xywhr"), box_corners(target, "xywhr")))
+
+    def rotate(b):  # the whole scene turned about the origin
+        c, s = math.cos(turn), math.sin(turn)
+        x, y = b[:, 0] * c - b[:, 1] * s, b[:, 0] * s + b[:, 1] * c
+        return torch.stack((x, y, b[:, 2], b[:, 3], b[:, 4] + turn), dim=1)
+
+    torch.testing.assert_close(mgiou_boxes(rotate(pred), rotate(target), "xywhr"), loss)
+
+
+@given(st.lists(rotated_boxes, min_size=1, max_size=6))
+def test_box_corners_follow_the_documented_convention(boxes):
+    b = torch.tensor(boxes, dtype=torch.float64)
+    corners = box_corners(b, "xywhr")
+    xyxy = torch.cat((b[:, :2] - b[:, 2:4] / 2, b[:, :2] + b[:, 2:4] / 2), dim=1)
+    unrotated = torch.cat((b[:, :4], torch.zeros_like(b[:, :1])), dim=1)
+    torch.testing.assert_close(box_corners(unrotated, "xywhr"), box_corners(xyxy, "xyxy"))
+    for c in corners:  # positive shoelace area: (x1, y1) -> (x2, y1) -> (x2, y2) -> (x1, y2)
+        assert signed_area(c.numpy()) > 0
+    ops = pytest.importorskip("ultralytics.utils.ops")
+    torch.testing.assert_close(corners, ops.xywhr2xyxyxyxy(b)[:, [2, 1, 0, 3]])
+
+
+# ------------------------------------------------------------------------------------------------------ convexity
+def _dent(p: torch.Tensor, k: int, depth: float) -> torch.Tensor:
+    """Move vertex k (of V >= 4) across the chord of its neighbours, toward the other vertices: one reflex vertex."""
+    n, k = len(p), k % len(p)
+    chord_mid = (p[k - 1] + p[(k + 1) % n]) / 2
+    others = torch.stack([p[i] for i in range(n) if i not in {(k - 1) % n, k, (k + 1) % n}]).mean(dim=0)
+    dented = p.clone()
+    dented[k] = chord_mid + depth * (others - chord_mid)  # strictly inside the polygon of the other vertices
+    return dented
+
+
+@given(convex_polygons(min_vertices=4), st.integers(0, 7), st.floats(0.2, 0.8), st.integers(0, 7),
+       st.floats(-3, 3), st.floats(0, 2 * math.pi))
+def test_convexity_term_is_zero_iff_convex_and_scale_invariant(p, k, depth, shift, log10_scale, angle):
+    convex_variants = [p, p.flip(0), torch.roll(p, shift, 0), torch.cat((p, p[-1:]))]
+    assert float(convexity_loss(torch.stack(convex_variants[:3]).float()).abs().max()) == 0.0
+    assert float(convexity_loss(convex_variants[3].float()[None])) == 0.0
+
+    dented = _dent(p, k, depth)
+    penalty = float(convexity_loss(dented.float()[None]))
+    assert 0 < penalty <= 1
+    scale = 10.0 ** log10_scale
+    moved = _similarity(dented, scale, angle, [7.0 * scale, -3.0 * scale])
+    for variant in (moved, dented.flip(0), torch.roll(dented, shift, 0), torch.cat((dented[:2], dented[1:]))):
+        assert float(convexity_loss(variant.float()[None])) == pytest.approx(penalty, abs=1e-5)
+
+
+@given(convex_polygons(min_vertices=4), st.integers(0, 7), st.lists(st.booleans(), min_size=10, max_size=10))
+def test_convexity_term_ignores_padded_vertices(p, k, positions):
+    dented = _dent(p, k, 0.5).float()
+    padded, mask = _pad(dented, 10, positions, math.nan)
+    torch.testing.assert_close(convexity_loss(padded[None], mask[None]), convexity_loss(dented[None]))
+
+
+# ------------------------------------------------------------------------------------------------- dtypes, errors
+@pytest.mark.parametrize(("dtype", "out"), [(torch.float16, torch.float32), (torch.bfloat16, torch.float32),
+                                            (torch.float32, torch.float32), (torch.float64, torch.float64)], ids=str)
+def test_result_dtype_is_the_documented_compute_dtype(dtype, out):
+    square = box_corners(torch.tensor([[0.0, 0.0, 2.0, 1.0]])).to(dtype)
+    assert mgiou(square, square + 0.5).dtype == out
+    assert convexity_loss(square).dtype == out
+    assert box_corners(torch.tensor([[0.0, 0.0, 2.0, 1.0]], dtype=dtype)).dtype == out
+
+
+_SQ = box_corners(torch.tensor([[0.0, 0.0, 1.0, 1.0]]))
+
+
+@pytest.mark.parametrize(("call", "match"), [
+    (lambda: mgiou(_SQ[0], _SQ[0]), r"pred: expected shape \(N, V, 2\)"),
+    (lambda: mgiou(_SQ, torch.zeros(1, 4, 3)), r"target: expected shape \(N, V, 2\)"),
+    (lambda: mgiou(_SQ, _SQ.repeat(2, 1, 1)), "same number of shapes"),
+    (lambda: mgiou(_SQ.long(), _SQ), "pred: expected a floating-point dtype"),
+    (lambda: mgiou(_SQ, _SQ, torch.ones(1, 4)), "pred_mask: expected a bool tensor"),
+    (lambda: mgiou(_SQ, _SQ, None, torch.ones(1, 3, dtype=torch.bool)), r"target_mask: expected shape \(1, 4\)"),
+    (lambda: mgiou(_SQ, _SQ, torch.zeros(1, 4, dtype=torch.bool)), "pred_mask: expected at least one real vertex"),
+    (lambda: mgiou(_SQ * math.nan, _SQ), "pred: expected finite coordinates"),
+    (lambda: mgiou(_SQ, _SQ.index_fill(1, torch.tensor([2]), math.inf)), "target: expected finite coordinates"),
+    (lambda: convexity_loss(_SQ, torch.zeros(1, 4, dtype=torch.bool)), "mask: expected at least one real vertex"),
+    (lambda: box_corners(torch.zeros(2, 4), "cxcywh"), "fmt: expected one of"),
+    (lambda: box_corners(torch.zeros(2, 4), "xywhr"), r"boxes: expected shape \(\.\.\., 5\)"),
+])
+def test_bad_input_raises_a_clear_error(call, match):
+    with pytest.raises(LossInputError, match=match):
+        call()
