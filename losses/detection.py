@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from heads._decode import make_anchors
+from heads._decode import dfl_expectation, make_anchors
 
 from ._boxes import bbox2dist, bbox_ciou, dfl_loss, dist2bbox, xywh2xyxy
 from ._validate import (
@@ -139,8 +139,11 @@ class DetectionLoss:
         imgsz = torch.tensor((h, w), dtype=dtype, device=scores.device) * self.strides[0]
 
         gt = self.pad_targets(batch, b, imgsz)
-        dist_logits = boxes.view(b, 4, self.reg_max, a).permute(0, 3, 1, 2)  # (B, A, 4, R) view, no copy
-        pred_bboxes = self._decode(dist_logits, anchor_points)  # (B, A, 4) xyxy grid units
+        # Softmax over bins in the head's own layout (B, 4, R, A): a softmax over a strided last dim would copy, and a
+        # permuted gradient would be copied again on its way back.
+        dist_logits = boxes.view(b, 4, self.reg_max, a)
+        dist = dfl_expectation(boxes, self.reg_max)  # (B, 4, A) in bins
+        pred_bboxes = dist2bbox(dist.transpose(1, 2), anchor_points, xywh=False)  # (B, A, 4) xyxy grid units
         scores_t = scores.transpose(1, 2)  # (B, A, nc) view
 
         assignment = task_aligned_assign(
@@ -171,11 +174,6 @@ class DetectionLoss:
         )
         return terms, targets
 
-    def _decode(self, dist_logits: torch.Tensor, anchor_points: torch.Tensor) -> torch.Tensor:
-        bins = torch.arange(self.reg_max, dtype=dist_logits.dtype, device=dist_logits.device)
-        dist = dist_logits.softmax(-1).matmul(bins)  # (B, A, 4) expected distances in bins
-        return dist2bbox(dist, anchor_points, xywh=False)
-
     def _box_terms(self, dist_logits, pred_bboxes, anchor_points, target_bboxes, target_scores, tss, fg_mask):
         """CIoU and DFL terms over positives, each weighted by its summed target score; both 0 with no positives."""
         fg = fg_mask.nonzero(as_tuple=True)  # shape-determining: the number of positives
@@ -183,7 +181,7 @@ class DetectionLoss:
         ciou = bbox_ciou(pred_bboxes[fg], target_bboxes[fg])
         box_term = ((1.0 - ciou) * weight).sum() / tss
         target_ltrb = bbox2dist(anchor_points[fg[1]], target_bboxes[fg], self.reg_max - 1)
-        dfl_term = (dfl_loss(dist_logits[fg], target_ltrb) * weight).sum() / tss
+        dfl_term = (dfl_loss(dist_logits[fg[0], :, :, fg[1]], target_ltrb) * weight).sum() / tss
         return box_term, dfl_term
 
     def pad_targets(self, batch: Mapping[str, torch.Tensor], batch_size: int, imgsz: torch.Tensor) -> PaddedTargets:
