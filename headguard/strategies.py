@@ -426,8 +426,8 @@ FP16_CUDA = ComputeDtype("float16-autocast-cuda", "cuda", torch.float16)
 
 def dtypes(*, cuda: bool | None = None) -> st.SearchStrategy[ComputeDtype]:
     """fp32 and bf16 autocast on CPU; fp16 autocast on CUDA only (cuda=None: when a CUDA device is available)."""
-    if cuda is not None:
-        _check_type(cuda, (bool, type(None)), "cuda", "bool or None")
+    if cuda is not None and not isinstance(cuda, bool):
+        raise InvalidArgument(f"Expected bool or None for cuda, got cuda={cuda!r} (type={type(cuda).__name__})")
     use_cuda = torch.cuda.is_available() if cuda is None else cuda
     return st.sampled_from((FP32, BF16_CPU) + ((FP16_CUDA,) if use_cuda else ()))
 

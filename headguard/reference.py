@@ -1,0 +1,41 @@
+"""The reference heads as subjects: their HeadSpecs, with every check they knowingly fail and why (R11)."""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+
+import heads
+from headguard.subject import HeadSpec
+
+# The Ultralytics-compatible assigner (AssignerConfig() defaults, ensure_coverage=False) picks each object's
+# positives by the alignment metric score^0.5 * IoU^6 and weights them by that metric. Under wild predictions (class
+# logits far negative, boxes collapsed to points) every metric is ~0: the object gets no positive with non-zero
+# weight and its box term is silently 0 (R11, reported upstream). We keep Ultralytics' behaviour by default so the
+# oracle tests compare equal; `AssignerConfig(ensure_coverage=True)` is the remedy and passes this check.
+R11_REASON = (
+    "R11: the Ultralytics-compatible task-aligned assigner (ensure_coverage=False, the default) gives an object no "
+    "positive with non-zero weight when every alignment metric is ~0 under wild predictions; "
+    "losses.AssignerConfig(ensure_coverage=True) fixes it"
+)
+
+_EXPECTED = MappingProxyType({"check_assigner_coverage": R11_REASON})
+
+REFERENCE_SPECS: dict[type, HeadSpec] = {
+    heads.Detect: HeadSpec(heads.Detect, expected_failures=_EXPECTED),
+    heads.Polygon: HeadSpec(heads.Polygon, expected_failures=_EXPECTED),
+}
+
+
+def covering_spec(head_cls: type) -> HeadSpec:
+    """The reference spec with the R11 remedy switched on: the loss's assigner guarantees coverage, nothing expected
+    to fail."""
+    import losses
+
+    def loss(head):
+        factory = losses.PolygonLoss if getattr(head, "np", 0) else losses.DetectionLoss
+        return factory.for_head(head, assigner=losses.AssignerConfig(ensure_coverage=True))
+
+    return HeadSpec(head_cls, loss=loss)
+
+
+__all__ = ["R11_REASON", "REFERENCE_SPECS", "covering_spec"]
