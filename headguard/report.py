@@ -79,7 +79,7 @@ def format_report(results: Sequence[CheckResult], *, profile: str, seed: int, el
     xfails = [r for r in results if r.status == "xfailed"]
     if xfails:
         parts.append("expected failures:")
-        parts.extend(f"  {r.target}::{r.name}: {r.message}" for r in xfails)
+        parts.extend(f"  {r.target}::{r.name}: {r.message.splitlines()[0]}" for r in xfails)
         parts.append("")
     parts.append(summary_line(results, elapsed_s=elapsed_s))
     return "\n".join(parts) + "\n"

@@ -266,7 +266,7 @@ def _apply_expected_failure(result: CheckResult, reason: str | None) -> None:
         return
     if result.status == "failed":
         result.status = "xfailed"
-        result.message = f"expected failure: {reason} (the check said: {result.message})"
+        result.message = f"expected failure: {reason}\nthe check said: {result.message}"
     elif result.status == "passed":
         result.status = "failed"
         result.message = f"expected to fail because {reason}, but passed: remove it from expected_failures"
