@@ -1,0 +1,49 @@
+"""Every check in the catalogue fails on a deliberately broken head, loss or training step (tests/mutants.py), with
+the message its author would need, and passes on the reference (or fails there exactly as the reference declares).
+
+A check without a mutant fails here: nobody can add a check without showing that it finds something."""
+
+from __future__ import annotations
+
+import pytest
+
+import headguard.checks  # noqa: F401  (registers the catalogue)
+import mutants
+from headguard import CATALOGUE, CheckFailure
+
+NAMES = sorted(CATALOGUE)
+
+
+def test_the_catalogue_is_loaded():
+    assert len(NAMES) >= 20, NAMES
+
+
+def test_no_mutant_for_a_check_that_does_not_exist():
+    stale = sorted(set(mutants.MUTANTS) - set(CATALOGUE))
+    assert not stale, f"tests/mutants.py maps checks that are not in the catalogue: {stale}"
+
+
+def _gap(name: str):
+    reason = mutants.CHECK_GAPS.get(name)
+    return [pytest.mark.xfail(strict=True, reason=f"check gap: {reason}")] if reason else []
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, id=n, marks=_gap(n)) for n in NAMES])
+def test_check_fails_on_its_mutant(name):
+    assert name in mutants.MUTANTS, (
+        f"{name} has no mutant: add a deliberately broken head/loss/step to tests/mutants.py and map it in MUTANTS, "
+        "with the message fragment in MESSAGES"
+    )
+    message = mutants.failure_message(mutants.MUTANTS[name], name)
+    assert mutants.MESSAGES[name] in message, message
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, id=n) for n in NAMES])
+def test_check_passes_on_the_reference(name):
+    spec = mutants.REFERENCE
+    outcome = mutants.check_outcome(spec, name)
+    if name in spec.expected_failures:
+        # Declared by the reference itself: it must really fail (an undeclared pass would hide a changed reference).
+        assert isinstance(outcome, CheckFailure), f"{name} is declared expected to fail on the reference, got {outcome!r}"
+        pytest.xfail(spec.expected_failures[name])
+    mutants.assert_passes(spec, name)
