@@ -167,12 +167,13 @@ def _resolve_conflicts(mask_pos, overlaps) -> torch.Tensor:
 
 
 def _ensure_coverage(mask_pos, candidate, align, anchor_points, gt_bboxes):
-    """Give each gt with candidates but no positive its best candidate (by metric, then distance to the box centre).
+    """Give each gt with candidates but no weighted positive (one with metric > 0, hence a non-zero target score) its
+    best candidate (by metric, then distance to the box centre).
 
     A rescued anchor is taken from any other gt it was positive for (the lowest-index rescuer wins a shared anchor).
     Returns the new mask and a (B, A) bool of rescued anchors.
     """
-    starving = candidate.any(-1) & ~mask_pos.any(-1)  # (B, n)
+    starving = candidate.any(-1) & ~(mask_pos & (align > 0)).any(-1)  # (B, n)
     neg_inf = torch.tensor(float("-inf"), dtype=align.dtype, device=align.device)
     metric = torch.where(candidate, align, neg_inf)
     best = metric == metric.amax(-1, keepdim=True)
