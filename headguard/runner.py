@@ -142,9 +142,11 @@ def run_checks(
     on_start: Callable[[Subject, Check], None] | None = None,
     on_finish: Callable[[CheckResult], None] | None = None,
     exitfirst: bool = False,
+    stop_when: Callable[[CheckResult], bool] | None = None,
 ) -> list[CheckResult]:
     """Run `checks` on `subject` in order under `profile`; one record per check. `on_start`/`on_finish` are called
-    around each check (progress display, timing); `exitfirst` stops after the first failed or errored check."""
+    around each check (progress display, timing); `exitfirst` stops after the first failed or errored check,
+    `stop_when(result)` after the first result it accepts."""
     results = []
     with hypothesis_profile(profile):
         for chk in checks:
@@ -155,6 +157,8 @@ def run_checks(
             if on_finish is not None:
                 on_finish(result)
             if exitfirst and result.status in ("failed", "error"):
+                break
+            if stop_when is not None and stop_when(result):
                 break
     return results
 

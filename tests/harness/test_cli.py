@@ -192,3 +192,17 @@ def test_console_script_smoke(target_dir):
                            cwd=target_dir, timeout=120)
     assert entry.returncode == 2, entry.stderr
     assert one_line(entry.stderr).startswith("headguard: error: tinyheads:NeedsDepth(nc=2, ch=(16, 32, 64)) raised")
+
+
+def test_exitfirst_stops_at_the_first_failure(capsys, tmp_path):
+    path = tmp_path / "r.json"
+    code, _, _ = run(capsys, "tinyheads:TINY", "tinyheads:TINY_POLY", "-x", "--json", str(path))
+    assert code == 1
+    assert [r["name"] for r in json.loads(path.read_text())["results"]] == ["check_passes", "check_fails"]
+
+
+def test_list_shows_every_check_with_its_property(capsys):
+    assert main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == [c.name for c in _fakes.CATALOGUE]
+    assert lines[5].split()[1:3] == ["shape_loss", "Only"] and lines[5].endswith("[needs polygons]")

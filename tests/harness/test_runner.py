@@ -157,3 +157,9 @@ def test_reproduce_command_comes_first(subject, given, expected):
         raise CheckFailure("broken", reproduce=given)
 
     assert run_check(subject, make_check(check_custom)).reproduce.splitlines() == expected
+
+
+def test_stop_when_stops_after_the_accepted_result(subject):
+    checks = [make_check(f) for f in (_fakes.check_fails, _fakes.check_skips, _fakes.check_passes)]
+    results = run_checks(subject, checks, stop_when=lambda r: r.status == "skipped")
+    assert [r.name for r in results] == ["check_fails", "check_skips"]
