@@ -20,7 +20,8 @@ from headguard.cli import add_run_options
 from headguard.registry import Check, CheckContext, CheckFailure, CheckSkipped
 from headguard.report import format_failure
 from headguard.runner import (
-    CheckResult, UnknownCheckError, as_check_failure, reproduce_command, run_check, seed_everything, select_checks, validate_names,
+    CheckResult, UnknownCheckError, as_check_failure, reproduce_command, run_check, seed_everything, select_checks,
+    validate_names,
 )
 from headguard.subject import Subject
 from headguard.targets import TargetError, resolve_target, short_name, subject_from
@@ -135,7 +136,7 @@ class HeadguardItem(pytest.Item):
         if result.status == "skipped":
             pytest.skip(result.message)
         if result.status == "xfailed":
-            pytest.xfail(result.message)
+            pytest.xfail(self.parent.subject.expected_failures[self.check.name])
         if result.status != "passed":
             raise CheckFailed(result)
 

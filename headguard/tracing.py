@@ -1,9 +1,10 @@
 """Find where a non-finite value first appeared in a model: which submodule, and in which pass.
 
 `locate_nonfinite` hooks every submodule for the duration of one call: forward hooks look at outputs, full backward
-hooks at the gradients flowing through the module, tensor hooks at parameter gradients. The first non-finite value
-in execution order wins: a forward origin always precedes a backward one, and within the backward pass the order is
-the autograd engine's. Hooks are removed afterwards, also when `run` raises.
+hooks at the gradients flowing through the module, tensor hooks at parameter gradients. A forward origin (the first
+module, in execution order, whose output is non-finite) always wins over a backward one; in the backward pass the
+origin is the first module whose own backward turned finite gradients into non-finite ones. Hooks are removed
+afterwards, also when `run` raises.
 """
 
 from __future__ import annotations
@@ -177,7 +178,8 @@ class _Tracer:
         """Non-finite results with every module output finite: the value came from `run`'s own code."""
         bad = _describe_nonfinite(out, "result of run()")
         if bad is not None:
-            self.forward_origin = NonFiniteOrigin(OUTSIDE, "forward", f"{bad}, although every module's output was finite")
+            detail = f"{bad}, although every module's output was finite"
+            self.forward_origin = NonFiniteOrigin(OUTSIDE, "forward", detail)
 
 
 def _tensors(obj: Any) -> Iterable[torch.Tensor]:
