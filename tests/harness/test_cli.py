@@ -96,7 +96,7 @@ def test_selecting_a_check_that_does_not_apply_says_so(capsys, tmp_path):
 
 
 def test_json_and_junit_files(capsys, tmp_path):
-    jpath, xpath = tmp_path / "r.json", tmp_path / "r.xml"
+    jpath, xpath = tmp_path / "r.json", tmp_path / "reports" / "new" / "r.xml"
     code, _, _ = run(capsys, "tinyheads:TINY", "tinyheads:TINY_XFAIL", "--json", str(jpath), "--junit", str(xpath))
     assert code == 1
     records = json.loads(jpath.read_text())["results"]
