@@ -5,12 +5,22 @@ from __future__ import annotations
 import sys
 
 import pytest
+import torch
 
 from headguard.runner import using_catalogue
 
 from . import _fakes
 
 TARGET = "tinyheads"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Our tensors are tiny: intra-op threads only add overhead (and, on a shared 2-core box, contention)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture
