@@ -28,15 +28,19 @@ def _eval(head, feats):
         return call("the head's eval forward", head, list(feats))
 
 
+# Swept deterministically before the random search, so the extremes are always tried within the ci budget.
+EXTREME_SWEEP = tuple((m, fill) for m in (0.0, 1e-30, 1e4) for fill in ("normal", "constant"))
+
+
 @check(area="forward")
 def check_finite_outputs_extreme_inputs(subject, ctx):
     """Finite train and eval outputs for extreme feature maps (0, 1e-30 ... 1e4, constant, odd sizes, layouts)."""
     bound = hs.from_head(subject)
 
     def inner(feats):
-        head = subject.build_head()
         for mode in ("train", "eval"):
-            getattr(head, mode)()
+            # A fresh copy per mode: a train forward would move BatchNorm statistics towards this very input.
+            head = subject.build_head().train(mode == "train")
             with torch.no_grad():
                 out = call(f"the head's {mode} forward", head, list(feats))
             if not all_finite(out):
@@ -44,10 +48,19 @@ def check_finite_outputs_extreme_inputs(subject, ctx):
                 raise CheckFailure(
                     f"the {mode}-mode output is non-finite for feature maps of magnitude {feats.recipe.magnitude:g} "
                     f"({feats.recipe.fill}, {feats.recipe.layout}){where}; every output must stay finite for inputs up "
-                    "to 1e4: look for an unguarded exp/log/division in the head or its decode"
+                    "to 1e4: look for an unguarded exp/log/division in the head or its decode (softmax without "
+                    "subtracting the max, exp of a raw output)"
                 )
 
-    run_property(ctx, inner, bound.feature_maps(max_batch=3, image_sizes=hs.image_sizes(min_size=_min_side(subject), max_size=80)))
+    side = _min_side(subject)
+    for i, (magnitude, fill) in enumerate(EXTREME_SWEEP):
+        recipe = hs._MapRecipe(batch=2, image_size=(side, side + 2), magnitude=magnitude, fill=fill,
+                               layout="contiguous", seed=ctx.seed + i)
+        try:
+            inner(hs.make_feature_maps(subject.channels, subject.strides, recipe))
+        except CheckFailure as failure:
+            raise CheckFailure(failure.message, example=f"Falsifying example: {recipe!r}") from None
+    run_property(ctx, inner, bound.feature_maps(max_batch=3, image_sizes=hs.image_sizes(min_size=side, max_size=80)))
 
 
 def _min_side(subject) -> int:

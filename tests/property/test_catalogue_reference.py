@@ -1,0 +1,67 @@
+"""The catalogue on the reference heads: every applicable check passes, or fails exactly as the reference declares
+(an expected failure with its reason, strict: a declared failure that passes is reported)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import settings
+
+import heads
+from headguard.reference import REFERENCE_SPECS, covering_spec
+from headguard.registry import CATALOGUE, CheckContext, CheckFailure, checks_for
+from headguard.subject import build_subject
+
+_SUBJECTS = {cls.__name__: build_subject(spec, cls.__name__) for cls, spec in REFERENCE_SPECS.items()}
+
+
+def _cases():
+    for name, subject in _SUBJECTS.items():
+        for chk in checks_for(subject.capabilities):
+            marks = []
+            reason = subject.expected_failures.get(chk.name)
+            if reason:
+                marks.append(pytest.mark.xfail(raises=CheckFailure, strict=True, reason=reason))
+            yield pytest.param(name, chk.name, marks=marks, id=f"{name}-{chk.name}")
+
+
+def _ctx() -> CheckContext:
+    return CheckContext(profile=settings.get_current_profile_name(), seed=0)
+
+
+@pytest.mark.parametrize(("head", "check_name"), list(_cases()))
+def test_reference_head(head, check_name):
+    CATALOGUE[check_name](_SUBJECTS[head], _ctx())
+
+
+def test_every_check_applies_to_the_polygon_head():
+    """The polygon reference exercises the whole catalogue; the detection one all but the polygon-only checks."""
+    assert {c.name for c in checks_for(_SUBJECTS["Polygon"].capabilities)} == set(CATALOGUE)
+    assert {c.name for c in CATALOGUE.values() if not c.applies_to(_SUBJECTS["Detect"].capabilities)} == {
+        "check_polygon_detection_terms_match", "check_polygon_gradient_at_init"
+    }
+
+
+def test_expected_failures_name_real_checks_and_give_reasons():
+    for spec in REFERENCE_SPECS.values():
+        for name, reason in spec.expected_failures.items():
+            assert name in CATALOGUE and len(reason) > 40
+
+
+@pytest.mark.parametrize("head_cls", [heads.Detect, heads.Polygon], ids=lambda c: c.__name__)
+def test_assigner_coverage_passes_with_ensure_coverage(head_cls):
+    """The R11 remedy: with AssignerConfig(ensure_coverage=True) the declared failure goes away."""
+    subject = build_subject(covering_spec(head_cls), f"{head_cls.__name__}+ensure_coverage")
+    CATALOGUE["check_assigner_coverage"](subject, _ctx())
+    assert subject.build_loss(subject.build_head()).assigner.ensure_coverage if head_cls is heads.Detect else True
+
+
+def test_canary_writes_its_curves(tmp_path, monkeypatch):
+    monkeypatch.setenv("HEADGUARD_ARTIFACTS", str(tmp_path))
+    CATALOGUE["check_training_canary"](_SUBJECTS["Detect"], _ctx())
+    import json
+
+    data = json.loads((tmp_path / "canary-Detect-seed0.json").read_text())
+    assert len(data["loss"]) == len(data["grad_norm"]) == 30
+    assert data["loss"][-1] < data["loss"][0] and not any(data["skipped"])
+    assert all(torch.isfinite(torch.tensor(data["loss"])))
