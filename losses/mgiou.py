@@ -196,7 +196,8 @@ def mgiou(pred: torch.Tensor, target: torch.Tensor, pred_mask: torch.Tensor | No
         check_finite: raise `LossInputError` on non-finite coordinates (one device sync).
 
     Returns:
-        (N,) loss in float32 (float64 for float64 input). 0 iff the two convex hulls coincide.
+        (N,) loss in float32 (float64 for float64 input); 0 when the convex hulls coincide (and, for convex
+        vertex orders, only then). An empty batch (N = 0) gives an empty result.
 
     The axes are the normals of every non-zero edge of both polygons, in the given vertex order; vertices whose
     order is not convex still project correctly (a projection only sees the convex hull), but they bring wrong

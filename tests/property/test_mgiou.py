@@ -140,6 +140,15 @@ def test_padded_vertices_change_nothing(p, t, positions, junk):
     assert torch.equal(padded_grad[~pm], torch.zeros_like(padded_grad[~pm]))
 
 
+def test_empty_batch_gives_empty_losses_and_gradients():
+    pred = torch.zeros(0, 8, 2, requires_grad=True)
+    no_vertices = torch.zeros(0, 8, dtype=torch.bool)
+    loss = mgiou(pred, torch.zeros(0, 8, 2), no_vertices, no_vertices)
+    loss.sum().backward()
+    assert loss.shape == (0,) and pred.grad.shape == pred.shape
+    assert convexity_loss(pred).shape == (0,)
+
+
 def test_batched_pairs_do_not_interact():
     rng = np.random.default_rng(3)
     p = torch.stack([_random_convex(rng, 6) for _ in range(5)])
