@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from heads import Detect
@@ -52,7 +52,8 @@ def test_state_dict_round_trip(cfg):
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"nc{c['nc']}-r{c['reg_max']}-l{len(c['ch'])}")
-@given(seed=st.integers(0, 2**16), batch=st.integers(1, 3), size=st.sampled_from([64, 96, 128]))
+@settings(max_examples=5)  # per config: 4 configs x 5 examples keeps this test near 2 s of CPU
+@given(seed=st.integers(0, 2**16), batch=st.integers(1, 2), size=st.sampled_from([64, 96]))
 def test_training_and_eval_outputs_match(cfg, seed, batch, size):
     ours, theirs = _pair(cfg, seed)
     feats = _feats(cfg, batch, size, seed + 1)
