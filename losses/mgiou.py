@@ -138,19 +138,29 @@ def _edges(vertices: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------- MGIoU
+def _dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    # Spelled out: a sum over a size-2 dimension is a slow reduction kernel, two products and a sum are not.
+    return u[..., 0] * v[..., 0] + u[..., 1] * v[..., 1]
+
+
 def _support(vertices: torch.Tensor, axes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Lowest and highest projection (N, A) of vertices (N, V, 2) on axes (N, A, 2).
 
     Projecting every vertex is done without autograd, only to find the extreme vertices; the extremes are then
-    recomputed from those vertices, so backward costs O(N * A) instead of O(N * A * V) (same values and gradients).
+    recomputed from those vertices, so backward costs O(N * A) instead of O(N * A * V). Values are those of
+    amin/amax; so are gradients wherever the extreme vertex is unique (at a tie one vertex takes all of it).
     """
     with torch.no_grad():
-        proj = torch.bmm(axes, vertices.transpose(1, 2))
-        # argmin/argmax, not min(dim).indices: the latter took milliseconds on tiny CPU inputs (torch 2.13).
-        index = torch.cat((proj.argmin(dim=-1), proj.argmax(dim=-1)), dim=1)
-    extreme = torch.gather(vertices, 1, index.unsqueeze(-1).expand(-1, -1, 2))
-    support = (extreme * axes.repeat(1, 2, 1)).sum(dim=-1)
-    return support.chunk(2, dim=1)
+        if vertices.is_cuda:  # (N, V, A): CUDA reduces over a middle dimension faster (1.7 vs 2.2 ms, H200)
+            proj = torch.bmm(vertices, axes.transpose(1, 2))
+            lowest, highest = proj.argmin(dim=1), proj.argmax(dim=1)
+        else:  # (N, A, V): the CPU reduces over the last dimension faster
+            proj = torch.bmm(axes, vertices.transpose(1, 2))
+            # argmin/argmax, not min(dim).indices: the latter took milliseconds on tiny CPU inputs (torch 2.13).
+            lowest, highest = proj.argmin(dim=-1), proj.argmax(dim=-1)
+    low = torch.gather(vertices, 1, lowest.unsqueeze(-1).expand(-1, -1, 2))
+    high = torch.gather(vertices, 1, highest.unsqueeze(-1).expand(-1, -1, 2))
+    return _dot(low, axes), _dot(high, axes)
 
 
 def _mgiou_similarity(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -158,7 +168,7 @@ def _mgiou_similarity(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     n = pred.shape[0]
     edges = torch.cat((_edges(pred), _edges(target)), dim=1)
     normals = torch.stack((-edges[..., 1], edges[..., 0]), dim=-1)
-    normal_sq = (normals * normals).sum(dim=-1)
+    normal_sq = _dot(normals, normals)
     # x and y are only used when no edge normal is valid (both shapes points, or on one common line).
     fallback = torch.eye(2, dtype=pred.dtype, device=pred.device).expand(n, 2, 2)
     axes = torch.cat((normals, fallback), dim=1)
@@ -209,8 +219,9 @@ def mgiou(pred: torch.Tensor, target: torch.Tensor, pred_mask: torch.Tensor | No
 
     Stationary points: a prediction collapsed to a single point strictly inside a non-degenerate target has no axis
     of its own and projects inside the target's interval on every target axis, where the 1-D GIoU is exactly 0:
-    the loss is 1/2 and its gradient is exactly zero (R2: a head must not start there). Two distinct single points
-    give loss 1 with zero gradient likewise.
+    the loss is 1/2 and its gradient is zero (up to rounding: on each axis the same vertex receives +g*n through the
+    interval's upper end and -g*n through its lower end). R2: a head must not start there. Two distinct single
+    points give loss 1 with zero gradient likewise.
     """
     _check_pair(pred, target, pred_mask, target_mask, check_finite)
     p, t = _normalise(_prepare(pred, pred_mask), _prepare(target, target_mask))
@@ -220,7 +231,7 @@ def mgiou(pred: torch.Tensor, target: torch.Tensor, pred_mask: torch.Tensor | No
 # ------------------------------------------------------------------------------------------------------ convexity
 def _turn_sines(edges: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sine of the turn between each non-zero edge and the next non-zero edge (N, V), and which turns exist."""
-    edge_sq = (edges * edges).sum(dim=-1)
+    edge_sq = _dot(edges, edges)
     nonzero = edge_sq > EDGE_EPS * EDGE_EPS
     # Compact the non-zero edges to the front, keeping their cyclic order, so repeated vertices change nothing.
     order = torch.argsort((~nonzero).to(torch.int8), dim=1, stable=True)
