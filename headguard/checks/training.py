@@ -16,8 +16,10 @@ from headguard.checks._common import call, check, features, ordinary_targets, wh
 from headguard.registry import CheckFailure
 
 CANARY_STEPS = 30
-# "No divergence": the last loss may not exceed the first by more than this factor. Plain SGD on one fixed batch
-# should decrease the loss; 1.5 leaves room for momentum overshoot in the first steps without hiding a blow-up.
+# "No divergence": no loss along the run (the last included) may exceed the first by more than this factor. SGD on one
+# fixed batch should decrease the loss; measured on the reference heads (8 initialisations x 2 seeds, 30 steps):
+# peak / initial <= 1.04 and final / initial <= 0.44. A run that blows up and comes back (loss x 3,000 at lr x 2^k,
+# then saturated to ~0) is divergence too, so the peak is judged, not only the end.
 DIVERGENCE_FACTOR = 1.5
 
 
@@ -135,7 +137,7 @@ def check_skipped_step_leaves_model_finite(subject, ctx):
 @check(area="training")
 def check_training_canary(subject, ctx):
     """A few dozen reference steps (SGD lr 0.01, momentum 0.9) on one synthetic batch: every loss finite, no step
-    skipped, final loss <= 1.5 x initial, parameters and BN buffers finite. Curves are saved as JSON (and PNG)."""
+    skipped, no loss above 1.5 x the initial one, parameters and BN buffers finite. Curves are saved as JSON (and PNG)."""
     head = subject.build_head()
     loss = subject.build_loss(head)
     opt = torch.optim.SGD(head.parameters(), lr=0.01, momentum=0.9)
@@ -155,11 +157,13 @@ def check_training_canary(subject, ctx):
             )
             break
     saved = _save_curves(subject, ctx, curve)
-    if failure is None and not curve["loss"][-1] <= DIVERGENCE_FACTOR * curve["loss"][0]:
+    peak = max(range(len(curve["loss"])), key=lambda i: curve["loss"][i])
+    if failure is None and not curve["loss"][peak] <= DIVERGENCE_FACTOR * curve["loss"][0]:
         failure = (
-            f"the loss diverged on a fixed synthetic batch: {curve['loss'][0]:.4g} at step 0, {curve['loss'][-1]:.4g} "
-            f"after {CANARY_STEPS} steps (> {DIVERGENCE_FACTOR} x the initial loss) with SGD lr 0.01 momentum 0.9; check "
-            "the loss scale (gains, normalisation) and the gradient of each branch"
+            f"the loss diverged on a fixed synthetic batch: {curve['loss'][0]:.4g} at step 0, {curve['loss'][peak]:.4g} "
+            f"at step {peak} (> {DIVERGENCE_FACTOR} x the initial loss; {curve['loss'][-1]:.4g} at the end) with SGD lr "
+            "0.01 momentum 0.9: check the step (learning rate, clipping), the loss scale (gains, normalisation) and the "
+            "gradient of each branch"
         )
     bad = _nonfinite_state(head)
     if failure is None and bad:
