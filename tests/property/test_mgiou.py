@@ -229,6 +229,19 @@ def test_autograd_matches_finite_differences_in_float64(seed):
     assert torch.autograd.gradcheck(lambda a: convexity_loss(a[None]), (p,))
 
 
+@pytest.mark.cuda
+def test_cuda_layout_matches_cpu():
+    # The projection layout differs per device (see _support); values and gradients must not.
+    rng = np.random.default_rng(5)
+    p = torch.stack([_random_convex(rng, 7) for _ in range(64)]).float()
+    t = torch.stack([_random_convex(rng, 7) for _ in range(64)]).float()
+    on_cpu, on_cuda = p.clone().requires_grad_(), p.cuda().requires_grad_()
+    loss_cpu, loss_cuda = mgiou(on_cpu, t), mgiou(on_cuda, t.cuda())
+    (loss_cpu.sum() + loss_cuda.sum()).backward()
+    torch.testing.assert_close(loss_cuda.cpu(), loss_cpu)
+    torch.testing.assert_close(on_cuda.grad.cpu(), on_cpu.grad)
+
+
 # --------------------------------------------------------------------------------------------- agreement with IoU
 def _ranks(x: np.ndarray) -> np.ndarray:
     """Average ranks (ties share their mean rank), as Spearman's rho needs."""
