@@ -38,7 +38,12 @@ def test_check_fails_on_its_mutant(name):
     assert mutants.MESSAGES[name] in message, message
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, id=n) for n in NAMES])
+def _reference_gap(name: str):
+    reason = mutants.REFERENCE_GAPS.get(name)
+    return [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, id=n, marks=_reference_gap(n)) for n in NAMES])
 def test_check_passes_on_the_reference(name):
     spec = mutants.REFERENCE
     outcome = mutants.check_outcome(spec, name)
