@@ -193,7 +193,8 @@ class PolygonLoss:
         check_floating("preds['polygons']", raw)
         check_shape("preds['polygons']", raw, (b, 2 * self.np, a), f"(B, 2*np, A) with np={self.np}, B and A as scores")
         check_like("preds['polygons']", raw, "preds['scores']", scores, dtype=False)
-        check_finite("preds['polygons']", raw, "finite offsets: the head produced NaN/Inf, fix the head rather than masking")
+        check_finite("preds['polygons']", raw,
+                     "finite offsets: the head produced NaN/Inf, fix the head rather than masking")
         return raw
 
     def _check_batch_polygons(self, batch: Mapping[str, torch.Tensor], det: DetectionTargets):
@@ -215,7 +216,9 @@ class PolygonLoss:
         else:
             check_tensor("batch['polygon_mask']", mask)
             if mask.dtype != torch.bool:
-                raise LossInputError(f"batch['polygon_mask'] has dtype {mask.dtype}; expected torch.bool (True = real vertex)")
+                raise LossInputError(
+                    f"batch['polygon_mask'] has dtype {mask.dtype}; expected torch.bool (True = real vertex)"
+                )
             check_shape("batch['polygon_mask']", mask, (count, self.np), f"(N, np) with N = {count} and np={self.np}")
             check_like("batch['polygon_mask']", mask, "batch['polygons']", polygons, dtype=False)
         real = torch.where(mask[..., None], polygons, torch.zeros_like(polygons))  # padded vertices are never read

@@ -70,8 +70,8 @@ def test_eval_vertices_are_decode_polygons_of_raw_offsets_exactly(cfg, seed):
     expected = decode_polygons(preds["polygons"], anchors, strides)
     torch.testing.assert_close(y[:, 4 + cfg["nc"] :], expected, rtol=0, atol=0)
     # ... which is the documented formula, (2 raw + anchor - 0.5) * stride, per interleaved (x, y) vertex.
-    raw = preds["polygons"].double()
-    xy = torch.stack([2 * raw[:, 0::2] + anchors[:, 0].double() - 0.5, 2 * raw[:, 1::2] + anchors[:, 1].double() - 0.5], 2)
+    raw, grid = preds["polygons"].double(), anchors.double()
+    xy = torch.stack([2 * raw[:, 0::2] + grid[:, 0] - 0.5, 2 * raw[:, 1::2] + grid[:, 1] - 0.5], 2)
     by_formula = (xy * strides.double().view(1, 1, 1, -1)).flatten(1, 2)
     torch.testing.assert_close(expected.double(), by_formula, rtol=1e-6, atol=1e-4)
 

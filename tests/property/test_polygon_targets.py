@@ -9,8 +9,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from losses import LossInputError
-from losses import assigned_polygon_targets, polygons_to_targets, resample_polygon
+from losses import LossInputError, assigned_polygon_targets, polygons_to_targets, resample_polygon
 from tests._polygon_iou import polygon_iou
 
 
