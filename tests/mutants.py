@@ -1,9 +1,11 @@
 """Deliberately broken heads, losses and training steps: each a small subclass or wrapper of the reference.
 
-`R0_SPEC` ... `R11_SPEC` reproduce the real bugs of /work/shared/bugs/README.md (one docstring line names the bug);
-`MUTANTS` maps every catalogue check to the mutant it must fail on, so a new check cannot join the catalogue without
-one (tests/meta/test_every_check_fails_on_a_mutant.py). `REFERENCE_FOR` names the reference spec each check must
-pass on. Mutants that need `losses.PolygonLoss` are built lazily (see `_polygon_loss`).
+`R0_SPEC` ... `R11_SPEC` reproduce the real bugs of /work/shared/bugs/README.md (tests/regression/, one file per bug);
+each mutant's docstring names its bug in one line. `MUTANTS` maps every catalogue check to the mutant it must fail
+on and `MESSAGES` to a fragment of the message it must give, so a check cannot join the catalogue without a mutant
+(tests/meta/test_every_check_fails_on_a_mutant.py). `REFERENCE` is the reference Polygon spec, with its declared
+expected failures, on which every check must pass. `check_outcome` runs a check once per session (cached), under the
+deterministic `ci` profile.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ import losses.polygon as polygon_loss_module
 from headguard import CATALOGUE, CheckFailure, HeadSpec, build_subject, training
 from headguard.reference import REFERENCE_SPECS, covering_spec
 from headguard.registry import CheckContext
+from headguard.subject import DEFAULT_CHANNELS as CHANNELS
+from headguard.subject import DEFAULT_STRIDES as STRIDES
 from heads._blocks import DFL
 from heads._decode import make_anchors
-from headguard.subject import DEFAULT_CHANNELS as CHANNELS, DEFAULT_STRIDES as STRIDES
 
 
 # ================================================================================================== training steps
@@ -37,6 +40,7 @@ _clip_grad_norm = torch.nn.utils.clip_grad_norm_
 
 
 def _clip_each_tensor(parameters, max_norm, *args, **kwargs):
+    """clip_grad_norm_ per tensor; returns the total norm before clipping, as the real function does."""
     norms = torch.stack([_clip_grad_norm([p], max_norm, *args, **kwargs) for p in parameters])
     return torch.linalg.vector_norm(norms)
 
@@ -224,6 +228,11 @@ class PolygonLossAssumesSortedBatch(_PolygonLossOver):
     detection_cls = DetectionLossAssumesSortedBatch
 
 
+def _with_polygon_term(t, polygon: torch.Tensor):
+    """PolygonTerms `t` with its polygon entry (index 1 of box, polygon, cls, dfl) replaced."""
+    return t._replace(vector=torch.cat((t.vector[:1], polygon.to(t.vector.dtype)[None], t.vector[2:])))
+
+
 class PolygonLossSummedOverImages(losses.PolygonLoss):
     """R4: per-image polygon losses accumulated and never averaged: the term grows with the batch size."""
 
@@ -234,11 +243,6 @@ class PolygonLossSummedOverImages(losses.PolygonLoss):
         per_image = t.per_anchor.new_zeros(det.fg_mask.shape[0]).index_add(0, image, t.per_anchor * t.weight)
         norm = det.target_scores.sum((1, 2)).clamp(min=1).to(per_image.dtype)
         return _with_polygon_term(t, (per_image / norm).sum() * self.gains.polygon)
-
-
-def _with_polygon_term(t, polygon: torch.Tensor):
-    """PolygonTerms `t` with its polygon entry (index 1 of box, polygon, cls, dfl) replaced."""
-    return t._replace(vector=torch.cat((t.vector[:1], polygon.to(t.vector.dtype)[None], t.vector[2:])))
 
 
 class PolygonLossInPixels(losses.PolygonLoss):
