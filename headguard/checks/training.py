@@ -16,11 +16,12 @@ from headguard.checks._common import call, check, features, ordinary_targets, wh
 from headguard.registry import CheckFailure
 
 CANARY_STEPS = 30
-# "No divergence": no loss along the run (the last included) may exceed the first by more than this factor. SGD on one
-# fixed batch should decrease the loss; measured on the reference heads (8 initialisations x 2 seeds, 30 steps):
-# peak / initial <= 1.04 and final / initial <= 0.44. A run that blows up and comes back (loss x 3,000 at lr x 2^k,
-# then saturated to ~0) is divergence too, so the peak is judged, not only the end.
-DIVERGENCE_FACTOR = 1.5
+# "No divergence", with bounds set from measurements. The task-aligned assigner re-labels anchors as predictions move,
+# so even a healthy run is not monotone: on the reference heads (30 target seeds each, 30 steps) the peak loss reached
+# 1.97 x the initial one and the final loss 1.34 x. A broken step (lr doubling every call) peaks at >= 3,000 x and
+# then saturates back to ~0, so the peak is judged as well as the end.
+PEAK_FACTOR = 10.0
+FINAL_FACTOR = 2.0
 
 
 def _nonfinite_state(head) -> list[str]:
@@ -137,7 +138,8 @@ def check_skipped_step_leaves_model_finite(subject, ctx):
 @check(area="training")
 def check_training_canary(subject, ctx):
     """A few dozen reference steps (SGD lr 0.01, momentum 0.9) on one synthetic batch: every loss finite, no step
-    skipped, no loss above 1.5 x the initial one, parameters and BN buffers finite. Curves are saved as JSON (and PNG)."""
+    skipped, peak loss <= 10 x and final <= 2 x the initial one, parameters and BN buffers finite at the end.
+    The loss and gradient-norm curves are saved as JSON (and PNG with matplotlib) under `artifact_dir()`."""
     head = subject.build_head()
     loss = subject.build_loss(head)
     opt = torch.optim.SGD(head.parameters(), lr=0.01, momentum=0.9)
@@ -157,13 +159,14 @@ def check_training_canary(subject, ctx):
             )
             break
     saved = _save_curves(subject, ctx, curve)
+    loss0 = curve["loss"][0] if curve["loss"] else math.nan
     peak = max(range(len(curve["loss"])), key=lambda i: curve["loss"][i])
-    if failure is None and not curve["loss"][peak] <= DIVERGENCE_FACTOR * curve["loss"][0]:
+    if failure is None and not (curve["loss"][peak] <= PEAK_FACTOR * loss0 and curve["loss"][-1] <= FINAL_FACTOR * loss0):
         failure = (
-            f"the loss diverged on a fixed synthetic batch: {curve['loss'][0]:.4g} at step 0, {curve['loss'][peak]:.4g} "
-            f"at step {peak} (> {DIVERGENCE_FACTOR} x the initial loss; {curve['loss'][-1]:.4g} at the end) with SGD lr "
-            "0.01 momentum 0.9: check the step (learning rate, clipping), the loss scale (gains, normalisation) and the "
-            "gradient of each branch"
+            f"the loss diverged on a fixed synthetic batch: {loss0:.4g} at step 0, {curve['loss'][peak]:.4g} at step "
+            f"{peak}, {curve['loss'][-1]:.4g} at the end (allowed: peak <= {PEAK_FACTOR:g} x and end <= "
+            f"{FINAL_FACTOR:g} x the initial loss) with SGD lr 0.01 momentum 0.9: check the step (learning rate, "
+            "clipping), the loss scale (gains, normalisation) and the gradient of each branch"
         )
     bad = _nonfinite_state(head)
     if failure is None and bad:
