@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 
 from ._boxes import bbox_ciou, xywh2xyxy, xyxy2xywh
+from ._validate import LossInputError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +77,10 @@ def _assign(pd_scores, pd_bboxes, anchor_points, gt_labels, gt_bboxes, mask_gt, 
             torch.zeros((b, a), dtype=torch.long, device=pd_scores.device),
         )
     if a < cfg.topk:
-        raise ValueError(f"task_aligned_assign got {a} anchors; expected at least topk = {cfg.topk}")
+        raise LossInputError(
+            f"task_aligned_assign got {a} anchors; expected at least topk = {cfg.topk} "
+            "(use larger feature maps or a smaller AssignerConfig.topk)"
+        )
     min_side = float(strides[1] if len(strides) > 1 else strides[0])
     in_box = _anchors_in_boxes(anchor_points, gt_bboxes, mask_gt, min_side)  # (B, n, A)
     candidate = in_box & mask_gt

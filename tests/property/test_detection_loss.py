@@ -155,3 +155,30 @@ def test_loss_does_not_modify_its_inputs():
     after = {**batch, "boxes": preds["boxes"], "scores": preds["scores"]}
     for k, v in before.items():
         assert torch.equal(after[k].detach(), v), k
+
+
+def test_ensure_coverage_restores_box_loss_under_wild_predictions_r11():
+    """Zero-size predicted boxes: every CIoU clamps to 0, every alignment metric is 0. The Ultralytics-compatible
+    assigner then gives every positive a zero target score, so the box and DFL terms are exactly 0 although objects
+    exist; with ensure_coverage each object gets a weighted positive and the box terms come back."""
+    preds = _preds(2)
+    with torch.no_grad():
+        preds["boxes"].zero_()
+        preds["boxes"].view(2, 4, 16, -1)[:, :, 0] = 50.0  # all mass on bin 0: distances ~ 0
+    batch = _batch([2, 3])
+    _, plain = DetectionLoss(2, STRIDES)(preds, batch)
+    _, covered = DetectionLoss(2, STRIDES, assigner=AssignerConfig(ensure_coverage=True))(preds, batch)
+    assert plain["box_loss"].item() == 0 and plain["dfl_loss"].item() == 0
+    assert covered["box_loss"].item() > 0 and covered["dfl_loss"].item() > 0
+    _, targets = DetectionLoss(2, STRIDES, assigner=AssignerConfig(ensure_coverage=True)).detection_terms(preds, batch)
+    weighted = targets.fg_mask & (targets.target_scores.sum(-1) > 0)
+    for img, count in enumerate([2, 3]):
+        assert set(targets.target_gt_idx[img][weighted[img]].tolist()) == set(range(count))
+
+
+def test_too_few_anchors_for_topk_is_a_clear_error():
+    from losses import LossInputError
+
+    preds, batch = _preds(1, size=16), _batch([1])
+    with pytest.raises(LossInputError, match=r"got 5 anchors; expected at least topk = 10"):
+        DetectionLoss(2, STRIDES)(preds, batch)
