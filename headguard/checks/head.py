@@ -250,13 +250,15 @@ def check_initial_predictions_sane(subject, ctx):
     verts = y[:, 4 + subject.nc :].reshape(y.shape[0], npv, 2, -1)  # (B, np, 2, A)
     rel = (verts - centres.unsqueeze(1)) / strides.unsqueeze(1)
     spread = verts.std(dim=1).norm(dim=1) / strides  # (B, A) in cells
-    # Below 1 % of a cell the polygon is a point to any area-based loss (zero gradient or 0/0, R2).
-    if not bool(spread.min() > 0.01):
-        at = int(spread.argmin() % spread.shape[-1])
+    # Below 1 % of a cell a polygon is a point to any area-based loss (zero gradient or 0/0, R2). The median is judged:
+    # with a zero final bias the spread comes from the random weights alone, so single anchors can be small (reference
+    # measured: median ~0.1 cells, minimum ~0.03), while R2's zeroed weights give exactly 0 everywhere.
+    degenerate = int((spread < 0.01).sum())
+    if not bool(spread.median() >= 0.01):
         raise CheckFailure(
-            f"initial polygons are degenerate: vertex spread {float(spread.min()):.3g} cells at anchor {at} (all vertices"
-            " at one point); the vertex branch's final conv must give distinct vertices at init (do not zero its "
-            "weights; give its bias a non-degenerate pattern or keep random weights)"
+            f"initial polygons are degenerate: median vertex spread {float(spread.median()):.3g} cells, {degenerate} of "
+            f"{spread.numel()} anchors below 0.01 (all vertices at one point); the vertex branch's final conv must give "
+            "distinct vertices at init (do not zero its weights; keep random weights or give its bias a polygon pattern)"
         )
     distance = rel.norm(dim=2).mean()
     if not bool(distance <= 4.0):
@@ -332,7 +334,8 @@ def check_gradient_norm_bounded(subject, ctx):
 
     Bounds: the total must be at most 100 x the default clipping norm (10): a larger step-0 gradient is rescued by
     clipping, not trained. Ratio 1e4: beyond that, under one learning rate and one clip, the smaller branch does not
-    move at all while the larger one dominates (R1's cls branch gradient was ~1e3 times too large).
+    move at all while the larger one dominates. Reference measured (512 px, one object per level): total 5.1-5.6,
+    largest branch ratio (cv2 / cv3) 6-8.
     """
     head = _backward_at_init(subject, ctx)
     grads = [p.grad for p in head.parameters() if p.grad is not None]
