@@ -267,12 +267,15 @@ def check_loss_dtype_matrix(subject, ctx):
                     continue
                 failures.append(f"preds {pred_dtype} x targets {target_dtype}: unclear error {failure.message}")
                 continue
-            if not bool(torch.isfinite(vector).all()) or not all(g is not None and all_finite(g) for g in grads.values()):
-                failures.append(f"preds {pred_dtype} x targets {target_dtype}: non-finite loss or gradients")
+            if not bool(torch.isfinite(vector).all()):
+                failures.append(f"preds {pred_dtype} x targets {target_dtype}: non-finite loss {vector.detach().tolist()}")
+            elif not all(g is not None and all_finite(g) for g in grads.values()):
+                failures.append(f"preds {pred_dtype} x targets {target_dtype}: finite loss, non-finite gradients")
     if failures:
         raise CheckFailure(
             f"{len(failures)} dtype combinations neither work nor raise a clear error: " + "; ".join(failures[:4])
-            + ". Cast to a compute dtype explicitly, or validate dtypes up front with a message naming the tensor"
+            + ". Compute in a dtype where every epsilon is representable (float32 at least), or reject the dtype up "
+            "front with a ValueError naming the tensor and its dtype"
         )
 
 
