@@ -22,7 +22,7 @@ import losses.polygon as polygon_loss_module
 from headguard import CATALOGUE, CheckFailure, HeadSpec, build_subject, training
 from headguard.reference import REFERENCE_SPECS, covering_spec
 from headguard.registry import CheckContext
-from headguard.subject import DEFAULT_CHANNELS as CHANNELS
+from headguard.subject import DEFAULT_CHANNELS as CHANNELS  # re-exported: the subject's default head widths
 from headguard.subject import DEFAULT_STRIDES as STRIDES
 from heads._blocks import DFL
 from heads._decode import make_anchors
@@ -320,7 +320,7 @@ def _unguarded_mgiou(pred: torch.Tensor, target: torch.Tensor, eps: float) -> to
 
 
 def mgiou_tiny_eps(pred, target, pred_mask=None, target_mask=None, **_):
-    """R6: MGIoU with eps = 1e-9 in the compute dtype (0 in fp16) and NaN * 0 masking: NaN for degenerate fp16 shapes."""
+    """R6: MGIoU with eps = 1e-9 in the compute dtype (0 in fp16), NaN * 0 masking: NaN for degenerate fp16 shapes."""
     return _unguarded_mgiou(pred, target, 1e-9)
 
 

@@ -49,6 +49,6 @@ def test_check_passes_on_the_reference(name):
     outcome = mutants.check_outcome(spec, name)
     if name in spec.expected_failures:
         # Declared by the reference itself: it must really fail (an undeclared pass would hide a changed reference).
-        assert isinstance(outcome, CheckFailure), f"{name} is declared expected to fail on the reference, got {outcome!r}"
+        assert isinstance(outcome, CheckFailure), f"{name} is declared to fail on the reference, got {outcome!r}"
         pytest.xfail(spec.expected_failures[name])
     mutants.assert_passes(spec, name)

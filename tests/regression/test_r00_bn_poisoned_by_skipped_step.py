@@ -65,7 +65,8 @@ def test_symptom_training_looks_fine_eval_is_all_nan():
 
 def test_symptom_masking_nan_logits_in_the_loss_does_not_help():
     """The third "fix", NaN logits replaced by -10 in the loss (R8), leaves every eval output NaN as well."""
-    *_, bad_buffers, y = _story(mutants.step_skips_without_restoring_buffers, mutants.PolygonLossMasksNonfinite.for_head)
+    masking_loss = mutants.PolygonLossMasksNonfinite.for_head
+    *_, bad_buffers, y = _story(mutants.step_skips_without_restoring_buffers, masking_loss)
     assert bad_buffers
     assert bool(torch.isnan(y).all())
 

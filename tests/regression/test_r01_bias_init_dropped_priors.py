@@ -19,11 +19,14 @@ def _initial_cls_item(head_cls) -> tuple[float, float]:
     head.stride = torch.tensor(mutants.STRIDES)
     head.bias_init()
     gen = torch.Generator().manual_seed(0)
-    feats = [torch.randn(2, c, IMAGE // int(s), IMAGE // int(s), generator=gen) for c, s in zip(head.ch, mutants.STRIDES)]
+    sizes = [IMAGE // int(s) for s in mutants.STRIDES]
+    feats = [torch.randn(2, c, n, n, generator=gen) for c, n in zip(head.ch, sizes)]
     batch = {
         "batch_idx": torch.tensor([0.0, 0.0, 1.0, 1.0]),
         "cls": torch.zeros(4, 1),
-        "bboxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4], [0.5, 0.5, 0.5, 0.5], [0.2, 0.8, 0.1, 0.1]]),
+        "bboxes": torch.tensor(
+            [[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4], [0.5, 0.5, 0.5, 0.5], [0.2, 0.8, 0.1, 0.1]]
+        ),
     }
     criterion = losses.DetectionLoss.for_head(head)
     with torch.no_grad():
@@ -66,6 +69,8 @@ def test_check_fails_on_mutant(check_name, phrase):
     assert phrase in mutants.failure_message(mutants.R1_SPEC, check_name)
 
 
-@pytest.mark.parametrize("check_name", ["check_final_convs_initialised", "check_class_prior", "check_initial_cls_loss_bounded"])
+@pytest.mark.parametrize(
+    "check_name", ["check_final_convs_initialised", "check_class_prior", "check_initial_cls_loss_bounded"]
+)
 def test_check_passes_on_reference(check_name):
     mutants.assert_passes(mutants.REFERENCE, check_name)

@@ -21,7 +21,7 @@ def _replicated(k: int):
     preds = detached_preds(train_preds(head, features(subject, batch=1, image_size=(64, 64))))
     batch = ordinary_targets(subject, 1, per_image=1)
     preds = fit_boxes_to_first_object(preds, batch, subject.strides)
-    many = {key: ([f.repeat(k, 1, 1, 1) for f in v] if key == "feats" else v.repeat(k, 1, 1)) for key, v in preds.items()}
+    many = {key: [f.repeat(k, 1, 1, 1) for f in v] if key == "feats" else v.repeat(k, 1, 1) for key, v in preds.items()}
     rep = {key: v.repeat(k, *([1] * (v.ndim - 1))) for key, v in batch.items() if key != "batch_idx"}
     rep["batch_idx"] = torch.arange(k, dtype=torch.float32)
     return head, many, rep
