@@ -56,6 +56,14 @@ def check_clipping_bounds_update(subject, ctx):
         if result.skipped:
             raise CheckFailure(f"the training step skipped an ordinary finite batch (loss {result.loss:.4g}); only "
                                "non-finite losses or gradients may be skipped")
+        grads = [p.grad for p in head.parameters() if p.grad is not None]
+        if grads:  # a step may leave its clipped gradients in .grad; if so, they must be within max_norm in total
+            total = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in grads])))
+            if total > max_norm * (1 + 1e-3) + 1e-9:
+                raise CheckFailure(
+                    f"after the step, the gradients' total L2 norm is {total:.4g} with max_norm={max_norm:g}: clipping "
+                    "did not bound the TOTAL norm (clip_grad_norm_ over all parameters at once, not tensor by tensor)"
+                )
         moved = _distance(head, before)
         # float32 parameters: allow relative rounding of the clip coefficient and the update.
         if moved > lr * max_norm * (1 + 1e-3) + 1e-6:
