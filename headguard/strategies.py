@@ -116,6 +116,11 @@ def image_sizes(*, min_size: int = 33, max_size: int = 96) -> st.SearchStrategy[
     return st.tuples(side, side)
 
 
+# feature_maps' keyword arguments share these functions' names (Hypothesis style); it reaches them through aliases.
+_default_image_sizes = image_sizes
+_default_magnitudes = magnitudes
+
+
 def feature_size(pixels: int, stride: float) -> int:
     """Feature-map side for an image side: a chain of padded stride-2 convs gives ceil(pixels / stride)."""
     return max(1, math.ceil(pixels / stride))
@@ -155,8 +160,8 @@ def feature_maps(
     _check_int(max_batch, "max_batch", min_value=1)
     _check_range(min_batch, max_batch, "min_batch", "max_batch")
     _check_dtype(dtype)
-    sizes = image_sizes if image_sizes is not None else globals()["image_sizes"]()
-    scales = magnitudes if magnitudes is not None else globals()["magnitudes"](dtype=dtype)
+    sizes = image_sizes if image_sizes is not None else _default_image_sizes()
+    scales = magnitudes if magnitudes is not None else _default_magnitudes(dtype=dtype)
     _check_strategy(sizes, "image_sizes")
     _check_strategy(scales, "magnitudes")
     for name, chosen, known in (("fills", fills, FILLS), ("layouts", layouts, LAYOUTS)):
