@@ -77,3 +77,30 @@ def check_integral(name: str, t: torch.Tensor) -> None:
             f"{name} has non-integer values (first at row {first}: {t.reshape(t.shape[0], -1)[first].tolist()}); "
             "expected integer ids"
         )
+
+
+def nonfinite_flag(t: torch.Tensor) -> torch.Tensor:
+    """0-d bool tensor on t's device: t holds NaN/Inf (one fused reduction, no sync)."""
+    if t.numel() == 0:
+        return torch.zeros((), dtype=torch.bool, device=t.device)
+    low, high = torch.aminmax(t.detach())
+    return ~(torch.isfinite(low) & torch.isfinite(high))
+
+
+def outside_flag(t: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """0-d bool tensor: some value lies outside [low, high) (NaN is not reported here; see nonintegral_flag)."""
+    if t.numel() == 0:
+        return torch.zeros((), dtype=torch.bool, device=t.device)
+    return ((t < low) | (t >= high)).any()
+
+
+def nonintegral_flag(t: torch.Tensor) -> torch.Tensor:
+    """0-d bool tensor: a floating tensor holds a non-integer (NaN included)."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return torch.zeros((), dtype=torch.bool, device=t.device)
+    return (t != t.round()).any()
+
+
+def any_flag(*flags: torch.Tensor) -> bool:
+    """Read several device-side failure flags with ONE host sync; callers then re-run the detailed checks."""
+    return bool(torch.stack([f.reshape(()) for f in flags]).any())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
@@ -14,6 +15,7 @@ from heads._decode import dfl_expectation, make_anchors
 from ._boxes import bbox2dist, bbox_ciou, dfl_loss, dist2bbox, xywh2xyxy
 from ._validate import (
     LossInputError,
+    any_flag,
     check_finite,
     check_floating,
     check_integral,
@@ -21,6 +23,9 @@ from ._validate import (
     check_range,
     check_shape,
     check_tensor,
+    nonfinite_flag,
+    nonintegral_flag,
+    outside_flag,
 )
 from .assigner import AssignerConfig, task_aligned_assign
 
@@ -79,8 +84,9 @@ class DetectionLoss:
     preds: the head's training dict {"boxes": (B, 4*reg_max, A) logits, "scores": (B, nc, A) logits, "feats": list of
     (B, C, H, W) per level}, or its eval tuple (y, that dict).
     batch: {"batch_idx": (N,) image index of each object, "cls": (N, 1) class id, "bboxes": (N, 4) normalised xywh}.
-    The class BCE is normalised by max(1, sum of target scores). Host syncs: the finiteness checks (one per tensor),
-    the padded per-image object count (a shape) and the number of positives (a shape, for the box/DFL gathers).
+    The class BCE is normalised by max(1, sum of target scores). Host syncs (4 on CUDA): one for the finiteness of the
+    predictions, one for all value checks of the batch, the padded per-image object count (a shape) and the number of
+    positives (a shape, for the box/DFL gathers).
     """
 
     names = ("box_loss", "cls_loss", "dfl_loss")
@@ -136,7 +142,7 @@ class DetectionLoss:
         dtype = scores.dtype
         anchor_points, stride_tensor = make_anchors(feats, self.strides)
         h, w = feats[0].shape[2:]
-        imgsz = torch.tensor((h, w), dtype=dtype, device=scores.device) * self.strides[0]
+        imgsz = _on_device_pair(h * self.strides[0], w * self.strides[0], scores)  # (h, w) pixels
 
         gt = self.pad_targets(batch, b, imgsz)
         # Softmax over bins in the head's own layout (B, 4, R, A): a softmax over a strided last dim would copy, and a
@@ -188,7 +194,10 @@ class DetectionLoss:
         """Regroup the flat batch per image (stable: rows keep their order within an image) into padded slots."""
         batch_idx, cls, bboxes = self._check_batch(batch, batch_size, imgsz)
         device, dtype = imgsz.device, imgsz.dtype
-        counts = torch.bincount(batch_idx, minlength=batch_size)
+        # scatter_add, not bincount: bincount syncs on CUDA to size its output.
+        counts = torch.zeros(batch_size, dtype=torch.long, device=device).scatter_add_(
+            0, batch_idx, torch.ones_like(batch_idx)
+        )
         n = int(counts.max()) if batch_idx.numel() else 0  # the one shape-determining sync
         labels = torch.zeros((batch_size, n, 1), dtype=dtype, device=device)
         boxes = torch.zeros((batch_size, n, 4), dtype=dtype, device=device)
@@ -198,11 +207,14 @@ class DetectionLoss:
             order = torch.sort(batch_idx, stable=True).indices
             starts = counts.cumsum(0) - counts
             slot = torch.empty_like(batch_idx)
-            slot[order] = torch.arange(batch_idx.numel(), device=device) - starts[batch_idx[order]]
-            labels[batch_idx, slot, 0] = cls.to(dtype)
-            boxes[batch_idx, slot] = xywh2xyxy(bboxes.to(dtype) * imgsz[[1, 0, 1, 0]])
-            mask[batch_idx, slot] = True
-            rows[batch_idx, slot] = torch.arange(batch_idx.numel(), device=device)
+            row_ids = torch.arange(batch_idx.numel(), device=device)
+            slot[order] = row_ids - starts[batch_idx[order]]
+            flat = batch_idx * n + slot  # index_copy_ into flat views: no bounds-check sync, unlike index_put
+            labels.view(-1).index_copy_(0, flat, cls.to(dtype))
+            scale = imgsz.flip(0).repeat(2)  # (w, h, w, h)
+            boxes.view(-1, 4).index_copy_(0, flat, xywh2xyxy(bboxes.to(dtype) * scale))
+            mask.view(-1).index_fill_(0, flat, True)
+            rows.view(-1).index_copy_(0, flat, row_ids)
         return PaddedTargets(labels, boxes, mask, rows)
 
     def _check_preds(self, preds):
@@ -230,8 +242,10 @@ class DetectionLoss:
         check_shape("preds['scores']", scores, (b, self.nc, anchors), f"(B, nc, A) with A = {anchors} from feats")
         check_shape("preds['boxes']", boxes, (b, 4 * self.reg_max, a), f"(B, 4*reg_max, A) with reg_max={self.reg_max}")
         check_like("preds['boxes']", boxes, "preds['scores']", scores)
-        check_finite("preds['scores']", scores, "finite logits — the head produced NaN/Inf, fix the head rather than masking")
-        check_finite("preds['boxes']", boxes, "finite logits — the head produced NaN/Inf, fix the head rather than masking")
+        if any_flag(nonfinite_flag(scores), nonfinite_flag(boxes)):  # one sync; details only on failure
+            expected = "finite logits — the head produced NaN/Inf, fix the head rather than masking"
+            check_finite("preds['scores']", scores, expected)
+            check_finite("preds['boxes']", boxes, expected)
         return boxes, scores, feats
 
     def _check_batch(self, batch, batch_size: int, imgsz: torch.Tensor):
@@ -252,11 +266,24 @@ class DetectionLoss:
         for name, t in (("batch['batch_idx']", batch_idx), ("batch['cls']", cls), ("batch['bboxes']", bboxes)):
             check_like(name, t, "preds['scores']", imgsz, dtype=False)
         check_floating("batch['bboxes']", bboxes)
-        check_finite("batch['bboxes']", bboxes, "finite normalised xywh boxes")
-        check_integral("batch['batch_idx']", batch_idx)
-        check_integral("batch['cls']", cls)
-        check_range("batch['batch_idx']", batch_idx, 0, batch_size, f"image indices in [0, {batch_size}) for batch size {batch_size}")
-        check_range("batch['cls']", cls, 0, self.nc, f"class ids in [0, {self.nc}) for nc={self.nc}")
-        if count and bool((bboxes[:, 2:] < 0).any()):
-            check_range("batch['bboxes'][:, 2:] (w, h)", bboxes[:, 2:], 0, float("inf"), "non-negative box sizes")
+        flags = (
+            nonfinite_flag(bboxes), nonintegral_flag(batch_idx), nonintegral_flag(cls),
+            outside_flag(batch_idx, 0, batch_size), outside_flag(cls, 0, self.nc), outside_flag(bboxes[:, 2:], 0, math.inf),
+        )
+        if any_flag(*flags):  # one sync for all value checks; the detailed checks below name the first problem
+            check_finite("batch['bboxes']", bboxes, "finite normalised xywh boxes")
+            check_integral("batch['batch_idx']", batch_idx)
+            check_integral("batch['cls']", cls)
+            check_range(
+                "batch['batch_idx']", batch_idx, 0, batch_size,
+                f"image indices in [0, {batch_size}) for batch size {batch_size}",
+            )
+            check_range("batch['cls']", cls, 0, self.nc, f"class ids in [0, {self.nc}) for nc={self.nc}")
+            check_range("batch['bboxes'][:, 2:] (w, h)", bboxes[:, 2:], 0, math.inf, "non-negative box sizes")
         return batch_idx.long(), cls.long().squeeze(-1), bboxes
+
+
+def _on_device_pair(first: float, second: float, like: torch.Tensor) -> torch.Tensor:
+    """Tensor([first, second]) on like's device and dtype, built by a kernel rather than a host-to-device copy."""
+    pick_first = torch.arange(2, device=like.device) == 0
+    return torch.where(pick_first, float(first), float(second)).to(like.dtype)
