@@ -18,7 +18,10 @@ from ._validate import LossInputError
 
 @dataclasses.dataclass(frozen=True)
 class AssignerConfig:
-    """topk candidates per gt; metric = score^alpha * CIoU^beta; `ensure_coverage` is the R11 remedy (off = Ultralytics)."""
+    """topk candidates per gt; metric = score^alpha * CIoU^beta.
+
+    `ensure_coverage` is the R11 remedy; off (the default) is Ultralytics' behaviour.
+    """
 
     topk: int = 10
     alpha: float = 0.5

@@ -225,7 +225,9 @@ class DetectionLoss:
             )
         for key in ("boxes", "scores", "feats"):
             if key not in preds:
-                raise LossInputError(f"preds has no {key!r} entry (keys: {sorted(preds)}); expected 'boxes', 'scores', 'feats'")
+                raise LossInputError(
+                    f"preds has no {key!r} entry (keys: {sorted(preds)}); expected 'boxes', 'scores', 'feats'"
+                )
         boxes = check_tensor("preds['boxes']", preds["boxes"])
         scores = check_tensor("preds['scores']", preds["scores"])
         feats = preds["feats"]
@@ -250,10 +252,14 @@ class DetectionLoss:
 
     def _check_batch(self, batch, batch_size: int, imgsz: torch.Tensor):
         if not isinstance(batch, Mapping):
-            raise LossInputError(f"batch is a {type(batch).__name__}; expected a dict with 'batch_idx', 'cls', 'bboxes'")
+            raise LossInputError(
+                f"batch is a {type(batch).__name__}; expected a dict with 'batch_idx', 'cls', 'bboxes'"
+            )
         for key in ("batch_idx", "cls", "bboxes"):
             if key not in batch:
-                raise LossInputError(f"batch has no {key!r} entry (keys: {sorted(batch)}); expected 'batch_idx', 'cls', 'bboxes'")
+                raise LossInputError(
+                    f"batch has no {key!r} entry (keys: {sorted(batch)}); expected 'batch_idx', 'cls', 'bboxes'"
+                )
         batch_idx = check_tensor("batch['batch_idx']", batch["batch_idx"])
         cls = check_tensor("batch['cls']", batch["cls"])
         bboxes = check_tensor("batch['bboxes']", batch["bboxes"])
@@ -268,7 +274,8 @@ class DetectionLoss:
         check_floating("batch['bboxes']", bboxes)
         flags = (
             nonfinite_flag(bboxes), nonintegral_flag(batch_idx), nonintegral_flag(cls),
-            outside_flag(batch_idx, 0, batch_size), outside_flag(cls, 0, self.nc), outside_flag(bboxes[:, 2:], 0, math.inf),
+            outside_flag(batch_idx, 0, batch_size), outside_flag(cls, 0, self.nc),
+            outside_flag(bboxes[:, 2:], 0, math.inf),
         )
         if any_flag(*flags):  # one sync for all value checks; the detailed checks below name the first problem
             check_finite("batch['bboxes']", bboxes, "finite normalised xywh boxes")
