@@ -434,7 +434,7 @@ MESSAGES: dict[str, str] = {
     "check_assigner_coverage": "the assigner starved it",
     "check_polygon_detection_terms_match": "detection terms differ",
     "check_polygon_gradient_at_init": "non-finite",
-    "check_clipping_bounds_update": "more than lr * max_norm",
+    "check_clipping_bounds_update": "clip_grad_norm_ over",
     "check_skipped_step_leaves_model_finite": "parameters/buffers are non-finite",
     "check_training_canary": "diverged",
 }
