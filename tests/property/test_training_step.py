@@ -138,3 +138,25 @@ def test_fp16_grad_scaler_skip_restores_buffers_on_cuda(subject):
                         scaler=scaler, autocast_dtype=torch.float16)
     assert result.skipped
     _assert_same(_state(head), before)
+
+
+@pytest.mark.cuda
+def test_fp16_grad_scaler_steps_restore_state_whenever_skipped_on_cuda(subject):
+    """Ordinary steps under fp16 autocast with a GradScaler: a step the scaler skips (gradient overflow at the initial
+    scale) leaves parameters and buffers exactly as they were, and the run ends with finite state."""
+    head = subject.build_head().cuda()
+    feats, batch = _inputs(subject)
+    feats = [f.cuda() for f in feats]
+    batch = {k: v.cuda() for k, v in batch.items()}
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**24)  # large enough that the first steps overflow
+    opt = torch.optim.SGD(head.parameters(), lr=0.01)
+    outcomes = []
+    for _ in range(12):
+        before = _state(head)
+        result = train_step(head, subject.build_loss(head), opt, feats, batch, scaler=scaler,
+                            autocast_dtype=torch.float16)
+        outcomes.append(result.skipped)
+        if result.skipped:
+            _assert_same(_state(head), before)
+    assert any(outcomes) and not outcomes[-1], outcomes
+    assert all(bool(torch.isfinite(v).all()) for v in head.state_dict().values() if v.is_floating_point())
