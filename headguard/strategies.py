@@ -41,7 +41,9 @@ BOX_KINDS = ("normal", "tiny", "zero_width", "zero_height", "image_covering", "e
 # Valid for detection losses but not drawn by default: a polygon inside such a box would leave the image.
 EXTRA_BOX_KINDS = ("out_of_image",)
 POLYGON_KINDS = ("convex", "all_equal", "collinear", "repeated_vertex", "padded")
-INVALID_KINDS = ("nan_box", "inf_box", "negative_size", "class_out_of_range", "batch_idx_out_of_range", "fractional_class")
+INVALID_KINDS = (
+    "nan_box", "inf_box", "negative_size", "class_out_of_range", "batch_idx_out_of_range", "fractional_class"
+)
 
 
 # --------------------------------------------------------------------------------------------- argument validation
@@ -64,7 +66,9 @@ def _check_range(lo: int, hi: int, lo_name: str, hi_name: str) -> None:
 def _check_levels(channels, strides) -> tuple[tuple[int, ...], tuple[float, ...]]:
     for name, seq in (("channels", channels), ("strides", strides)):
         if not isinstance(seq, Sequence) or isinstance(seq, str) or len(seq) == 0:
-            raise InvalidArgument(f"Expected a non-empty sequence for {name}, got {name}={seq!r} (type={type(seq).__name__})")
+            raise InvalidArgument(
+                f"Expected a non-empty sequence for {name}, got {name}={seq!r} (type={type(seq).__name__})"
+            )
     for i, c in enumerate(channels):
         _check_int(c, f"channels[{i}]", min_value=1)
     for i, s in enumerate(strides):
@@ -81,12 +85,16 @@ def _check_levels(channels, strides) -> tuple[tuple[int, ...], tuple[float, ...]
 
 def _check_strategy(value, name: str) -> None:
     if not isinstance(value, st.SearchStrategy):
-        raise InvalidArgument(f"Expected a SearchStrategy for {name}, got {name}={value!r} (type={type(value).__name__})")
+        raise InvalidArgument(
+            f"Expected a SearchStrategy for {name}, got {name}={value!r} (type={type(value).__name__})"
+        )
 
 
 def _check_dtype(dtype) -> None:
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise InvalidArgument(f"Expected a floating torch.dtype for dtype, got dtype={dtype!r} (type={type(dtype).__name__})")
+        raise InvalidArgument(
+            f"Expected a floating torch.dtype for dtype, got dtype={dtype!r} (type={type(dtype).__name__})"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------- feature maps
@@ -257,17 +265,16 @@ def _polygon_in_box(draw, kind: str, box, num_vertices: int) -> tuple[list[list[
     if kind == "all_equal":
         pts = [[cx, cy]] * num_vertices
     elif kind == "collinear":
-        pts = [[cx - w / 2 + w * i / (num_vertices - 1), cy - h / 2 + h * i / (num_vertices - 1)] for i in range(num_vertices)]
+        steps = [i / (num_vertices - 1) for i in range(num_vertices)]
+        pts = [[cx - w / 2 + w * t, cy - h / 2 + h * t] for t in steps]
     else:
         real = num_vertices
         if kind == "padded":
             real = draw(st.integers(3, num_vertices))
         phase = draw(st.floats(0.0, 2 * math.pi))
         # A regular polygon inscribed in the box's ellipse: convex, with its bounding box inside `box`.
-        pts = [
-            [cx + w / 2 * math.cos(phase + 2 * math.pi * i / real), cy + h / 2 * math.sin(phase + 2 * math.pi * i / real)]
-            for i in range(real)
-        ]
+        angles = [phase + 2 * math.pi * i / real for i in range(real)]
+        pts = [[cx + w / 2 * math.cos(a), cy + h / 2 * math.sin(a)] for a in angles]
         if kind == "repeated_vertex":
             pts[1] = list(pts[0])
         if draw(st.booleans()):
@@ -340,7 +347,9 @@ def targets(
     _check_target_args(nc, batch_size, num_vertices, min_objects, max_objects)
     _check_kinds(box_kinds, BOX_KINDS + EXTRA_BOX_KINDS, "box_kinds")
     _check_kinds(polygon_kinds, POLYGON_KINDS, "polygon_kinds")
-    return _target_batches(nc, batch_size, num_vertices, min_objects, max_objects, tuple(box_kinds), tuple(polygon_kinds))
+    return _target_batches(
+        nc, batch_size, num_vertices, min_objects, max_objects, tuple(box_kinds), tuple(polygon_kinds)
+    )
 
 
 @st.composite
@@ -460,7 +469,7 @@ class HeadStrategies:
         """(feature maps, batch dict) pairs with matching batch sizes."""
 
         def with_targets(maps):
-            batch = targets(self.nc, batch_size=maps[0].shape[0], num_vertices=self.num_vertices, **(targets_kwargs or {}))
+            batch = self.targets(batch_size=maps[0].shape[0], **(targets_kwargs or {}))
             return batch.map(lambda b: (maps, b))
 
         return self.feature_maps(**map_kwargs).flatmap(with_targets)

@@ -52,7 +52,9 @@ def _threads(n: int):
 
 
 # -------------------------------------------------------------------------------------------------------- inputs
-def features(subject, *, batch: int = 2, image_size=IMAGE_SIZE, seed: int = 0, scale: float = 1.0) -> list[torch.Tensor]:
+def features(
+    subject, *, batch: int = 2, image_size=IMAGE_SIZE, seed: int = 0, scale: float = 1.0
+) -> list[torch.Tensor]:
     """Seeded standard-normal feature maps (times `scale`) with the shapes the subject expects for `image_size`."""
     gen = torch.Generator().manual_seed(seed)
     return [torch.randn(shape, generator=gen) * scale for shape in subject.feature_shapes(image_size, batch)]
@@ -182,7 +184,9 @@ def all_finite(obj) -> bool:
     return True
 
 
-def count_nonfinite(t: torch.Tensor) -> str:
+def count_nonfinite(t: torch.Tensor | None) -> str:
+    if t is None:
+        return "no gradient at all (None)"
     bad = int((~torch.isfinite(t)).sum())
     return f"{bad} of {t.numel()} values non-finite"
 
@@ -230,7 +234,8 @@ def final_convs(head: nn.Module, feats) -> list[tuple[str, int, str, nn.Conv2d]]
     nested Sequentials or custom blocks are handled the same way.
     """
     order: list[nn.Module] = []
-    handles = [m.register_forward_hook(lambda mod, a, o: order.append(mod)) for m in head.modules() if isinstance(m, nn.Conv2d)]
+    convs = [m for m in head.modules() if isinstance(m, nn.Conv2d)]
+    handles = [m.register_forward_hook(lambda mod, a, o: order.append(mod)) for m in convs]
     try:
         with torch.no_grad():
             head.train()(list(feats))

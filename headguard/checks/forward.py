@@ -44,7 +44,8 @@ def check_finite_outputs_extreme_inputs(subject, ctx):
             with torch.no_grad():
                 out = call(f"the head's {mode} forward", head, list(feats))
             if not all_finite(out):
-                where = where_nonfinite(subject.build_head().train(mode == "train"), lambda m: m(list(feats)), backward=False)
+                fresh = subject.build_head().train(mode == "train")
+                where = where_nonfinite(fresh, lambda m: m(list(feats)), backward=False)
                 raise CheckFailure(
                     f"the {mode}-mode output is non-finite for feature maps of magnitude {feats.recipe.magnitude:g} "
                     f"({feats.recipe.fill}, {feats.recipe.layout}){where}; every output must stay finite for inputs up "
@@ -99,8 +100,11 @@ def _reference_decode(subject, head, preds, feats) -> torch.Tensor:
 
 @check(area="forward")
 def check_decode_consistency(subject, ctx):
-    """Inference decode equals the documented training decode of the same raw outputs, with nothing clamped, and
-    stays finite in the compute dtype (fp32, bf16 autocast, fp16 weights) wherever the raw outputs are finite (R9).
+    """Inference decode equals the training decode of the same raw outputs and stays finite in each dtype (R9).
+
+    The training decode is the documented one (DFL expectation -> ltrb -> xywh pixels; vertices (2 * raw + anchor -
+    0.5) * stride), with nothing clamped; compute dtypes: fp32, bf16 autocast, fp16 weights, and the inference output
+    must be finite wherever the raw outputs are.
 
     Raw outputs are driven large by setting the final biases of the box and vertex branches to +-R (R up to 2e3:
     at stride 32 a vertex of raw 1e3 is 64,000 px, the edge of fp16)."""

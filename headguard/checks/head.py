@@ -49,7 +49,9 @@ def check_output_contract(subject, ctx):
     with torch.no_grad():
         out = call("the head's eval forward", head, list(feats))
     if not (isinstance(out, tuple) and len(out) == 2):
-        raise CheckFailure(f"the eval forward returned {type(out).__name__}; expected a tuple (y, preds) as Ultralytics")
+        raise CheckFailure(
+            f"the eval forward returned {type(out).__name__}; expected a tuple (y, preds) as Ultralytics"
+        )
     y, eval_preds = out
     rows = 4 + nc + 2 * npv
     if not isinstance(y, torch.Tensor) or tuple(y.shape) != (b, rows, a):
@@ -63,7 +65,8 @@ def check_output_contract(subject, ctx):
     scores = y[:, 4 : 4 + nc]
     if bool(((scores < 0) | (scores > 1)).any()):
         raise CheckFailure(
-            f"eval y[:, 4:4+nc] holds values outside [0, 1] (min {float(scores.min()):.4g}, max {float(scores.max()):.4g});"
+            f"eval y[:, 4:4+nc] holds values outside [0, 1] (min {float(scores.min()):.4g}, "
+            f"max {float(scores.max()):.4g});"
             " expected sigmoid probabilities there"
         )
     _check_pred_dict(eval_preds, expected, feats, "eval forward's preds")
@@ -71,10 +74,14 @@ def check_output_contract(subject, ctx):
 
 def _check_pred_dict(preds, expected, feats, where):
     if not isinstance(preds, dict):
-        raise CheckFailure(f"the {where} is a {type(preds).__name__}; expected a dict with keys {sorted(expected)} + 'feats'")
+        raise CheckFailure(
+            f"the {where} is a {type(preds).__name__}; expected a dict with keys {sorted(expected)} + 'feats'"
+        )
     missing = sorted(set(expected) - set(preds)) + ([] if "feats" in preds else ["feats"])
     if missing:
-        raise CheckFailure(f"the {where} lacks keys {missing} (has {sorted(preds)}); expected {sorted(expected)} + 'feats'")
+        raise CheckFailure(
+            f"the {where} lacks keys {missing} (has {sorted(preds)}); expected {sorted(expected)} + 'feats'"
+        )
     for key, shape in expected.items():
         t = preds[key]
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
@@ -256,9 +263,10 @@ def check_initial_predictions_sane(subject, ctx):
     degenerate = int((spread < 0.01).sum())
     if not bool(spread.median() >= 0.01):
         raise CheckFailure(
-            f"initial polygons are degenerate: median vertex spread {float(spread.median()):.3g} cells, {degenerate} of "
-            f"{spread.numel()} anchors below 0.01 (all vertices at one point); the vertex branch's final conv must give "
-            "distinct vertices at init (do not zero its weights; keep random weights or give its bias a polygon pattern)"
+            f"initial polygons are degenerate: median vertex spread {float(spread.median()):.3g} cells, "
+            f"{degenerate} of {spread.numel()} anchors below 0.01 (all vertices at one point); the vertex branch's "
+            "final conv must give distinct vertices at init (do not zero its weights; keep random weights or give "
+            "its bias a polygon pattern)"
         )
     distance = rel.norm(dim=2).mean()
     if not bool(distance <= 4.0):
@@ -315,7 +323,10 @@ def check_every_parameter_gets_gradient(subject, ctx):
     """Every trainable parameter receives a non-None, not-all-zero gradient at init."""
     head = _backward_at_init(subject, ctx)
     none = [n for n, p in head.named_parameters() if p.requires_grad and p.grad is None]
-    zero = [n for n, p in head.named_parameters() if p.requires_grad and p.grad is not None and not bool(p.grad.abs().sum() > 0)]
+    zero = [
+        n for n, p in head.named_parameters()
+        if p.requires_grad and p.grad is not None and not bool(p.grad.abs().sum() > 0)
+    ]
     if none:
         raise CheckFailure(
             f"{len(none)} trainable parameters got no gradient (None), e.g. {none[:4]}: they are not used by the "
@@ -328,6 +339,10 @@ def check_every_parameter_gets_gradient(subject, ctx):
         )
 
 
+def _total_norm(tensors) -> float:
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.double()) for t in tensors])))
+
+
 @check(area="head")
 def check_gradient_norm_bounded(subject, ctx):
     """Initial gradient norm is finite and bounded; no branch's gradient dwarfs another's by 1e4 or more.
@@ -338,8 +353,7 @@ def check_gradient_norm_bounded(subject, ctx):
     largest branch ratio (cv2 / cv3) 6-8.
     """
     head = _backward_at_init(subject, ctx)
-    grads = [p.grad for p in head.parameters() if p.grad is not None]
-    total = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in grads])))
+    total = _total_norm([p.grad for p in head.parameters() if p.grad is not None])
     if not math.isfinite(total) or total > 1e3:
         raise CheckFailure(
             f"initial total gradient norm is {total:.4g}; expected finite and <= 1e3 (100 x the clip norm 10): "
@@ -348,7 +362,7 @@ def check_gradient_norm_bounded(subject, ctx):
     norms = {}
     for bname, blist in branches(head, len(subject.strides)):
         gs = [p.grad.double() for p in blist.parameters() if p.grad is not None]
-        norms[bname] = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in gs]))) if gs else 0.0
+        norms[bname] = _total_norm(gs) if gs else 0.0
     if len(norms) >= 2:
         big = max(norms, key=norms.get)
         small = min(norms, key=norms.get)

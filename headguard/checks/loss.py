@@ -64,7 +64,9 @@ def check_loss_rejects_nonfinite(subject, ctx):
             vector, _ = loss(bad, batch)
         except Exception as err:  # noqa: BLE001  (any raised error is the wanted outcome, if it says something)
             if not str(err).strip():
-                raise CheckFailure(f"the loss raised {type(err).__name__} with no message for preds[{key!r}] = {value}") from err
+                raise CheckFailure(
+                    f"the loss raised {type(err).__name__} with no message for preds[{key!r}] = {value}"
+                ) from err
             return
         quiet = "a finite" if bool(torch.isfinite(vector).all()) else "a non-finite"
         raise CheckFailure(
@@ -98,7 +100,10 @@ def check_loss_all_background(subject, ctx):
     vector.sum().backward()
     for k in _pred_keys(preds):
         if not all_finite(preds[k].grad):
-            raise CheckFailure(f"an all-background batch gives non-finite gradients for preds[{k!r}] ({count_nonfinite(preds[k].grad)})")
+            raise CheckFailure(
+                f"an all-background batch gives non-finite gradients for preds[{k!r}] "
+                f"({count_nonfinite(preds[k].grad)}): mask before dividing by the number of positives"
+            )
 
 
 def _replicate(preds, batch, k):
@@ -143,8 +148,10 @@ def _take_images(preds, images):
 
 @check(area="loss")
 def check_loss_batch_decomposition(subject, ctx):
-    """Image order does not matter: items of [A, B] equal those of [B, A]; terms the loss declares per-image
-    averaged (`per_image_terms`, e.g. the polygon term) equal the mean of [A] alone and [B] alone (R5)."""
+    """Image order does not matter: items of [A, B] equal those of [B, A] (R5).
+
+    Terms a loss declares per-image averaged (attribute `per_image_terms`) must also equal the mean of [A] alone and
+    [B] alone. The reference normalises every term by the batch's sum of target scores, so only the swap applies."""
     _, loss, preds = _setup(subject, ctx, batch=2)
     bound = hs.from_head(subject)
     per_image = tuple(getattr(loss, "per_image_terms", ()))
@@ -217,8 +224,10 @@ def _grad_run(loss, preds, batch, dtype):
 
 @check(area="loss")
 def check_loss_finite_degenerate_targets(subject, ctx):
-    """Finite loss and gradients on degenerate targets (zero-width, tiny, image-covering, duplicate boxes; all-equal,
-    collinear, repeated-vertex, padded polygons), for float32 and bfloat16 predictions (R6)."""
+    """Finite loss and gradients on degenerate targets, for float32 and bfloat16 predictions (R6).
+
+    Families: zero-width/height, tiny, image-covering, edge-touching and duplicate boxes; all-equal, collinear,
+    repeated-vertex and padded polygons."""
     _, loss, preds = _setup(subject, ctx, batch=2)
     bound = hs.from_head(subject)
 
@@ -232,7 +241,7 @@ def check_loss_finite_degenerate_targets(subject, ctx):
         for k, g in grads.items():
             if g is None or not bool(torch.isfinite(g).all()):
                 raise CheckFailure(
-                    f"the gradient w.r.t. preds[{k!r}] is non-finite ({count_nonfinite(g) if g is not None else 'None'})"
+                    f"the gradient w.r.t. preds[{k!r}] is non-finite ({count_nonfinite(g)})"
                     f" on degenerate targets in {dtype} although the loss is finite: a division or sqrt at 0 in the "
                     "backward pass; mask before dividing"
                 )
@@ -268,7 +277,8 @@ def check_loss_dtype_matrix(subject, ctx):
                 failures.append(f"preds {pred_dtype} x targets {target_dtype}: unclear error {failure.message}")
                 continue
             if not bool(torch.isfinite(vector).all()):
-                failures.append(f"preds {pred_dtype} x targets {target_dtype}: non-finite loss {vector.detach().tolist()}")
+                found = vector.detach().tolist()
+                failures.append(f"preds {pred_dtype} x targets {target_dtype}: non-finite loss {found}")
             elif not all(g is not None and all_finite(g) for g in grads.values()):
                 failures.append(f"preds {pred_dtype} x targets {target_dtype}: finite loss, non-finite gradients")
     if failures:
@@ -324,7 +334,7 @@ def check_gradients_finite_when_loss_finite(subject, ctx):
             if g is None or not bool(torch.isfinite(g).all()):
                 raise CheckFailure(
                     f"the loss is finite ({vector.detach().tolist()}) but its gradient w.r.t. preds[{k!r}] is not "
-                    f"({count_nonfinite(g) if g is not None else 'None'}): a value was cleaned (where/nan_to_num) after a "
+                    f"({count_nonfinite(g)}): a value was cleaned (where/nan_to_num) after a "
                     "division whose backward still yields 0 * inf; select with a mask before dividing"
                 )
 

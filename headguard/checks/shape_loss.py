@@ -44,7 +44,9 @@ def check_polygon_detection_terms_match(subject, ctx):
         _, det_items = call("the detection loss", detection_loss, det_preds, det_batch)
         missing = [k for k in DETECTION_ITEMS if k in det_items and k not in poly_items]
         if missing:
-            raise CheckFailure(f"the polygon loss's items lack {missing}; expected the detection loss's {list(det_items)} too")
+            raise CheckFailure(
+                f"the polygon loss's items lack {missing}; expected the detection loss's {list(det_items)} too"
+            )
         shared = [k for k in DETECTION_ITEMS if k in det_items]
         bad = items_close({k: float(poly_items[k]) for k in shared}, {k: float(det_items[k]) for k in shared},
                           rtol=1e-5, atol=1e-7)
@@ -72,15 +74,15 @@ def check_polygon_gradient_at_init(subject, ctx):
     grad = preds["polygons"].grad
     if grad is None or not bool(torch.isfinite(grad).all()):
         raise CheckFailure(
-            f"the polygon loss's gradient at the initial output is {'missing' if grad is None else 'non-finite (' + count_nonfinite(grad) + ')'}"
+            f"the polygon loss's gradient at the initial output is unusable ({count_nonfinite(grad)})"
             f" (polygon_loss = {float(items['polygon_loss']):.4g}): initial polygons are probably degenerate (all "
             "vertices at one point, a 0/0 in the loss); initialise the vertex branch so polygons have spread"
         )
     if not bool(grad.abs().sum() > 0):
         raise CheckFailure(
             f"the polygon loss's gradient at the initial output is exactly zero (polygon_loss = "
-            f"{float(items['polygon_loss']):.4g}): the initial polygons sit at a stationary point (e.g. every vertex on "
-            "one point after zeroing the vertex branch's final weights); they will never start to learn"
+            f"{float(items['polygon_loss']):.4g}): the initial polygons sit at a stationary point (e.g. every "
+            "vertex on one point after zeroing the vertex branch's final weights); they will never start to learn"
         )
 
 

@@ -34,7 +34,8 @@ def _snapshot(head) -> list[torch.Tensor]:
 
 
 def _distance(head, before) -> float:
-    return float(torch.sqrt(sum(((p.detach().double() - b.double()) ** 2).sum() for p, b in zip(head.parameters(), before))))
+    squares = (((p.detach().double() - b.double()) ** 2).sum() for p, b in zip(head.parameters(), before))
+    return float(torch.sqrt(sum(squares)))
 
 
 def _step(subject, head, loss, opt, feats, batch, **kwargs):
@@ -43,8 +44,10 @@ def _step(subject, head, loss, opt, feats, batch, **kwargs):
 
 @check(area="training")
 def check_clipping_bounds_update(subject, ctx):
-    """After clipping, one SGD step moves the parameters by at most lr * max_norm (L2); a step whose gradients are
-    non-finite (finite loss) is reported skipped and changes no parameter."""
+    """After clipping, one SGD step moves the parameters by at most lr * max_norm; NaN gradients skip the step.
+
+    The total gradient norm left after the step is at most max_norm, the L2 move at most lr * max_norm; a step whose
+    gradients are non-finite while its loss is finite is reported skipped and changes no parameter."""
     feats = features(subject, batch=2, image_size=(64, 64), seed=ctx.seed)
     batch = ordinary_targets(subject, 2, seed=ctx.seed)
     for lr, max_norm in ((0.1, 1e-3), (0.01, 0.1), (1.0, 10.0)):
@@ -106,8 +109,10 @@ def _overflowing(feats):
 
 @check(area="training")
 def check_skipped_step_leaves_model_finite(subject, ctx):
-    """After a step on a batch whose activations overflow (skipped), and normal steps after it, every parameter and
-    buffer is finite and an eval forward on a fixed input is finite (R0)."""
+    """After a skipped step on overflowing activations, every parameter/buffer and the eval output stay finite (R0).
+
+    One batch with an inf in every level's features, then two normal steps (train mode hides poisoned statistics);
+    then every parameter and buffer must be finite and an eval forward on a fixed input finite."""
     head = subject.build_head()
     loss = subject.build_loss(head)
     opt = torch.optim.SGD(head.parameters(), lr=0.01, momentum=0.9)
@@ -145,9 +150,11 @@ def check_skipped_step_leaves_model_finite(subject, ctx):
 
 @check(area="training")
 def check_training_canary(subject, ctx):
-    """A few dozen reference steps (SGD lr 0.01, momentum 0.9) on one synthetic batch: every loss finite, no step
-    skipped, peak loss <= 10 x and final <= 2 x the initial one, parameters and BN buffers finite at the end.
-    The loss and gradient-norm curves are saved as JSON (and PNG with matplotlib) under `artifact_dir()`."""
+    """A few dozen reference steps on one synthetic batch: nothing non-finite, no divergence, BN buffers finite.
+
+    SGD lr 0.01 momentum 0.9, 30 steps: every loss finite, no step skipped, peak loss <= 10 x and final <= 2 x the
+    initial one, parameters and buffers finite at the end. The loss and gradient-norm curves are saved as JSON (and
+    PNG with matplotlib) under `artifact_dir()`."""
     head = subject.build_head()
     loss = subject.build_loss(head)
     opt = torch.optim.SGD(head.parameters(), lr=0.01, momentum=0.9)
@@ -169,7 +176,8 @@ def check_training_canary(subject, ctx):
     saved = _save_curves(subject, ctx, curve)
     loss0 = curve["loss"][0] if curve["loss"] else math.nan
     peak = max(range(len(curve["loss"])), key=lambda i: curve["loss"][i])
-    if failure is None and not (curve["loss"][peak] <= PEAK_FACTOR * loss0 and curve["loss"][-1] <= FINAL_FACTOR * loss0):
+    bounded = curve["loss"][peak] <= PEAK_FACTOR * loss0 and curve["loss"][-1] <= FINAL_FACTOR * loss0
+    if failure is None and not bounded:
         failure = (
             f"the loss diverged on a fixed synthetic batch: {loss0:.4g} at step 0, {curve['loss'][peak]:.4g} at step "
             f"{peak}, {curve['loss'][-1]:.4g} at the end (allowed: peak <= {PEAK_FACTOR:g} x and end <= "
@@ -194,7 +202,8 @@ def _save_curves(subject, ctx, curve) -> str:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"canary-{re.sub(r'[^A-Za-z0-9_.-]+', '_', subject.name)}-seed{ctx.seed}"
     path = out / f"{stem}.json"
-    path.write_text(json.dumps({"subject": subject.name, "seed": ctx.seed, "steps": len(curve["loss"]), **curve}, indent=1))
+    record = {"subject": subject.name, "seed": ctx.seed, "steps": len(curve["loss"]), **curve}
+    path.write_text(json.dumps(record, indent=1))
     written = [str(path)]
     png = _plot(curve, out / f"{stem}.png", subject.name)
     if png:
@@ -219,4 +228,9 @@ def _plot(curve, path: Path, title: str) -> str | None:
     return str(path)
 
 
-__all__ = ["artifact_dir", "check_clipping_bounds_update", "check_skipped_step_leaves_model_finite", "check_training_canary"]
+__all__ = [
+    "artifact_dir",
+    "check_clipping_bounds_update",
+    "check_skipped_step_leaves_model_finite",
+    "check_training_canary",
+]

@@ -62,7 +62,10 @@ def test_feature_maps_shapes_and_layouts(maps):
 
 
 def test_feature_maps_reach_odd_sizes_and_extremes():
-    maps = find(hs.feature_maps(CHANNELS, STRIDES), lambda m: m.recipe.image_size[0] % 2 == 1 and m.recipe.layout == "channels_last")
+    maps = find(
+        hs.feature_maps(CHANNELS, STRIDES),
+        lambda m: m.recipe.image_size[0] % 2 == 1 and m.recipe.layout == "channels_last",
+    )
     assert maps[0].shape[2] == math.ceil(maps.recipe.image_size[0] / 8)
     assert find(hs.magnitudes(max_value=None), lambda v: v > 1e37) <= torch.finfo(torch.float32).max
     assert find(hs.magnitudes(), lambda v: 0 < v < 1e-20) == 1e-30
@@ -93,9 +96,12 @@ def test_targets_cover_the_promised_families():
     assert empty["bboxes"].shape == (0, 4)
     zero_width = find(hs.targets(2, min_objects=1), lambda b: bool((b["bboxes"][:, 2] == 0).any()))
     assert zero_width["bboxes"].shape[0] >= 1
-    covering = find(hs.targets(2, min_objects=1), lambda b: bool((b["bboxes"] == torch.tensor([0.5, 0.5, 1.0, 1.0])).all(-1).any()))
+    whole = torch.tensor([0.5, 0.5, 1.0, 1.0])
+    covering = find(hs.targets(2, min_objects=1), lambda b: bool((b["bboxes"] == whole).all(-1).any()))
     assert covering is not None
-    dup = find(hs.targets(2, min_objects=2), lambda b: len({tuple(r) for r in b["bboxes"].tolist()}) < b["bboxes"].shape[0])
+    dup = find(
+        hs.targets(2, min_objects=2), lambda b: len({tuple(r) for r in b["bboxes"].tolist()}) < b["bboxes"].shape[0]
+    )
     assert dup["bboxes"].shape[0] >= 2
     padded = find(hs.targets(2, num_vertices=8, min_objects=1), lambda b: bool((~b["polygon_mask"]).any()))
     assert bool((padded["polygon_mask"].sum(-1) >= 3).all())
@@ -199,7 +205,10 @@ def test_inputs_pair_maps_with_targets_of_the_same_batch(pair):
     [
         (lambda: hs.targets("80"), "Expected int for nc, got nc='80' (type=str)"),
         (lambda: hs.targets(2, batch_size=True), "Expected int for batch_size, got batch_size=True (type=bool)"),
-        (lambda: hs.targets(2, min_objects=3, max_objects=1), "Expected min_objects <= max_objects, got min_objects=3 and max_objects=1"),
+        (
+            lambda: hs.targets(2, min_objects=3, max_objects=1),
+            "Expected min_objects <= max_objects, got min_objects=3 and max_objects=1",
+        ),
         (lambda: hs.targets(2, num_vertices=2), "Expected num_vertices == 0 (no polygons) or >= 3, got num_vertices=2"),
         (lambda: hs.targets(2, box_kinds=("round",)), "Expected a non-empty subset of"),
         (lambda: hs.feature_maps((16, 32), STRIDES), "Expected one stride per level"),

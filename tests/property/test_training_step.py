@@ -76,7 +76,11 @@ def test_a_normal_step_updates_buffers_and_parameters(subject):
 
 
 @settings(max_examples=8)
-@given(lr=st.sampled_from([1e-3, 0.1, 1.0]), max_norm=st.sampled_from([1e-4, 1e-2, 1.0, 10.0, 1e3]), seed=st.integers(0, 3))
+@given(
+    lr=st.sampled_from([1e-3, 0.1, 1.0]),
+    max_norm=st.sampled_from([1e-4, 1e-2, 1.0, 10.0, 1e3]),
+    seed=st.integers(0, 3),
+)
 def test_update_is_bounded_by_lr_times_max_norm(subject, lr, max_norm, seed):
     head = subject.build_head()
     feats, batch = _inputs(subject, seed)
