@@ -83,7 +83,7 @@ def decode_polygons(raw: torch.Tensor, anchor_points: torch.Tensor, stride_tenso
     b, c, a = raw.shape
     if c % 2:
         raise ValueError(f"decode_polygons got {c} channels; expected an even count 2*np (x, y per vertex)")
-    xy = raw.to(dtype).view(b, c // 2, 2, a)
+    xy = raw.to(dtype).reshape(b, c // 2, 2, a)
     anchors = anchor_points.to(dtype).t().reshape(1, 1, 2, a)
     strides = stride_tensor.to(dtype).reshape(1, 1, 1, a)
     return ((2 * xy + anchors - 0.5) * strides).view(b, c, a)

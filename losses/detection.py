@@ -138,8 +138,11 @@ class DetectionLoss:
     ) -> tuple[torch.Tensor, DetectionTargets]:
         """Gain-scaled [box, cls, dfl] (3,) (not times B) and the assignment, for losses that add their own terms."""
         boxes, scores, feats = self._check_preds(preds)
+        # Half-precision predictions (AMP) are computed in float32: the assigner's epsilons and score**alpha *
+        # iou**beta underflow in fp16 and give 0/0 (R6). A no-op for float32 and float64.
+        dtype = torch.promote_types(scores.dtype, torch.float32)
+        boxes, scores = boxes.to(dtype), scores.to(dtype)
         b, _, a = scores.shape
-        dtype = scores.dtype
         anchor_points, stride_tensor = make_anchors(feats, self.strides)
         h, w = feats[0].shape[2:]
         imgsz = _on_device_pair(h * self.strides[0], w * self.strides[0], scores)  # (h, w) pixels
