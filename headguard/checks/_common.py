@@ -18,7 +18,6 @@ from headguard.registry import check as _register
 
 # Small images keep the anchor count A small (64 x 80 px -> A = 80 + 20 + 6 = 106 at strides 8/16/32).
 IMAGE_SIZE = (64, 80)
-OUTPUT_KEYS = ("boxes", "scores")
 
 
 # ------------------------------------------------------------------------------------------------- registration
@@ -94,6 +93,20 @@ def select_images(batch: Mapping[str, torch.Tensor], images: list[int]) -> dict[
     return out
 
 
+def anchor_grid(feats, strides) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cell-centre anchors (A, 2) as (x, y) in grid units and strides (A,), float64, levels in order, row-major.
+
+    Written here rather than imported from the reference heads, so a check never inherits a head's own anchor bug.
+    """
+    points, steps = [], []
+    for f, s in zip(feats, strides):
+        h, w = f.shape[-2:]
+        gy, gx = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
+        points.append(torch.stack((gx, gy), -1).reshape(-1, 2).double())
+        steps.append(torch.full((h * w,), float(s), dtype=torch.float64))
+    return torch.cat(points), torch.cat(steps)
+
+
 def detached_preds(preds: Mapping[str, Any], *, requires_grad: bool = False, dtype=None) -> dict[str, Any]:
     """Leaf copies of the head's prediction tensors, so gradients can be read and inputs compared."""
     out = {}
@@ -125,13 +138,7 @@ def fit_boxes_to_first_object(preds: Mapping[str, Any], batch: Mapping[str, torc
     if reg_max < 2:
         return out
     feats = preds["feats"]
-    anchors, stride = [], []
-    for f, s in zip(feats, strides):
-        h, w = f.shape[-2:]
-        gy, gx = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
-        anchors.append(torch.stack((gx, gy), -1).reshape(-1, 2))
-        stride.append(torch.full((h * w, 1), float(s)))
-    anchor, stride_t = torch.cat(anchors), torch.cat(stride)  # grid units, (A, 2) and (A, 1)
+    anchor, stride = anchor_grid(feats, strides)
     img_h, img_w = feats[0].shape[-2] * float(strides[0]), feats[0].shape[-1] * float(strides[0])
     logits = torch.full((b, 4, reg_max, a), -30.0)
     for i in range(b):
@@ -140,8 +147,8 @@ def fit_boxes_to_first_object(preds: Mapping[str, Any], batch: Mapping[str, torc
             continue
         cx, cy, w, h = batch["bboxes"][rows[0]].double().tolist()
         x1, y1, x2, y2 = (cx - w / 2) * img_w, (cy - h / 2) * img_h, (cx + w / 2) * img_w, (cy + h / 2) * img_h
-        px, py = anchor[:, 0].double() * stride_t[:, 0], anchor[:, 1].double() * stride_t[:, 0]
-        ltrb = torch.stack((px - x1, py - y1, x2 - px, y2 - py)) / stride_t[:, 0]  # (4, A) in cells
+        px, py = anchor[:, 0] * stride, anchor[:, 1] * stride
+        ltrb = torch.stack((px - x1, py - y1, x2 - px, y2 - py)) / stride  # (4, A) in cells
         ltrb = ltrb.clamp(0, reg_max - 1 - 1e-4)
         low = ltrb.floor().long()
         frac = ltrb - low
@@ -310,6 +317,7 @@ __all__ = [
     "CheckSkipped",
     "IMAGE_SIZE",
     "all_finite",
+    "anchor_grid",
     "branch_by_out_channels",
     "branches",
     "call",

@@ -10,6 +10,7 @@ from headguard import strategies as hs
 from headguard.checks._common import (
     IMAGE_SIZE,
     all_finite,
+    anchor_grid,
     branch_by_out_channels,
     call,
     check,
@@ -72,13 +73,8 @@ def _min_side(subject) -> int:
 def _reference_decode(subject, head, preds, feats) -> torch.Tensor:
     """The documented decode, in float64, from the raw training dict: DFL expectation -> ltrb distances -> xywh
     pixels; sigmoid scores; vertices (2 * raw + anchor - 0.5) * stride."""
-    anchors, strides = [], []
-    for f, s in zip(feats, subject.strides):
-        h, w = f.shape[-2:]
-        gy, gx = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
-        anchors.append(torch.stack((gx, gy)).reshape(2, -1).double())
-        strides.append(torch.full((h * w,), float(s), dtype=torch.float64))
-    anchor, stride = torch.cat(anchors, 1).unsqueeze(0), torch.cat(strides).view(1, 1, -1)
+    points, strides = anchor_grid(feats, subject.strides)
+    anchor, stride = points.T.unsqueeze(0), strides.view(1, 1, -1)  # (1, 2, A), (1, 1, A)
     raw = preds["boxes"].double()
     b, c, a = raw.shape
     reg_max = c // 4

@@ -16,8 +16,8 @@ from headguard.checks._common import (
     branches,
     call,
     check,
+    anchor_grid,
     configured_prior,
-    detached_preds,
     features,
     final_convs,
     ordinary_targets,
@@ -277,13 +277,9 @@ def check_initial_predictions_sane(subject, ctx):
 
 
 def _anchor_pixels(subject, feats):
-    pts, strides = [], []
-    for f, s in zip(feats, subject.strides):
-        h, w = f.shape[-2:]
-        gy, gx = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
-        pts.append(torch.stack((gx, gy)).reshape(2, -1).double() * s)
-        strides.append(torch.full((h * w,), float(s), dtype=torch.float64))
-    return torch.cat(pts, 1).unsqueeze(0), torch.cat(strides).view(1, 1, -1)
+    """Anchor centres (1, 2, A) in pixels and strides (1, 1, A), laid out like the eval output's columns."""
+    points, strides = anchor_grid(feats, subject.strides)
+    return (points * strides[:, None]).T.unsqueeze(0), strides.view(1, 1, -1)
 
 
 # Every level must get positives for every parameter to get a gradient. At init a DFL box spans about
