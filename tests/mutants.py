@@ -442,14 +442,7 @@ MESSAGES: dict[str, str] = {
 # The meta-test marks those cases xfail(strict=True), so a fixed check turns CI red until its entry is removed.
 CHECK_GAPS: dict[str, str] = {}
 # Checks the reference fails although it does not declare them: check name -> the reference bug they found.
-REFERENCE_GAPS: dict[str, str] = {
-    "check_loss_dtype_matrix": (
-        "reference bug in losses/assigner.py: with float16 predictions the assigner runs in float16 and normalises "
-        "the soft targets by (best_align + eps) with eps = 1e-9, which is 0 in float16; an object whose best "
-        "alignment metric is 0 gives 0/0 = NaN target scores, so every loss term is NaN (R6's bug class in the "
-        "assigner); compute the assigner in float32 or reject float16 with a clear error"
-    ),
-}
+REFERENCE_GAPS: dict[str, str] = {}
 
 
 # ====================================================================================================== running checks
