@@ -47,7 +47,7 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     with _autocast(feats, autocast_dtype):
         preds = head(list(feats))
-        if not _all_finite(preds):
+        if not all_finite(preds):
             # The loss rejects non-finite predictions (R8); the forward already wrote its statistics, so undo them.
             return _skip(head, optimizer, saved, loss=math.nan, grad_norm=math.nan)
         vector, _items = loss_fn(preds, batch)
@@ -86,13 +86,14 @@ def _restore_buffers(module: nn.Module, saved: Mapping[str, torch.Tensor]) -> No
             buf.copy_(saved[name])
 
 
-def _all_finite(obj) -> bool:
+def all_finite(obj) -> bool:
+    """True when every floating tensor in `obj` (a tensor, or mappings/sequences of them) is finite."""
     if isinstance(obj, torch.Tensor):
         return bool(torch.isfinite(obj).all()) if obj.is_floating_point() else True
     if isinstance(obj, Mapping):
-        return all(_all_finite(v) for v in obj.values())
+        return all(all_finite(v) for v in obj.values())
     if isinstance(obj, (list, tuple)):
-        return all(_all_finite(v) for v in obj)
+        return all(all_finite(v) for v in obj)
     return True
 
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from headguard.registry import CheckContext, CheckFailure, CheckSkipped
 from headguard.registry import check as _register
+from headguard.training import all_finite
 
 # Small images keep the anchor count A small (64 x 80 px -> A = 80 + 20 + 6 = 106 at strides 8/16/32).
 IMAGE_SIZE = (64, 80)
@@ -179,16 +180,6 @@ def call(what: str, fn: Callable, *args, **kwargs):
         raise
     except Exception as err:  # noqa: BLE001  (any error on valid input is the finding)
         raise CheckFailure(f"{what} raised {type(err).__name__} on valid input: {err}") from err
-
-
-def all_finite(obj) -> bool:
-    if isinstance(obj, torch.Tensor):
-        return bool(torch.isfinite(obj).all()) if obj.is_floating_point() else True
-    if isinstance(obj, Mapping):
-        return all(all_finite(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return all(all_finite(v) for v in obj)
-    return True
 
 
 def count_nonfinite(t: torch.Tensor | None) -> str:
