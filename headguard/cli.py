@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -71,7 +72,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BrokenPipeError:  # `headguard list | head`: the reader left; not an error of ours
+        sys.stdout = open(os.devnull, "w")  # keep the interpreter's final flush from raising again
+        return 0
 
 
 def _usage_error(message: str) -> int:
