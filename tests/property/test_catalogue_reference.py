@@ -3,14 +3,17 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from hypothesis import settings
 
 import heads
-from headguard.reference import REFERENCE_SPECS, covering_spec
+import losses
+from headguard.reference import REFERENCE_LOSS_EXPECTED_FAILURES, REFERENCE_SPECS, covering_spec
 from headguard.registry import CATALOGUE, CheckContext, CheckFailure, checks_for
-from headguard.subject import build_subject
+from headguard.subject import HeadSpec, build_subject
 
 _SUBJECTS = {cls.__name__: build_subject(spec, cls.__name__) for cls, spec in REFERENCE_SPECS.items()}
 
@@ -48,24 +51,31 @@ def test_every_check_applies_to_the_polygon_head():
 
 
 def test_expected_failures_name_real_checks_and_give_reasons():
-    for spec in REFERENCE_SPECS.values():
-        for name, reason in spec.expected_failures.items():
-            assert name in CATALOGUE and len(reason) > 40
+    assert REFERENCE_LOSS_EXPECTED_FAILURES
+    for name, reason in REFERENCE_LOSS_EXPECTED_FAILURES.items():
+        assert name in CATALOGUE and len(reason) > 40
+
+
+def test_a_users_head_with_the_reference_loss_inherits_its_expected_failures():
+    """The R11 expectation belongs to the default loss: any head checked with it gets it, an own loss does not."""
+    with_default_loss = build_subject(HeadSpec(heads.Detect, expected_failures={"check_loss_pure": "x" * 50}), "a")
+    assert dict(with_default_loss.expected_failures) == {**REFERENCE_LOSS_EXPECTED_FAILURES, "check_loss_pure": "x" * 50}
+    own_loss = build_subject(HeadSpec(heads.Detect, loss=losses.DetectionLoss.for_head), "b")
+    assert dict(own_loss.expected_failures) == {}
 
 
 @pytest.mark.parametrize("head_cls", [heads.Detect, heads.Polygon], ids=lambda c: c.__name__)
 def test_assigner_coverage_passes_with_ensure_coverage(head_cls):
     """The R11 remedy: with AssignerConfig(ensure_coverage=True) the declared failure goes away."""
     subject = build_subject(covering_spec(head_cls), f"{head_cls.__name__}+ensure_coverage")
+    loss = subject.build_loss(subject.build_head())
+    assert (loss.detection if hasattr(loss, "detection") else loss).assigner.ensure_coverage
     CATALOGUE["check_assigner_coverage"](subject, _ctx())
-    assert subject.build_loss(subject.build_head()).assigner.ensure_coverage if head_cls is heads.Detect else True
 
 
 def test_canary_writes_its_curves(tmp_path, monkeypatch):
     monkeypatch.setenv("HEADGUARD_ARTIFACTS", str(tmp_path))
     CATALOGUE["check_training_canary"](_SUBJECTS["Detect"], _ctx())
-    import json
-
     data = json.loads((tmp_path / "canary-Detect-seed0.json").read_text())
     assert len(data["loss"]) == len(data["grad_norm"]) == 30
     assert data["loss"][-1] < data["loss"][0] and not any(data["skipped"])
