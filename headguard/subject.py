@@ -23,7 +23,8 @@ class HeadSpec:
     loss: a callable that takes the built head and returns the criterion `loss(preds, batch) -> (vector, items)`;
         `None` picks `PolygonLoss` when the head produces "polygons", else `DetectionLoss`.
     train_step: replaces `headguard.training.train_step` when given.
-    expected_failures: check name -> reason; such a check failing is reported as xfailed.
+    expected_failures: check name -> reason; such a check failing is reported as xfailed. With `loss=None` the
+        reference loss's own expected failures (`headguard.reference.REFERENCE_LOSS_EXPECTED_FAILURES`) are added.
     """
 
     head: Callable[..., nn.Module]
@@ -79,6 +80,11 @@ def build_subject(spec: HeadSpec, name: str) -> Subject:
     channels = tuple(int(c) for c in kwargs["ch"])
     capabilities = _capabilities(head, channels, strides)
     loss_factory = spec.loss or _default_loss(capabilities)
+    expected_failures = dict(spec.expected_failures)
+    if spec.loss is None:
+        from headguard.reference import REFERENCE_LOSS_EXPECTED_FAILURES  # late: reference imports this module
+
+        expected_failures = {**REFERENCE_LOSS_EXPECTED_FAILURES, **expected_failures}
     return Subject(
         name=name,
         prototype=head.train(),
@@ -88,7 +94,7 @@ def build_subject(spec: HeadSpec, name: str) -> Subject:
         channels=channels,
         nc=int(kwargs["nc"]),
         capabilities=capabilities,
-        expected_failures=dict(spec.expected_failures),
+        expected_failures=expected_failures,
     )
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -80,3 +81,5 @@ def test_canary_writes_its_curves(tmp_path, monkeypatch):
     assert len(data["loss"]) == len(data["grad_norm"]) == 30
     assert data["loss"][-1] < data["loss"][0] and not any(data["skipped"])
     assert all(torch.isfinite(torch.tensor(data["loss"])))
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "canary-Detect-seed0.png").stat().st_size > 0

@@ -71,7 +71,7 @@ def test_check_fails_on_the_ultralytics_compatible_assigner():
 
 
 def test_reference_declares_it_and_the_harness_reports_an_xfail():
-    assert CHECK in mutants.REFERENCE.expected_failures
+    assert CHECK in mutants.subject(mutants.REFERENCE).expected_failures
     result = run_check(mutants.subject(mutants.REFERENCE), CATALOGUE[CHECK], profile="ci", seed=0)
     assert result.status == "xfailed", (result.status, result.message)
 
