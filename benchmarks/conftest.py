@@ -4,7 +4,9 @@ Every benchmark times through the `device_bench` fixture, which
   * makes one untimed call first (CUDA context, kernel caches, cuBLAS/cuDNN handles, allocator growth stay out),
   * synchronises inside the timed callable, so the host clock sees the GPU's work,
   * runs `benchmark.pedantic` with warm-up rounds (default 10 warm-ups, 50 timed rounds, median reported),
-  * records peak CUDA memory into `benchmark.extra_info`.
+  * records peak CUDA memory into `benchmark.extra_info`: `peak_mem_over_inputs_bytes` is the peak of allocated
+    memory during the timed rounds minus what was allocated before the first call (the inputs), so state a callable
+    keeps between calls counts; `reserved_growth_bytes` is the caching allocator's growth over the whole run.
 Under --benchmark-disable (CI) each benchmark body runs once, on the CPU variant, so the code paths stay tested.
 """
 
@@ -103,17 +105,22 @@ class DeviceBench:
             bench.pedantic(fn, setup=setup)
             return
 
-        # The first call pays for one-time work (CUDA context, lazy module loads, cuDNN autotuning): keep it out of
-        # the warm-up rounds as well as out of the timed ones.
+        # The first call pays for one-time work (CUDA context, lazy module loads, cuDNN autotuning, graph capture):
+        # keep it out of the warm-up rounds as well as out of the timed ones.
         if setup is not None:
             setup()
+        cuda = self.device == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
+            # Taken before the first call, so memory a callable keeps between calls (a CUDA-graph pool, caches)
+            # counts against it.
+            resident, reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
         fn()
         self._sync()
         if setup is not None:
             setup()
-        if self.device == "cuda":
+        if cuda:
             torch.cuda.reset_peak_memory_stats()
-            resident = torch.cuda.memory_allocated()
 
         def timed() -> None:
             fn()
@@ -121,9 +128,13 @@ class DeviceBench:
 
         bench.pedantic(timed, setup=setup, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
         peak = None
-        if self.device == "cuda":
+        if cuda:
             peak = torch.cuda.max_memory_allocated() - resident
-            bench.extra_info.update(peak_mem_bytes=torch.cuda.max_memory_allocated(), peak_mem_over_inputs_bytes=peak)
+            bench.extra_info.update(
+                peak_mem_bytes=torch.cuda.max_memory_allocated(),
+                peak_mem_over_inputs_bytes=peak,
+                reserved_growth_bytes=torch.cuda.memory_reserved() - reserved,
+            )
         if pair is not None:
             record = Record(bench.fullname, pair, impl, bench.stats.stats.median, peak)
             self.config.stash[_RECORDS].append(record)

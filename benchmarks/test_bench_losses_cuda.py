@@ -1,6 +1,7 @@
 """Loss benchmarks, forward+backward of the loss alone, fp32, at the issue's shapes (a) and (b).
 
-Ours (DetectionLoss; PolygonLoss in l2 and mgiou mode) and Ultralytics' v8DetectionLoss get the very same prediction
+Ours (DetectionLoss; PolygonLoss in l2 and mgiou mode; each eager and with cuda_graphs=True) and Ultralytics'
+v8DetectionLoss get the very same prediction
 and target tensors; each benchmark is tagged with `pair` = "loss-<shape>", so the ratio table lines them up.
 """
 
@@ -16,11 +17,11 @@ losses = pytest.importorskip("losses")
 OURS = ["detection", "polygon-l2", "polygon-mgiou"]
 
 
-def _our_loss(kind: str, nc: int, np: int):
+def _our_loss(kind: str, nc: int, np: int, cuda_graphs: bool):
     if kind == "detection":
-        return losses.DetectionLoss(nc, STRIDES, reg_max=REG_MAX)
+        return losses.DetectionLoss(nc, STRIDES, reg_max=REG_MAX, cuda_graphs=cuda_graphs)
     mode = kind.split("-", 1)[1]
-    return losses.PolygonLoss(nc, STRIDES, np=np, reg_max=REG_MAX, mode=mode)
+    return losses.PolygonLoss(nc, STRIDES, np=np, reg_max=REG_MAX, mode=mode, cuda_graphs=cuda_graphs)
 
 
 def _step(criterion, preds, batch):
@@ -33,15 +34,18 @@ def _step(criterion, preds, batch):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape_name", ["a", "b"])
 @pytest.mark.parametrize("kind", OURS)
-def test_loss_fwd_bwd(device_bench, device, shape_name, kind):
+@pytest.mark.parametrize("path", ["eager", "graphs"])
+def test_loss_fwd_bwd(device_bench, device, shape_name, kind, path):
+    """path "graphs" is the fast path (cuda_graphs=True): CUDA graphs on the GPU, its static core run eagerly on CPU."""
     shape = loss_shape(shape_name, device)
     polygons = kind != "detection"
-    criterion = _our_loss(kind, shape.nc, shape.np)
+    criterion = _our_loss(kind, shape.nc, shape.np, cuda_graphs=path == "graphs")
     preds = make_preds(shape, device, polygons=polygons)
     batch = make_batch(shape, device, polygons=polygons)
     device_bench(
         lambda: _step(criterion, preds, batch), setup=lambda: clear_grads(preds),
-        pair=f"loss-{shape_name}", impl=kind, batch=shape.batch, nc=shape.nc, objects=int(batch["cls"].shape[0]),
+        pair=f"loss-{shape_name}", impl=kind if path == "eager" else f"{kind}[cuda_graphs]", batch=shape.batch,
+        nc=shape.nc, objects=int(batch["cls"].shape[0]),
     )
     assert torch.isfinite(_step(criterion, preds, batch)).all()
 

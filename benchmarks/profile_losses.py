@@ -1,0 +1,149 @@
+"""What bounds a loss step: kernel launches, host syncs and the top kernels, from torch.profiler.
+
+    python benchmarks/profile_losses.py [--steps 5] [--out profile.txt] [--cpu]
+
+For each workload (ours and Ultralytics' at the issue's shapes) it warms up, times 20 fwd+bwd steps with CUDA events
+(median), then profiles `--steps` steps and reports per step: kernels launched, CUDA graph launches, host syncs
+(`aten::_local_scalar_dense` is every `.item()`/`bool(tensor)`/`int(tensor)`; `aten::nonzero` syncs for its
+output size), and the top kernels by device time. `--cpu` runs the tiny CPU shapes (operator counts only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._inputs import REG_MAX, STRIDES, clear_grads, loss_shape, make_batch, make_preds  # noqa: E402
+
+LAUNCH_NAMES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "cudaStreamSynchronize", "cudaDeviceSynchronize")
+
+
+def _criterion(kind: str, nc: int, np: int, device: str, options: dict):
+    if kind == "ultralytics":
+        from benchmarks._ultralytics import ultralytics_detection_loss
+
+        return ultralytics_detection_loss(nc, REG_MAX, STRIDES, device)
+    import losses
+
+    cls = losses.DetectionLoss if kind == "detection" else losses.PolygonLoss
+    kwargs = {"reg_max": REG_MAX}
+    if kind != "detection":
+        kwargs.update(np=np, mode=kind.split("-", 1)[1])
+    accepted = inspect.signature(cls).parameters
+    kwargs.update({k: v for k, v in options.items() if k in accepted})
+    return cls(nc, STRIDES, **kwargs)
+
+
+def workload(kind: str, shape_name: str, device: str, options: dict) -> tuple[Callable[[], None], Callable[[], None]]:
+    shape = loss_shape(shape_name, device)
+    criterion = _criterion(kind, shape.nc, shape.np, device, options)
+    preds = make_preds(shape, device, polygons=True)
+    batch = make_batch(shape, device, polygons=True)
+
+    def step() -> None:
+        loss, _ = criterion(preds, batch)
+        loss.sum().backward()
+
+    return step, lambda: clear_grads(preds)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_ms(step, setup, device: str, n: int = 20) -> float:
+    times = []
+    for _ in range(n):
+        setup()
+        _sync(device)
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _device_time(evt) -> float:
+    for name in ("self_device_time_total", "self_cuda_time_total"):
+        if hasattr(evt, name):
+            return float(getattr(evt, name))
+    return 0.0
+
+
+def profile_one(name: str, step, setup, device: str, steps: int) -> str:
+    for _ in range(5):
+        setup()
+        step()
+    _sync(device)
+    ms = median_ms(step, setup, device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            setup()
+            step()
+        _sync(device)
+    events = prof.key_averages()
+    count = {e.key: e.count for e in events}
+    launches = sum(count.get(k, 0) for k in LAUNCH_NAMES) / steps
+    graphs = count.get("cudaGraphLaunch", 0) / steps
+    syncs = {k: count.get(k, 0) / steps for k in SYNC_OPS if count.get(k, 0)}
+    aten_ops = sum(e.count for e in events if e.key.startswith("aten::")) / steps
+    lines = [
+        f"== {name}: median {ms:.2f} ms/step; per step: {launches:.0f} kernel launches, {graphs:.0f} graph launches, "
+        f"{aten_ops:.0f} aten ops, syncs {syncs or 'none'}"
+    ]
+    kernels = [
+        e for e in events if device == "cuda" and _device_time(e) > 0 and not e.key.startswith(("aten::", "cuda"))
+    ]
+    kernels.sort(key=_device_time, reverse=True)
+    total = sum(_device_time(e) for e in kernels) / steps
+    if kernels:
+        lines.append(f"   device time of all kernels {total / 1e3:.2f} ms/step; top kernels (us/step, calls/step):")
+    for e in kernels[:8]:
+        lines.append(f"   {_device_time(e) / steps:8.1f}  {e.count / steps:5.0f}  {e.key[:100]}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--cpu", action="store_true", help="tiny CPU shapes: operator counts, no kernels")
+    parser.add_argument("--option", action="append", default=[], metavar="NAME=BOOL",
+                        help="loss constructor option for ours, e.g. cuda_graphs=1 (ignored where not accepted)")
+    parser.add_argument("--only", default="", help="comma-separated substrings of workload names to keep")
+    args = parser.parse_args(argv)
+    device = "cpu" if args.cpu else "cuda"
+    options = {k: bool(int(v)) for k, v in (o.split("=", 1) for o in args.option)}
+    names = [("ultralytics", "a"), ("ultralytics", "b"), ("detection", "a"), ("detection", "b"),
+             ("polygon-l2", "a"), ("polygon-mgiou", "a")]
+    report = [f"device: {torch.cuda.get_device_name(0) if device == 'cuda' else 'cpu'}; torch {torch.__version__}; "
+              f"options {options or 'none'}"]
+    for kind, shape in names:
+        label = f"{kind} ({shape})"
+        if args.only and not any(s in label for s in args.only.split(",")):
+            continue
+        try:
+            step, setup = workload(kind, shape, device, options)
+            report.append(profile_one(label, step, setup, device, args.steps))
+        except Exception as exc:  # one broken workload must not hide the others' profiles
+            report.append(f"== {label}: failed: {type(exc).__name__}: {exc}")
+        print(report[-1], flush=True)
+    if args.out:
+        args.out.write_text("\n".join(report) + "\n")
+
+
+if __name__ == "__main__":
+    main()
