@@ -27,6 +27,7 @@ from ._validate import (
     nonintegral_flag,
     outside_flag,
 )
+from ._fast import FastPath
 from .assigner import AssignerConfig, task_aligned_assign
 
 
@@ -87,6 +88,11 @@ class DetectionLoss:
     The class BCE is normalised by max(1, sum of target scores). Host syncs (4 on CUDA): one for the finiteness of the
     predictions, one for all value checks of the batch, the padded per-image object count (a shape) and the number of
     positives (a shape, for the box/DFL gathers).
+
+    `cuda_graphs=True` selects the fast path (`losses._fast`): one host sync for every check and the object count,
+    then a static-shape core, replayed as CUDA graphs (forward and backward) for CUDA inputs with autograd on and run
+    eagerly otherwise. Same vector and gradients up to summation order (tests/test_fast_paths.py: within 1e-5), same
+    errors. The graphs cost memory per distinct (batch, anchors, padded object count) shape; at most 8 are kept.
     """
 
     names = ("box_loss", "cls_loss", "dfl_loss")
@@ -98,6 +104,7 @@ class DetectionLoss:
         reg_max: int = 16,
         gains: DetectionGains = DetectionGains(),
         assigner: AssignerConfig = AssignerConfig(),
+        cuda_graphs: bool = False,
     ):
         if not isinstance(nc, int) or nc < 1:
             raise ValueError(f"Expected a positive int for nc, got nc={nc!r}")
@@ -113,6 +120,8 @@ class DetectionLoss:
         self.strides = tuple(strides)
         self.gains = gains
         self.assigner = assigner
+        self.cuda_graphs = bool(cuda_graphs)
+        self._fast = None  # the fast path and its CUDA-graph cache, built on first use
 
     @classmethod
     def for_head(cls, head, **kwargs) -> DetectionLoss:
@@ -124,6 +133,11 @@ class DetectionLoss:
 
     def loss(self, preds, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         preds = self.parse_output(preds)
+        if self.cuda_graphs:
+            if self._fast is None:
+                self._fast = FastPath(self)
+            terms = self._fast.detection_vector(preds, batch)
+            return terms * preds["boxes"].shape[0], dict(zip(self.names, terms.detach()))
         terms, _ = self.detection_terms(preds, batch)
         batch_size = preds["boxes"].shape[0]
         return terms * batch_size, dict(zip(self.names, terms.detach()))
@@ -196,17 +210,27 @@ class DetectionLoss:
     def pad_targets(self, batch: Mapping[str, torch.Tensor], batch_size: int, imgsz: torch.Tensor) -> PaddedTargets:
         """Regroup the flat batch per image (stable: rows keep their order within an image) into padded slots."""
         batch_idx, cls, bboxes = self._check_batch(batch, batch_size, imgsz)
-        device, dtype = imgsz.device, imgsz.dtype
-        # scatter_add, not bincount: bincount syncs on CUDA to size its output.
-        counts = torch.zeros(batch_size, dtype=torch.long, device=device).scatter_add_(
+        counts = self.image_counts(batch_idx, batch_size)
+        n = int(counts.max()) if batch_idx.numel() else 0  # the one shape-determining sync
+        return self.fill_slots(batch_idx, cls, bboxes, counts, n, imgsz)
+
+    @staticmethod
+    def image_counts(batch_idx: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """Objects per image (B,) long; scatter_add, not bincount: bincount syncs on CUDA to size its output."""
+        return torch.zeros(batch_size, dtype=torch.long, device=batch_idx.device).scatter_add_(
             0, batch_idx, torch.ones_like(batch_idx)
         )
-        n = int(counts.max()) if batch_idx.numel() else 0  # the one shape-determining sync
+
+    @staticmethod
+    def fill_slots(batch_idx, cls, bboxes, counts, n: int, imgsz: torch.Tensor) -> PaddedTargets:
+        """Checked flat targets -> `n` slots per image (n >= the largest count; the extra slots are padding)."""
+        batch_size = counts.shape[0]
+        device, dtype = imgsz.device, imgsz.dtype
         labels = torch.zeros((batch_size, n, 1), dtype=dtype, device=device)
         boxes = torch.zeros((batch_size, n, 4), dtype=dtype, device=device)
         mask = torch.zeros((batch_size, n), dtype=torch.bool, device=device)
         rows = torch.full((batch_size, n), -1, dtype=torch.long, device=device)
-        if n:
+        if n and batch_idx.numel():
             order = torch.sort(batch_idx, stable=True).indices
             starts = counts.cumsum(0) - counts
             slot = torch.empty_like(batch_idx)

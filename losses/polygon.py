@@ -22,7 +22,10 @@ import torch
 
 from heads._decode import decode_polygons
 
-from ._validate import LossInputError, check_finite, check_floating, check_like, check_shape, check_tensor
+from ._fast import FastPath
+from ._validate import (
+    LossInputError, check_finite, check_flag, check_floating, check_like, check_shape, check_tensor,
+)
 from .assigner import AssignerConfig
 from .detection import DetectionGains, DetectionLoss, DetectionTargets
 from .mgiou import mgiou
@@ -94,6 +97,11 @@ def polygon_vertex_loss(
     raise LossInputError(f"mode is {mode!r}; expected one of {MODES}")
 
 
+def _raise_empty_polygons(mask: torch.Tensor) -> None:
+    rows = (~mask.any(-1)).nonzero().flatten()[:5].tolist()
+    raise LossInputError(f"batch['polygon_mask'] has no real vertex in rows {rows}; expected at least one per polygon")
+
+
 class PolygonLoss:
     """Detection loss plus a polygon vertex term; explicit configuration, no model access, no state between calls.
 
@@ -105,6 +113,9 @@ class PolygonLoss:
     tuple. batch: DetectionLoss's keys plus "polygons" (N, np, 2) normalised xy and optional "polygon_mask" (N, np)
     bool (True = real vertex; at least one per polygon; padded vertices are never read). progress in [0, 1] is the
     fraction of training done; only "hybrid" uses it.
+
+    `cuda_graphs=True` selects the fast path (see DetectionLoss and `losses._fast`): same vector and gradients up to
+    summation order, same errors.
     """
 
     names = ("box_loss", "polygon_loss", "cls_loss", "dfl_loss")
@@ -118,6 +129,7 @@ class PolygonLoss:
         mode: str = "l2",
         gains: PolygonGains = PolygonGains(),
         assigner: AssignerConfig = AssignerConfig(),
+        cuda_graphs: bool = False,
     ):
         if isinstance(np, bool) or not isinstance(np, int) or np < MIN_VERTICES:
             raise ValueError(f"Expected an int np >= {MIN_VERTICES} for vertices per polygon, got np={np!r}")
@@ -129,6 +141,8 @@ class PolygonLoss:
         self.mode = mode
         self.gains = gains
         self.detection = DetectionLoss(nc, strides, reg_max=reg_max, gains=gains.detection(), assigner=assigner)
+        self.cuda_graphs = bool(cuda_graphs)
+        self._fast = None  # the fast path and its CUDA-graph cache, built on first use
 
     @classmethod
     def for_head(cls, head, **kwargs) -> PolygonLoss:
@@ -140,7 +154,13 @@ class PolygonLoss:
 
     def loss(self, preds, batch: Mapping[str, torch.Tensor], progress: float = 0.0):
         preds = DetectionLoss.parse_output(preds)
-        vector = self.terms(preds, batch, progress).vector
+        vector = None
+        if self.cuda_graphs:
+            if self._fast is None:
+                self._fast = FastPath(self.detection, self)
+            vector = self._fast.polygon_vector(preds, batch, self._check_progress(progress))
+        if vector is None:  # the reference path; also where raw offsets exceed the fast path's decode bound
+            vector = self.terms(preds, batch, progress).vector
         return vector * preds["scores"].shape[0], dict(zip(self.names, vector.detach()))
 
     def terms(self, preds, batch: Mapping[str, torch.Tensor], progress: float = 0.0) -> PolygonTerms:
@@ -223,11 +243,8 @@ class PolygonLoss:
             check_like("batch['polygon_mask']", mask, "batch['polygons']", polygons, dtype=False)
         real = torch.where(mask[..., None], polygons, torch.zeros_like(polygons))  # padded vertices are never read
         check_finite("batch['polygons'] (real vertices)", real, "finite normalised xy for every real vertex")
-        if count and not bool(mask.any(-1).all()):
-            rows = (~mask.any(-1)).nonzero().flatten()[:5].tolist()
-            raise LossInputError(
-                f"batch['polygon_mask'] has no real vertex in rows {rows}; expected at least one per polygon"
-            )
+        if count:
+            check_flag(mask.any(-1).all(), lambda: _raise_empty_polygons(mask))
         return polygons.to(torch.promote_types(polygons.dtype, torch.float32)), mask
 
     @staticmethod

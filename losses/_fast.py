@@ -1,0 +1,275 @@
+"""The fast path of DetectionLoss and PolygonLoss (`cuda_graphs=True`): the same loss, one host sync, one static core.
+
+Host side, eager: every input check and the largest per-image object count share one host sync (`one_sync`); targets
+are regrouped into per-image slots whose count is padded up to a multiple of `SLOT_MULTIPLE` (padding slots are
+masked, so the assignment does not change). Core: anchors' decode, assignment and every term, with the positives
+gathered through a fixed-capacity index instead of `nonzero()`: no host sync and no data-dependent shape, so
+`GraphedCore` captures it, forward and backward, as CUDA graphs and replays it. On the CPU (or when capture fails)
+the same core runs eagerly. Results equal the reference path up to summation order (tests/test_fast_paths.py).
+
+Capacity: a real gt keeps at most `topk` positives (its top-k candidates; conflict resolution only removes, the
+coverage rescue adds one only to a gt that had none), so an image has at most n_slots * topk positives and the index
+holds min(B * A, B * n_slots * topk) entries: no positive is ever dropped.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from heads._decode import decode_polygons, dfl_expectation, dist2bbox, make_anchors
+
+from ._boxes import bbox2dist, bbox_ciou, dfl_loss
+from ._graphs import GraphedCore
+from ._validate import LossInputError, one_sync
+from .assigner import task_aligned_assign
+from .mgiou import _mgiou_similarity, _normalise, _prepare
+
+SLOT_MULTIPLE = 8  # few distinct padded shapes (few graph captures) for little padding work
+# |raw| up to this keeps the vertex decode finite in float32 for any anchor and stride below 1e6 (heads.polygon).
+DECODE_RAW_BOUND = 1e30
+
+
+def padded_slot_count(n: int) -> int:
+    """The per-image slot count the core sees: n rounded up to a multiple of SLOT_MULTIPLE (at least one multiple)."""
+    return max(SLOT_MULTIPLE, -(-n // SLOT_MULTIPLE) * SLOT_MULTIPLE)
+
+
+def positive_index(fg_mask: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat (B*A) indices of the positives in row-major order (as `nonzero()`), padded to `capacity`, and validity.
+
+    Sync-free: each positive's rank is a cumulative sum, scattered into a fixed buffer; background anchors land in one
+    dump slot that is cut off. Filler entries keep distinct indices (their own position), because a gather's backward
+    serialises on repeated indices.
+    """
+    flat = fg_mask.reshape(-1)
+    rank = torch.cumsum(flat, 0) - 1
+    slot = torch.where(flat, rank, torch.full_like(rank, capacity))
+    index = torch.arange(capacity + 1, device=flat.device)
+    index.scatter_(0, slot, torch.arange(flat.numel(), device=flat.device))
+    valid = torch.arange(capacity, device=flat.device) < flat.sum()
+    return index[:capacity], valid
+
+
+class _GatherAnchors(torch.autograd.Function):
+    """x (B, C, A) -> x[image, :, anchor] (K, C); the backward adds rows straight into a zero gradient in x's layout.
+
+    Autograd's own index backward permutes the indexed dims to the front of a (B, C, A) gradient and back (a copy of
+    the whole tensor each way), or, gathered from a transposed view, hands back a transposed gradient whose
+    accumulation is a strided add; a flat `index_add_` avoids both (about 0.3 ms at shape (a) on an H200).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, image: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+        _, c, a = x.shape
+        channel = torch.arange(c, device=x.device)
+        flat = (image[:, None] * c + channel) * a + anchor[:, None]  # (K, C) offsets in x's logical order
+        ctx.save_for_backward(flat)
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        return torch.take(x, flat)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        (flat,) = ctx.saved_tensors
+        numel = ctx.x_shape[0] * ctx.x_shape[1] * ctx.x_shape[2]
+        grad_x = torch.zeros(numel, dtype=grad.dtype, device=grad.device)
+        grad_x.index_add_(0, flat.reshape(-1), grad.reshape(-1))
+        return grad_x.view(ctx.x_shape), None, None
+
+
+def gather_anchors(x: torch.Tensor, image: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    """x[image, :, anchor] for x (B, C, A) and index pairs (K,), as (K, C), with a cheap backward."""
+    return _GatherAnchors.apply(x, image, anchor)
+
+
+def mgiou_unchecked(pred: torch.Tensor, target: torch.Tensor, target_mask: torch.Tensor | None) -> torch.Tensor:
+    """`losses.mgiou` without its input checks, whose mask check reads a flag on the host.
+
+    The core's targets have a real vertex per polygon (the batch was checked; filler entries get all-real masks) and
+    finite vertices (checked before the core; decode stays finite below DECODE_RAW_BOUND).
+    """
+    p, t = _normalise(_prepare(pred, None), _prepare(target, target_mask))
+    return (1 - _mgiou_similarity(p, t)) / 2
+
+
+def vertex_loss(pred, target, mask, area, mode: str, progress: torch.Tensor, mgiou_mask) -> torch.Tensor:
+    """`losses.polygon.polygon_vertex_loss` with `mgiou_unchecked` and `progress` as a 0-d tensor (a graph input).
+
+    `mgiou_mask` is `mask`, or None where every vertex is real (the same MGIoU, without the padded-vertex fill).
+    """
+    from .polygon import _l2  # polygon imports detection, which imports this module
+
+    dtype = torch.promote_types(pred.dtype, torch.float32)
+    pred, target, area = pred.to(dtype), target.to(dtype), area.to(dtype)
+    if mode == "l2":
+        return _l2(pred, target, mask, area)
+    shape = mgiou_unchecked(pred, target, mgiou_mask)
+    if mode == "mgiou":
+        return shape
+    return (1.0 - progress) * _l2(pred, target, mask, area) + progress * shape
+
+
+class FastPath:
+    """Fast evaluation for one DetectionLoss, or (with `polygon`) one PolygonLoss; holds the CUDA-graph cache."""
+
+    def __init__(self, detection, polygon=None):
+        self.det = detection
+        self.poly = polygon
+        self.core = GraphedCore(self._core)
+        self._all_real = False  # set per call: the batch has no polygon_mask (part of the graph key)
+
+    # ---------------------------------------------------------------------------------------------- host side
+    def _prepare(self, preds, batch):
+        """Every check and the largest object count in one sync; the core's inputs (detection, polygon extras)."""
+        try:
+            with one_sync() as sync:
+                checked = self._checked(preds, batch, sync)
+        except LossInputError:
+            # A shape/type problem raised inside the block: report what the reference reports first.
+            self._recheck(preds, batch)
+            raise
+        if sync.failed:
+            self._recheck(preds, batch)
+            raise RuntimeError("a deferred input check failed, but the same checks passed when run eagerly")
+        det, poly = self.det, self.poly
+        boxes, scores, feats, imgsz, batch_idx, cls, bboxes, counts, n_at, extra = checked
+        # Half precision (AMP) is computed in float32, as DetectionLoss.detection_terms does.
+        dtype = torch.promote_types(scores.dtype, torch.float32)
+        boxes, scores = boxes.to(dtype), scores.to(dtype)
+        anchor_points, stride_tensor = make_anchors(feats, det.strides)
+        gt = det.fill_slots(batch_idx, cls, bboxes, counts, padded_slot_count(sync.values[n_at]), imgsz)
+        core_in = [boxes, scores, anchor_points, stride_tensor, gt.labels, gt.bboxes, gt.mask]
+        if poly is None:
+            return core_in, None
+        raw, polygons, polygon_mask, bounded_at = extra
+        if not sync.values[bounded_at]:
+            return core_in, "unbounded"
+        scale = torch.stack((imgsz[1], imgsz[0])).to(polygons.dtype)
+        if polygons.shape[0] == 0:  # no objects: every slot is padding, gather from one dummy row
+            polygons = polygons.new_zeros((1, *polygons.shape[1:]))
+            polygon_mask = polygon_mask.new_ones((1, polygon_mask.shape[1]))
+        rows = gt.rows.clamp(min=0)
+        gt_polygons = (polygons * scale)[rows]  # (B, n, V, 2) pixels
+        gt_polygon_mask = polygon_mask[rows] & (gt.rows >= 0)[..., None]
+        return core_in, [raw, gt_polygons, gt_polygon_mask]
+
+    def _checked(self, preds, batch, sync):
+        """The reference checks, in the reference order, with their value flags queued on `sync`."""
+        det, poly = self.det, self.poly
+        boxes, scores, feats = det._check_preds(preds)
+        b = scores.shape[0]
+        imgsz = _image_size(det.strides, feats, scores)
+        batch_idx, cls, bboxes = det._check_batch(batch, b, imgsz)
+        # Clamped only for counting, so an invalid index can't fault before the checks report it.
+        counts = det.image_counts(batch_idx.clamp(0, b - 1), b)
+        n_at = sync.read(counts.max() if batch_idx.numel() else counts.new_zeros(()))
+        extra = None
+        if poly is not None:
+            raw = poly._check_pred_polygons(preds)
+            polygons, polygon_mask = poly._check_batch_polygons(batch, _Sizes(imgsz))
+            bounded_at = sync.read(raw.detach().abs().amax() <= DECODE_RAW_BOUND)
+            extra = (raw, polygons, polygon_mask, bounded_at)
+        return boxes, scores, feats, imgsz, batch_idx, cls, bboxes, counts, n_at, extra
+
+    def _recheck(self, preds, batch) -> None:
+        """The reference checks, eagerly and in order: raises the error the reference path raises."""
+        det, poly = self.det, self.poly
+        boxes, scores, feats = det._check_preds(preds)
+        imgsz = _image_size(det.strides, feats, scores)
+        det._check_batch(batch, scores.shape[0], imgsz)
+        if poly is not None:
+            poly._check_pred_polygons(preds)
+            poly._check_batch_polygons(batch, _Sizes(imgsz))
+
+    def detection_vector(self, preds, batch) -> torch.Tensor:
+        """Gain-scaled [box, cls, dfl] (3,), not times B."""
+        core_in, _ = self._prepare(preds, batch)
+        return self.core(*core_in)
+
+    def polygon_vector(self, preds, batch, progress: float) -> torch.Tensor | None:
+        """Gain-scaled [box, polygon, cls, dfl] (4,), or None where the reference path must decide (|raw| > bound)."""
+        core_in, extra = self._prepare(preds, batch)
+        if extra == "unbounded":
+            return None
+        scores = core_in[1]
+        progress_t = torch.full((), progress, dtype=torch.float32, device=scores.device)
+        self._all_real = batch.get("polygon_mask") is None
+        return self.core(*core_in, *extra, progress_t, key=(self._all_real,))
+
+    # ---------------------------------------------------------------------------------------------- the core
+    def _core(self, *tensors: torch.Tensor) -> torch.Tensor:
+        if self.poly is None:
+            return self._detection_core(*tensors)[0]
+        return self._polygon_core(*tensors)
+
+    def _detection_core(self, boxes, scores, anchor_points, stride_tensor, labels, bboxes, mask):
+        """[box, cls, dfl] (3,) and what a vertex term needs; no host sync, static shapes."""
+        det = self.det
+        b, _, a = scores.shape
+        dist = dfl_expectation(boxes, det.reg_max)  # (B, 4, A) in bins
+        pred_bboxes = dist2bbox(dist.transpose(1, 2), anchor_points, xywh=False)  # (B, A, 4) grid units
+        scores_t = scores.transpose(1, 2)
+        assignment = task_aligned_assign(
+            scores_t.detach().sigmoid(),
+            (pred_bboxes.detach() * stride_tensor).to(bboxes.dtype),
+            anchor_points * stride_tensor,
+            labels, bboxes, mask.unsqueeze(-1), det.strides, det.assigner,
+        )
+        target_scores = assignment.target_scores
+        tss = target_scores.sum().clamp(min=1)
+        cls_term = F.binary_cross_entropy_with_logits(scores_t, target_scores.to(scores.dtype), reduction="sum") / tss
+
+        index, valid = positive_index(assignment.fg_mask, min(b * a, b * labels.shape[1] * det.assigner.topk))
+        image, anchor = index // a, index % a
+        zero = torch.zeros((), dtype=target_scores.dtype, device=index.device)
+        weight = torch.where(valid, target_scores[image, anchor].sum(-1), zero)
+        pred_pos = pred_bboxes[image, anchor]
+        target_pos = assignment.target_bboxes[image, anchor] / stride_tensor[anchor]
+        # Filler entries take their own prediction as target: finite terms, and weight 0 keeps them out of the sums.
+        target_pos = torch.where(valid[:, None], target_pos, pred_pos.detach())
+        box_term = ((1.0 - bbox_ciou(pred_pos, target_pos)) * weight).sum() / tss
+        ltrb = bbox2dist(anchor_points[anchor], target_pos, det.reg_max - 1)
+        logits = gather_anchors(boxes, image, anchor).view(-1, 4, det.reg_max)
+        dfl_term = (dfl_loss(logits, ltrb) * weight).sum() / tss
+        g = det.gains
+        terms = torch.stack((box_term * g.box, cls_term * g.cls, dfl_term * g.dfl))
+        return terms, (assignment, image, anchor, valid, weight, tss)
+
+    def _polygon_core(self, boxes, scores, anchor_points, stride_tensor, labels, bboxes, mask, raw, gt_polygons,
+                      gt_polygon_mask, progress):
+        """[box, polygon, cls, dfl] (4,); the vertex term as PolygonLoss.terms computes it, over the fixed index."""
+        terms, (assignment, image, anchor, valid, weight, tss) = self._detection_core(
+            boxes, scores, anchor_points, stride_tensor, labels, bboxes, mask)
+        slot = assignment.target_gt_idx[image, anchor]
+        stride = stride_tensor[anchor]  # (K, 1)
+        rows = gather_anchors(raw, image, anchor)  # (K, 2*np)
+        pixels = decode_polygons(rows.T.contiguous()[None], anchor_points[anchor], stride)
+        pred = (pixels[0].T / stride.to(pixels.dtype)).reshape(-1, raw.shape[1] // 2, 2)
+        target = gt_polygons[image, slot] / stride.to(gt_polygons.dtype)[:, :, None]
+        target = torch.where(valid[:, None, None], target, pred.detach().to(target.dtype))
+        vertex_mask = gt_polygon_mask[image, slot] | ~valid[:, None]
+        # Without a polygon_mask in the batch every vertex is real: MGIoU then skips its padded-vertex fill (a cummax).
+        mgiou_mask = None if self._all_real else vertex_mask
+        box = assignment.target_bboxes[image, anchor] / stride
+        area = torch.where(valid, (box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1]), torch.ones_like(box[:, 0]))
+        per_anchor = vertex_loss(pred, target, vertex_mask, area, self.poly.mode, progress, mgiou_mask)
+        polygon_term = (per_anchor * weight.to(per_anchor.dtype)).sum() / tss * self.poly.gains.polygon
+        dtype = torch.promote_types(terms.dtype, polygon_term.dtype)
+        box_t, cls_t, dfl_t = terms.to(dtype).unbind()
+        return torch.stack((box_t, polygon_term.to(dtype), cls_t, dfl_t))
+
+
+def _image_size(strides, feats, scores: torch.Tensor) -> torch.Tensor:
+    """(h, w) in pixels, as DetectionLoss.detection_terms builds it: by a kernel, in float32 at least."""
+    h, w = feats[0].shape[2:]
+    first = torch.arange(2, device=scores.device) == 0
+    pair = torch.where(first, float(h * strides[0]), float(w * strides[0]))
+    return pair.to(torch.promote_types(scores.dtype, torch.float32))
+
+
+class _Sizes:
+    """The one attribute PolygonLoss._check_batch_polygons reads from the detection targets."""
+
+    def __init__(self, imgsz: torch.Tensor):
+        self.imgsz = imgsz

@@ -1,0 +1,260 @@
+"""The losses' fast path (`cuda_graphs=True`) computes the reference loss: same vector, same gradients, same errors.
+
+On the CPU the fast path runs its static core eagerly, which is exactly what a CUDA graph replays; the CUDA-marked
+tests at the end check capture and replay themselves where a GPU exists.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from headguard.strategies import feature_maps, invalid_targets, targets
+from heads import Polygon
+from losses import DetectionLoss, LossInputError, PolygonLoss
+from losses._fast import SLOT_MULTIPLE, gather_anchors, padded_slot_count, positive_index
+from losses._graphs import GraphedCore
+from losses._validate import check_finite, check_range, one_sync
+
+STRIDES = (8.0, 16.0, 32.0)
+CHANNELS = (8, 16, 32)
+NC, NP = 3, 6
+MODES = ["detection", "l2", "mgiou", "hybrid"]
+TOL = 1e-5
+
+
+def _criteria(mode: str):
+    """(reference, fast) criteria of one mode."""
+    if mode == "detection":
+        return DetectionLoss(NC, STRIDES), DetectionLoss(NC, STRIDES, cuda_graphs=True)
+    return PolygonLoss(NC, STRIDES, np=NP, mode=mode), PolygonLoss(NC, STRIDES, np=NP, mode=mode, cuda_graphs=True)
+
+
+@functools.cache
+def _head() -> Polygon:
+    torch.manual_seed(0)
+    head = Polygon(nc=NC, np=NP, ch=CHANNELS)
+    head.stride = torch.tensor(STRIDES)
+    head.bias_init()
+    return head.train()
+
+
+def _head_outputs(feats, seed: int, spread: float) -> dict:
+    """A Polygon head's training output on `feats`, scaled and jittered, as leaf tensors with their own gradients."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        out = _head()(feats)
+    preds = {
+        k: (v * spread + 0.1 * torch.randn(v.shape, generator=gen)).requires_grad_()
+        for k, v in out.items() if k != "feats"
+    }
+    preds["feats"] = out["feats"]
+    return preds
+
+
+def _evaluate(criterion, mode, preds, batch, progress):
+    for v in preds.values():
+        if isinstance(v, torch.Tensor):
+            v.grad = None
+    if mode == "detection":
+        loss, items = criterion(preds, batch)
+    else:
+        loss, items = criterion(preds, batch, progress)
+    loss.sum().backward()
+    grads = {k: v.grad.clone() for k, v in preds.items() if isinstance(v, torch.Tensor) and v.grad is not None}
+    return loss.detach(), items, grads
+
+
+@st.composite
+def loss_cases(draw):
+    feats = draw(feature_maps(CHANNELS, STRIDES, max_batch=3, magnitudes=st.just(1.0), fills=("normal",)))
+    batch = draw(targets(NC, batch_size=feats[0].shape[0], num_vertices=NP, max_objects=12))
+    seed = draw(st.integers(0, 2**16))
+    spread = draw(st.sampled_from([0.1, 1.0, 3.0]))  # logits near and far from the initial output
+    progress = draw(st.floats(0.0, 1.0))
+    if draw(st.booleans()) and bool(batch["polygon_mask"].all()):
+        del batch["polygon_mask"]  # the fast path takes a mask-free MGIoU branch then
+    return feats, batch, seed, spread, progress
+
+
+@pytest.mark.parametrize("mode", MODES)
+@settings(max_examples=8)
+@given(case=loss_cases())
+def test_fast_path_matches_reference(mode, case):
+    feats, batch, seed, spread, progress = case
+    preds = _head_outputs(feats, seed, spread)
+    reference, fast = _criteria(mode)
+    ref_loss, ref_items, ref_grads = _evaluate(reference, mode, preds, batch, progress)
+    fast_loss, fast_items, fast_grads = _evaluate(fast, mode, preds, batch, progress)
+    torch.testing.assert_close(fast_loss, ref_loss, rtol=TOL, atol=TOL)
+    assert fast_items.keys() == ref_items.keys()
+    assert fast_grads.keys() == ref_grads.keys()
+    for name, ref in ref_grads.items():
+        scale = float(ref.abs().max()) or 1.0
+        torch.testing.assert_close(fast_grads[name], ref, rtol=TOL, atol=TOL * scale, msg=lambda m: f"{name}: {m}")
+
+
+def _raised(fn) -> tuple[str, str] | None:
+    try:
+        fn()
+    except LossInputError as exc:
+        return type(exc).__name__, str(exc)
+    return None
+
+
+@pytest.mark.parametrize("mode", ["detection", "mgiou"])
+@settings(max_examples=6)
+@given(case=invalid_targets(NC, batch_size=2, num_vertices=NP), seed=st.integers(0, 2**16))
+def test_fast_path_rejects_what_the_reference_rejects(mode, case, seed):
+    _kind, batch = case
+    feats = [torch.randn(2, c, 64 // int(s), 64 // int(s)) for c, s in zip(CHANNELS, STRIDES)]
+    preds = _head_outputs(feats, seed, 1.0)
+    reference, fast = _criteria(mode)
+    call = (lambda c: c(preds, batch)) if mode == "detection" else (lambda c: c(preds, batch, 0.5))
+    expected = _raised(lambda: call(reference))
+    assert expected is not None, "the reference accepted an invalid batch; the strategy or the loss changed"
+    assert _raised(lambda: call(fast)) == expected
+
+
+@pytest.mark.parametrize("key", ["scores", "boxes", "polygons"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_fast_path_rejects_non_finite_predictions_like_the_reference(key, value):
+    feats = [torch.randn(2, c, 64 // int(s), 64 // int(s)) for c, s in zip(CHANNELS, STRIDES)]
+    preds = _head_outputs(feats, 0, 1.0)
+    with torch.no_grad():
+        preds[key].view(-1)[17] = value
+    batch = {"batch_idx": torch.tensor([0.0, 1.0]), "cls": torch.tensor([[0.0], [2.0]]),
+             "bboxes": torch.tensor([[0.5, 0.5, 0.4, 0.3], [0.3, 0.6, 0.2, 0.2]]),
+             "polygons": torch.rand(2, NP, 2) * 0.2 + 0.4}
+    reference, fast = _criteria("l2")
+    expected = _raised(lambda: reference(preds, batch))
+    assert expected is not None and key in expected[1]
+    assert _raised(lambda: fast(preds, batch)) == expected
+
+
+@settings(max_examples=20)
+@given(st.lists(st.booleans(), min_size=1, max_size=64), st.integers(0, 64))
+def test_positive_index_lists_positives_in_nonzero_order(flags, extra):
+    fg = torch.tensor(flags).reshape(1, -1)
+    capacity = int(fg.sum()) + extra
+    if capacity == 0:
+        return
+    index, valid = positive_index(fg, capacity)
+    assert index.shape == valid.shape == (capacity,)
+    assert torch.equal(index[valid], fg.reshape(-1).nonzero().flatten())
+    assert int(valid.sum()) == int(fg.sum()) and not bool(valid[int(fg.sum()):].any())
+    # Filler entries must not repeat one index: a repeated index serialises the gather's backward on the GPU.
+    fillers = index[~valid]
+    assert fillers.unique().numel() == fillers.numel()
+
+
+@settings(max_examples=15)
+@given(st.integers(1, 3), st.integers(1, 5), st.integers(1, 9), st.data())
+def test_gather_anchors_equals_advanced_indexing_in_value_and_gradient(b, c, a, data):
+    k = data.draw(st.integers(0, 12))
+    image = torch.tensor(data.draw(st.lists(st.integers(0, b - 1), min_size=k, max_size=k)), dtype=torch.long)
+    anchor = torch.tensor(data.draw(st.lists(st.integers(0, a - 1), min_size=k, max_size=k)), dtype=torch.long)
+    base = torch.randn(b, a, c, generator=torch.Generator().manual_seed(k))
+    for x in (base.transpose(1, 2).contiguous(), base.transpose(1, 2)):  # contiguous and strided (B, C, A)
+        x = x.detach().requires_grad_()
+        weights = torch.randn(k, c, generator=torch.Generator().manual_seed(1))
+        got = gather_anchors(x, image, anchor)
+        (got * weights).sum().backward()
+        grad_got, x.grad = x.grad, None
+        want = x[image, :, anchor]
+        (want * weights).sum().backward()
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        torch.testing.assert_close(grad_got, x.grad, rtol=1e-6, atol=1e-6)  # repeated pairs add up, as indexing
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 31])
+def test_padded_slot_count_rounds_up_to_the_multiple(n):
+    padded = padded_slot_count(n)
+    assert padded >= max(n, 1) and padded % SLOT_MULTIPLE == 0 and padded - n < SLOT_MULTIPLE + (n == 0)
+
+
+def test_one_sync_queues_value_checks_and_reports_failure_after_the_block():
+    good, bad = torch.ones(3), torch.tensor([1.0, float("nan"), 2.0])
+    with one_sync() as sync:
+        check_finite("y", good, "finite y")
+        check_finite("x", bad, "finite x")  # queued: nothing raises inside the block
+        check_range("z", torch.tensor([5.0]), 0, 3, "z in [0, 3)")
+        assert len(sync.flags) == 3
+    assert sync.failed
+    with one_sync() as clean:
+        check_finite("y", good, "finite y")
+        check_range("z", torch.tensor([1.0]), 0, 3, "z in [0, 3)")
+    assert not clean.failed
+    with pytest.raises(LossInputError, match="x has 1 non-finite values"):
+        check_finite("x", bad, "finite x")  # outside the block the check raises at once, as before
+
+
+def test_one_sync_reads_requested_values():
+    with one_sync() as sync:
+        check_finite("y", torch.ones(2), "finite")
+        at = sync.read(torch.tensor(41) + 1)
+    assert sync.values[at] == 42
+
+
+def test_graphed_core_runs_eagerly_off_cuda():
+    calls = []
+
+    def core(x):
+        calls.append(1)
+        return (x * 2).sum().reshape(1)
+
+    graphed = GraphedCore(core)
+    x = torch.ones(4, requires_grad=True)
+    out = graphed(x)
+    out.sum().backward()
+    assert calls == [1] and float(out.detach()) == 8.0 and torch.equal(x.grad, torch.full((4,), 2.0))
+
+
+# --------------------------------------------------------------------------------------------------- CUDA only
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_graph_replay_matches_reference(mode):
+    feats = [torch.randn(2, c, 128 // int(s), 128 // int(s)) for c, s in zip(CHANNELS, STRIDES)]
+    preds = _head_outputs(feats, 0, 1.0)
+    preds = {k: (v.detach().cuda().requires_grad_() if k != "feats" else [f.cuda() for f in v])
+             for k, v in preds.items()}
+    batch = {"batch_idx": torch.tensor([0.0, 0.0, 1.0]), "cls": torch.tensor([[0.0], [2.0], [1.0]]),
+             "bboxes": torch.tensor([[0.5, 0.5, 0.4, 0.3], [0.3, 0.6, 0.2, 0.2], [0.6, 0.4, 0.5, 0.5]]),
+             "polygons": torch.rand(3, NP, 2) * 0.2 + 0.4}
+    batch = {k: v.cuda() for k, v in batch.items()}
+    reference, fast = _criteria(mode)
+    ref = _evaluate(reference, mode, preds, batch, 0.4)
+    for _ in range(3):  # capture, then replays
+        got = _evaluate(fast, mode, preds, batch, 0.4)
+    assert fast._fast.core.disabled_reason is None
+    torch.testing.assert_close(got[0], ref[0], rtol=TOL, atol=TOL)
+    for name, g in ref[2].items():
+        torch.testing.assert_close(got[2][name], g, rtol=TOL, atol=TOL * float(g.abs().max()))
+
+
+@pytest.mark.cuda
+def test_graphed_core_outputs_survive_later_calls_and_interleaved_backward():
+    graphed = GraphedCore(lambda x: (x * x).sum().reshape(1))
+    a = torch.full((8,), 2.0, device="cuda", requires_grad=True)
+    b = torch.full((8,), 3.0, device="cuda", requires_grad=True)
+    out_a = graphed(a)
+    out_b = graphed(b)  # replays over the static buffers that out_a came from
+    out_a.sum().backward()  # must use a's inputs, not b's
+    out_b.sum().backward()
+    assert float(out_a.detach()) == 32.0 and float(out_b.detach()) == 72.0
+    assert torch.equal(a.grad, torch.full_like(a, 4.0)) and torch.equal(b.grad, torch.full_like(b, 6.0))
+
+
+@pytest.mark.cuda
+def test_graphed_core_falls_back_when_capture_fails():
+    def syncing(x):
+        return x * float(x.sum())  # a host sync: not capturable
+
+    graphed = GraphedCore(syncing)
+    x = torch.ones(4, device="cuda", requires_grad=True)
+    out = graphed(x)
+    assert graphed.disabled_reason is not None and torch.equal(out, torch.full_like(x, 4.0))
