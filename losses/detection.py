@@ -27,7 +27,7 @@ from ._validate import (
     nonintegral_flag,
     outside_flag,
 )
-from ._fast import FastPath
+from ._fast import FastPath, gather_anchors
 from .assigner import AssignerConfig, task_aligned_assign
 
 
@@ -204,7 +204,11 @@ class DetectionLoss:
         ciou = bbox_ciou(pred_bboxes[fg], target_bboxes[fg])
         box_term = ((1.0 - ciou) * weight).sum() / tss
         target_ltrb = bbox2dist(anchor_points[fg[1]], target_bboxes[fg], self.reg_max - 1)
-        dfl_term = (dfl_loss(dist_logits[fg[0], :, :, fg[1]], target_ltrb) * weight).sum() / tss
+        # gather_anchors, not dist_logits[fg[0], :, :, fg[1]]: autograd's index backward permutes and copies the whole
+        # (B, 4, R, A) gradient (see losses._fast.gather_anchors).
+        b, _, r, a = dist_logits.shape
+        logits = gather_anchors(dist_logits.view(b, 4 * r, a), *fg).view(-1, 4, r)
+        dfl_term = (dfl_loss(logits, target_ltrb) * weight).sum() / tss
         return box_term, dfl_term
 
     def pad_targets(self, batch: Mapping[str, torch.Tensor], batch_size: int, imgsz: torch.Tensor) -> PaddedTargets:
