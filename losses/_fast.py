@@ -117,6 +117,7 @@ class FastPath:
         self.det = detection
         self.poly = polygon
         self.core = GraphedCore(self._core)
+        self._constants: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._all_real = False  # set per call: the batch has no polygon_mask (part of the graph key)
 
     # ---------------------------------------------------------------------------------------------- host side
@@ -137,7 +138,7 @@ class FastPath:
         # Half precision (AMP) is computed in float32, as DetectionLoss.detection_terms does.
         dtype = torch.promote_types(scores.dtype, torch.float32)
         boxes, scores = boxes.to(dtype), scores.to(dtype)
-        anchor_points, stride_tensor = make_anchors(feats, det.strides)
+        anchor_points, stride_tensor, _ = self._grid(feats, scores)
         gt = det.fill_slots(batch_idx, cls, bboxes, counts, padded_slot_count(sync.values[n_at]), imgsz)
         core_in = [boxes, scores, anchor_points, stride_tensor, gt.labels, gt.bboxes, gt.mask]
         if poly is None:
@@ -159,7 +160,7 @@ class FastPath:
         det, poly = self.det, self.poly
         boxes, scores, feats = det._check_preds(preds)
         b = scores.shape[0]
-        imgsz = _image_size(det.strides, feats, scores)
+        imgsz = self._grid(feats, scores)[2]
         batch_idx, cls, bboxes = det._check_batch(batch, b, imgsz)
         # Clamped only for counting, so an invalid index can't fault before the checks report it.
         counts = det.image_counts(batch_idx.clamp(0, b - 1), b)
@@ -171,6 +172,15 @@ class FastPath:
             bounded_at = sync.read(raw.detach().abs().amax() <= DECODE_RAW_BOUND)
             extra = (raw, polygons, polygon_mask, bounded_at)
         return boxes, scores, feats, imgsz, batch_idx, cls, bboxes, counts, n_at, extra
+
+    def _grid(self, feats, scores: torch.Tensor):
+        """Anchors, strides and the image size for these feature-map shapes: constants, built once per shape."""
+        # make_anchors follows feats[0]'s dtype and device, the image size the scores' (as the reference path).
+        key = (tuple(tuple(f.shape[2:]) for f in feats), feats[0].dtype, feats[0].device, scores.dtype, scores.device)
+        if key not in self._constants:
+            anchor_points, stride_tensor = make_anchors(feats, self.det.strides)
+            self._constants[key] = (anchor_points, stride_tensor, _image_size(self.det.strides, feats, scores))
+        return self._constants[key]
 
     def _recheck(self, preds, batch) -> None:
         """The reference checks, eagerly and in order: raises the error the reference path raises."""

@@ -49,19 +49,24 @@ def one_sync() -> Iterator[_Sync]:
         yield sync
     finally:
         _DEFERRED.reset(token)
-    parts = [f.reshape(()).long() for f in sync.flags] + [v.long() for v in sync.requested]
+    # As few ops as possible: on a GPU each costs a launch, and this runs every training step.
+    parts = []
+    if sync.flags:
+        parts.append(torch.stack(sync.flags).any().long().reshape(1))
+    if sync.requested:
+        parts.append(torch.stack([v.long() for v in sync.requested]))
     if parts:
-        numbers = torch.stack([p.to(parts[0].device) for p in parts]).tolist()
-        sync.failed = any(numbers[: len(sync.flags)])
-        sync.values = numbers[len(sync.flags):]
+        numbers = (torch.cat(parts) if len(parts) > 1 else parts[0]).tolist()
+        sync.failed = bool(sync.flags) and bool(numbers[0])
+        sync.values = numbers[1:] if sync.flags else numbers
 
 
 def _deferred(failure: torch.Tensor) -> bool:
-    """Queue a 0-d failure flag if inside `one_sync()`; False means the caller must read it now."""
+    """Queue a 0-d bool failure flag if inside `one_sync()`; False means the caller must read it now."""
     sync = _DEFERRED.get()
     if sync is None:
         return False
-    sync.flags.append(failure)
+    sync.flags.append(failure.reshape(()).to(torch.bool))
     return True
 
 
