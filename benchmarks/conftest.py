@@ -30,12 +30,17 @@ ROUNDS = 50
 
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[_RECORDS] = []
+    # Under xdist pytest-benchmark times nothing (each body runs once, as with --benchmark-disable). Asking for saved
+    # or compared results there would give empty or misleading files, so that is refused outright.
     xdist = config.getoption("dist", "no") != "no" or "PYTEST_XDIST_WORKER" in os.environ
-    timing = not config.getoption("benchmark_disable") or config.getoption("benchmark_enable")
-    if xdist and timing:
+    wants_results = any(
+        config.getoption(name, None)
+        for name in ("benchmark_json", "benchmark_save", "benchmark_autosave", "benchmark_compare")
+    )
+    if xdist and wants_results:
         raise pytest.UsageError(
-            "benchmarks/ must not run under xdist: workers share the CPU and the GPU, so timings would be wrong; "
-            "run them with -p no:xdist (or -n 0), or pass --benchmark-disable to only exercise the code paths"
+            "benchmarks must not run under xdist: workers share the CPU and the GPU, so pytest-benchmark times "
+            "nothing there; run them with -p no:xdist (or -n 0)"
         )
 
 
