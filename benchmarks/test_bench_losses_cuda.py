@@ -1,7 +1,8 @@
 """Loss benchmarks, forward+backward of the loss alone, fp32, at the issue's shapes (a) and (b).
 
 Ours (DetectionLoss; PolygonLoss in l2 and mgiou mode; each eager and with cuda_graphs=True) and Ultralytics'
-v8DetectionLoss get the very same prediction and target tensors; each benchmark is tagged with `pair` = "loss-<shape>", so the ratio table lines them up.
+v8DetectionLoss get the very same prediction and target tensors; each benchmark is tagged with
+`pair` = "loss-<shape>", so the ratio table lines them up.
 """
 
 from __future__ import annotations
