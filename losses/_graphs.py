@@ -23,6 +23,13 @@ def _signature(tensors: tuple[torch.Tensor, ...]) -> tuple:
     return tuple((t.shape, t.dtype, t.device, t.requires_grad, t.stride()) for t in tensors)
 
 
+def _autocast_on() -> bool:
+    try:
+        return torch.is_autocast_enabled("cuda")
+    except TypeError:  # torch < 2.4 takes no device type
+        return torch.is_autocast_enabled()
+
+
 @dataclass
 class _Captured:
     fwd: torch.cuda.CUDAGraph
@@ -45,7 +52,7 @@ class GraphedCore:
         self.disabled_reason: str | None = None
 
     def usable(self, tensors: tuple[torch.Tensor, ...]) -> bool:
-        """Graphs only for CUDA inputs with autograd recording and no compiler tracing."""
+        """Graphs only for CUDA inputs with autograd recording, outside autocast, capture and compiler tracing."""
         return (
             self.disabled_reason is None
             and torch.cuda.is_available()
@@ -53,6 +60,8 @@ class GraphedCore:
             and torch.is_grad_enabled()
             and any(t.requires_grad for t in tensors)
             and not torch.cuda.is_current_stream_capturing()
+            # autocast's cast cache would hand a capture tensors freed when the autocast block ends
+            and not _autocast_on()
             and not torch.compiler.is_compiling()
         )
 

@@ -258,3 +258,18 @@ def test_graphed_core_falls_back_when_capture_fails():
     x = torch.ones(4, device="cuda", requires_grad=True)
     out = graphed(x)
     assert graphed.disabled_reason is not None and torch.equal(out, torch.full_like(x, 4.0))
+
+
+@pytest.mark.cuda
+def test_graphed_core_runs_eagerly_under_autocast():
+    def core(x, w):
+        return (x @ w).float().sum().reshape(1)  # under fp16 autocast the product overflows to inf
+
+    graphed = GraphedCore(core)
+    x = torch.full((16, 16), 300.0, device="cuda", requires_grad=True)
+    w = torch.full((16, 16), 300.0, device="cuda")
+    plain = graphed(x, w)
+    with torch.autocast("cuda", dtype=torch.float16):
+        mixed = graphed(x, w)
+    assert len(graphed._cache) == 1  # only the call outside autocast was captured
+    assert torch.isfinite(plain).all() and torch.isinf(mixed).all()
