@@ -31,9 +31,9 @@ SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "cudaStreamSynchronize
 
 def _criterion(kind: str, nc: int, np: int, device: str, options: dict):
     if kind == "ultralytics":
-        from benchmarks._ultralytics import ultralytics_detection_loss
+        from headguard.adapters.ultralytics import v8_detection_loss
 
-        return ultralytics_detection_loss(nc, REG_MAX, STRIDES, device)
+        return v8_detection_loss(nc, STRIDES, REG_MAX, device=device)
     import losses
 
     cls = losses.DetectionLoss if kind == "detection" else losses.PolygonLoss

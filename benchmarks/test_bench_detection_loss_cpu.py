@@ -12,7 +12,7 @@ import torch
 from losses import DetectionLoss
 
 ultralytics = pytest.importorskip("ultralytics")
-from tests.oracle._ultralytics import ultralytics_detection_loss  # noqa: E402
+from headguard.adapters.ultralytics import v8_detection_loss  # noqa: E402
 
 STRIDES = (8.0, 16.0, 32.0)
 BATCH, SIZE, NC, OBJECTS = 8, 640, 1, 10
@@ -49,4 +49,4 @@ def test_bench_headguard_detection_loss(benchmark):
 @pytest.mark.benchmark(group="detection-loss-cpu")
 def test_bench_ultralytics_v8_detection_loss(benchmark):
     preds, batch = _inputs()
-    benchmark.pedantic(_step, args=(ultralytics_detection_loss(NC, STRIDES), preds, batch), rounds=20, warmup_rounds=2)
+    benchmark.pedantic(_step, args=(v8_detection_loss(NC, STRIDES), preds, batch), rounds=20, warmup_rounds=2)

@@ -54,10 +54,10 @@ def test_loss_fwd_bwd(device_bench, device, shape_name, kind, path):
 @pytest.mark.parametrize("shape_name", ["a", "b"])
 def test_ultralytics_loss_fwd_bwd(device_bench, device, shape_name):
     pytest.importorskip("ultralytics")
-    from benchmarks._ultralytics import ultralytics_detection_loss
+    from headguard.adapters.ultralytics import v8_detection_loss
 
     shape = loss_shape(shape_name, device)
-    criterion = ultralytics_detection_loss(shape.nc, REG_MAX, STRIDES, device)
+    criterion = v8_detection_loss(shape.nc, STRIDES, REG_MAX, device=device)
     # The polygon key is in the dict as for our PolygonLoss; Ultralytics ignores it, so inputs are the same.
     preds = make_preds(shape, device, polygons=True)
     batch = make_batch(shape, device, polygons=True)

@@ -298,6 +298,11 @@ def _target_batches(draw, nc, batch_size, num_vertices, min_objects, max_objects
             pts, mask = _polygon_in_box(draw, draw(st.sampled_from(polygon_kinds)), box, num_vertices)
             polys.append(pts)
             masks.append(mask)
+    # Rows grouped by image in ascending order, as Ultralytics' collate makes them: its losses (and forks') index
+    # per-image slots by running counts and need it. Our own loss accepts any order (tests/property).
+    order = sorted(range(n), key=idx.__getitem__)
+    boxes, idx, cls = [boxes[i] for i in order], [idx[i] for i in order], [cls[i] for i in order]
+    polys, masks = [polys[i] for i in order] if polys else polys, [masks[i] for i in order] if masks else masks
     batch = TargetBatch({
         "batch_idx": torch.tensor(idx, dtype=torch.float32),
         "cls": torch.tensor(cls, dtype=torch.float32).reshape(n, 1),
@@ -337,7 +342,8 @@ def targets(
     polygon_kinds: Sequence[str] = POLYGON_KINDS,
 ) -> st.SearchStrategy[dict[str, torch.Tensor]]:
     """VALID batch dicts for `batch_size` images: `batch_idx (N,)`, `cls (N, 1)`, `bboxes (N, 4)` normalised xywh,
-    plus `polygons (N, np, 2)` and `polygon_mask (N, np)` when num_vertices > 0.
+    plus `polygons (N, np, 2)` and `polygon_mask (N, np)` when num_vertices > 0. Rows are sorted by image, as
+    Ultralytics' collate delivers them.
 
     Empty batches, one object and many; zero-width/height, tiny, image-covering, edge-touching and duplicate boxes;
     polygons convex, all-equal, collinear, with a repeated vertex, or padded (masked), in either orientation. Every

@@ -183,16 +183,6 @@ class DetectionLossFlatRows(losses.DetectionLoss):
         return terms, det._replace(gt_rows=torch.where(det.mask_gt, slots, det.gt_rows))
 
 
-class DetectionLossAssumesSortedBatch(losses.DetectionLoss):
-    """Slot j of image b taken as flat row (objects before image b) + j: right only if rows are sorted by image."""
-
-    def detection_terms(self, preds, batch):
-        terms, det = super().detection_terms(preds, batch)
-        counts = det.mask_gt.sum(1)
-        slots = torch.arange(det.gt_rows.shape[1], device=det.gt_rows.device)
-        return terms, det._replace(gt_rows=torch.where(det.mask_gt, (counts.cumsum(0) - counts)[:, None] + slots, -1))
-
-
 class _PolygonLossOver(losses.PolygonLoss):
     """A PolygonLoss whose inner detection loss is `detection_cls` (same settings): mutants of the shared terms."""
 
@@ -222,10 +212,18 @@ class PolygonLossFlatRows(_PolygonLossOver):
     detection_cls = DetectionLossFlatRows
 
 
-class PolygonLossAssumesSortedBatch(_PolygonLossOver):
-    """Ground-truth polygons looked up as if the batch rows were sorted by image (true of one dataloader only)."""
+class PolygonLossCapsObjectsPerImage(losses.PolygonLoss):
+    """A fixed-size target buffer: objects after the first `cap` of an image are dropped silently, so which objects
+    count depends on their order within the image."""
 
-    detection_cls = DetectionLossAssumesSortedBatch
+    cap = 2
+
+    def terms(self, preds, batch, progress=0.0):
+        image = batch["batch_idx"].long()
+        onehot = torch.nn.functional.one_hot(image, int(image.max()) + 1 if image.numel() else 1)
+        rank = (onehot.cumsum(0) * onehot).sum(1) - 1  # position of each row within its image
+        keep = rank < self.cap
+        return super().terms(preds, {k: v[keep] for k, v in batch.items()}, progress)
 
 
 def _with_polygon_term(t, polygon: torch.Tensor):
@@ -371,7 +369,7 @@ R11_SPEC = HeadSpec(heads.Polygon, loss=_loss(assigner=losses.AssignerConfig(ens
 CLIP_SPEC = HeadSpec(heads.Polygon, train_step=step_clips_each_tensor)
 LR_SPEC = HeadSpec(heads.Polygon, train_step=step_rescales_lr_every_call)
 PIXELS_SPEC = HeadSpec(heads.Polygon, loss=_loss(PolygonLossInPixels))
-ORDER_SPEC = HeadSpec(heads.Polygon, loss=_loss(PolygonLossAssumesSortedBatch))
+ORDER_SPEC = HeadSpec(heads.Polygon, loss=_loss(PolygonLossCapsObjectsPerImage))
 DTYPE_SPEC = HeadSpec(heads.Polygon, loss=_loss(PolygonLossFloat32Buffer))
 STATEFUL_SPEC = HeadSpec(heads.Polygon, loss=_loss(PolygonLossCountsCalls, mode="hybrid"))
 CONTRACT_SPEC = HeadSpec(DetectScoresWithoutSigmoid)
