@@ -22,9 +22,11 @@ class HeadSpec:
     head: the head class (or any callable returning an `nn.Module`), called with `head_kwargs`.
     loss: a callable that takes the built head and returns the criterion `loss(preds, batch) -> (vector, items)`;
         `None` picks `PolygonLoss` when the head produces "polygons", else `DetectionLoss`.
+    head_kwargs: passed to `head`, over the defaults nc=2, ch=(16, 32, 64) (small: checks run in milliseconds).
     train_step: replaces `headguard.training.train_step` when given.
     expected_failures: check name -> reason; such a check failing is reported as xfailed. With `loss=None` the
         reference loss's own expected failures (`headguard.reference.REFERENCE_LOSS_EXPECTED_FAILURES`) are added.
+    strides: one per level, set as `head.stride` before `bias_init()`.
     """
 
     head: Callable[..., nn.Module]
@@ -32,6 +34,7 @@ class HeadSpec:
     head_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     train_step: Callable | None = None
     expected_failures: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    strides: tuple[float, ...] = DEFAULT_STRIDES
 
 
 @dataclasses.dataclass
@@ -73,7 +76,9 @@ def build_subject(spec: HeadSpec, name: str) -> Subject:
     head = spec.head(**kwargs)
     if not isinstance(head, nn.Module):
         raise TypeError(f"{name}: expected the head factory to return an nn.Module, got {type(head).__name__}")
-    strides = tuple(float(s) for s in kwargs.get("strides", DEFAULT_STRIDES))
+    strides = tuple(float(s) for s in spec.strides)
+    if len(strides) != len(kwargs["ch"]):
+        raise ValueError(f"{name}: {len(strides)} strides {strides} for {len(kwargs['ch'])} levels ch={kwargs['ch']}")
     head.stride = torch.tensor(strides)
     if hasattr(head, "bias_init"):
         head.bias_init()
