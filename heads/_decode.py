@@ -7,6 +7,12 @@ from collections.abc import Sequence
 import torch
 from torch.autograd.function import once_differentiable
 
+# decode_polygons computes in float32 at least (float64 stays float64), so it is finite for |raw| <= DECODE_RAW_BOUND
+# in every input dtype whenever anchors (grid units) and strides (pixels) are <= 1e6: the result is at most
+# (2e30 + 1e6) * 1e6 ~ 2e36 < 3.4e38 = float32 max. fp16 raw (|raw| <= 65504) is always within the bound; bf16 and
+# fp32 raw beyond it may decode to inf, visibly: nothing is clamped.
+DECODE_RAW_BOUND = 1e30
+
 
 def make_anchors(
     feats: Sequence[torch.Tensor], strides: torch.Tensor | Sequence[float], offset: float = 0.5

@@ -12,16 +12,10 @@ import torch
 from torch import nn
 
 from ._blocks import Conv
-from ._decode import decode_polygons, make_anchors
+from ._decode import DECODE_RAW_BOUND, decode_polygons, make_anchors
 from .detect import Detect
 
 __all__ = ["DECODE_RAW_BOUND", "Polygon", "decode_polygons"]
-
-# decode_polygons computes in float32 at least (float64 stays float64), so it is finite for |raw| <= DECODE_RAW_BOUND
-# in every input dtype whenever anchors (grid units) and strides (pixels) are <= 1e6: the result is at most
-# (2e30 + 1e6) * 1e6 ~ 2e36 < 3.4e38 = float32 max. fp16 raw (|raw| <= 65504) is always within the bound; bf16 and
-# fp32 raw beyond it may decode to inf, visibly: nothing is clamped.
-DECODE_RAW_BOUND = 1e30
 
 
 class Polygon(Detect):

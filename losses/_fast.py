@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from heads._decode import decode_polygons, dfl_expectation, dist2bbox, make_anchors
+from heads._decode import DECODE_RAW_BOUND, decode_polygons, dfl_expectation, dist2bbox, make_anchors
 
 from ._boxes import bbox2dist, bbox_ciou, dfl_loss
 from ._graphs import GraphedCore
@@ -26,8 +26,6 @@ from .assigner import task_aligned_assign
 from .mgiou import _mgiou_similarity, _normalise, _prepare
 
 SLOT_MULTIPLE = 8  # few distinct padded shapes (few graph captures) for little padding work
-# |raw| up to this keeps the vertex decode finite in float32 for any anchor and stride below 1e6 (heads.polygon).
-DECODE_RAW_BOUND = 1e30
 
 
 def padded_slot_count(n: int) -> int:

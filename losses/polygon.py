@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-from heads._decode import decode_polygons
+from heads._decode import DECODE_RAW_BOUND, decode_polygons
 
 from ._fast import FastPath, gather_anchors
 from ._validate import (
@@ -178,7 +178,7 @@ class PolygonLoss:
         )
         pred = self._positive_vertices(raw, det)
         check_finite("decoded preds['polygons'] at positive anchors", pred,
-                     "finite vertices (decode_polygons is finite for |raw| <= 1e30)")
+                     f"finite vertices (decode_polygons is finite for |raw| <= {DECODE_RAW_BOUND:g})")
 
         image, anchor = det.fg_mask.nonzero(as_tuple=True)
         box = det.target_bboxes[image, anchor] / det.stride_tensor[anchor]
