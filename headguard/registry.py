@@ -65,17 +65,6 @@ def check(*, area: str, requires: Iterable[str] = (), name: str | None = None):
     return register
 
 
-def checks_for(capabilities: Iterable[str], *, select: Iterable[str] = (), deselect: Iterable[str] = ()) -> list[Check]:
-    """The registered checks that apply to a subject with `capabilities`, filtered by name."""
-    _load_catalogue()
-    unknown = sorted((set(select) | set(deselect)) - set(CATALOGUE))
-    if unknown:
-        raise KeyError(f"unknown check name(s) {unknown}; known: {sorted(CATALOGUE)}")
-    chosen = [c for c in CATALOGUE.values() if c.applies_to(capabilities)]
-    if select:
-        chosen = [c for c in chosen if c.name in set(select)]
-    return [c for c in chosen if c.name not in set(deselect)]
-
-
-def _load_catalogue() -> None:
+def load_catalogue() -> None:
+    """Register every built-in check (idempotent: the import runs once)."""
     from headguard import checks  # noqa: F401  (importing the package registers every check)

@@ -13,7 +13,8 @@ from hypothesis import settings
 import heads
 import losses
 from headguard.reference import REFERENCE_LOSS_EXPECTED_FAILURES, REFERENCE_SPECS, covering_spec
-from headguard.registry import CATALOGUE, CheckContext, CheckFailure, checks_for
+from headguard.registry import CATALOGUE, CheckContext, CheckFailure
+from headguard.runner import select_checks
 from headguard.subject import HeadSpec, build_subject
 
 _SUBJECTS = {cls.__name__: build_subject(spec, cls.__name__) for cls, spec in REFERENCE_SPECS.items()}
@@ -26,7 +27,7 @@ REFERENCE_BUGS: dict[str, str] = {}
 
 def _cases():
     for name, subject in _SUBJECTS.items():
-        for chk in checks_for(subject.capabilities):
+        for chk in select_checks(subject.capabilities):
             marks = []
             reason = subject.expected_failures.get(chk.name) or REFERENCE_BUGS.get(chk.name)
             if reason:
@@ -45,7 +46,7 @@ def test_reference_head(head, check_name):
 
 def test_every_check_applies_to_the_polygon_head():
     """The polygon reference exercises the whole catalogue; the detection one all but the polygon-only checks."""
-    assert {c.name for c in checks_for(_SUBJECTS["Polygon"].capabilities)} == set(CATALOGUE)
+    assert {c.name for c in select_checks(_SUBJECTS["Polygon"].capabilities)} == set(CATALOGUE)
     assert {c.name for c in CATALOGUE.values() if not c.applies_to(_SUBJECTS["Detect"].capabilities)} == {
         "check_polygon_detection_terms_match", "check_polygon_gradient_at_init"
     }
