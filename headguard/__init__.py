@@ -1,6 +1,6 @@
 """headguard: property-based and fuzz tests for object-detector heads."""
 
-from headguard.registry import CATALOGUE, CheckFailure, CheckSkipped, check
+from headguard.registry import CheckFailure, CheckSkipped, check
 from headguard.subject import HeadSpec, Subject, build_subject
 
 __all__ = [
@@ -20,6 +20,11 @@ _LAZY = {
 
 
 def __getattr__(name: str):
+    if name == "CATALOGUE":  # filled by importing headguard.checks: an eager import would hand out an empty dict
+        from headguard.registry import CATALOGUE, load_catalogue
+
+        load_catalogue()
+        return CATALOGUE
     if name in _LAZY:
         import importlib
 
