@@ -100,7 +100,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
         subjects = [resolve_target(t) for t in targets]
         for subject in subjects:
             validate_names(subject.expected_failures, where=f"the expected_failures of {subject.name}")
-    except (TargetError, UnknownCheckError) as exc:
+        for option, path in (("--json", args.json), ("--junit", args.junit)):
+            if path:
+                _check_writable(option, path)
+    except (TargetError, UnknownCheckError, _UnwritableReport) as exc:
         return _usage_error(str(exc))
 
     plan = [(s, select_checks(s.capabilities, select=select, deselect=deselect)) for s in subjects]
@@ -124,6 +127,20 @@ def _cmd_check(args: argparse.Namespace) -> int:
     if args.junit:
         report.write_junit(args.junit, results, profile=args.profile, seed=args.seed)
     return EXIT_FAILED if any(r.status in ("failed", "error") for r in results) else EXIT_OK
+
+
+class _UnwritableReport(Exception):
+    pass
+
+
+def _check_writable(option: str, path: str) -> None:
+    """Refuse a report path before the run, not with a traceback after it (a fuzz run takes minutes)."""
+    try:
+        report.prepare_path(path)
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        raise _UnwritableReport(f"cannot write {option} {path}: {exc.strerror or exc}") from None
 
 
 def _cmd_list(args: argparse.Namespace) -> int:

@@ -95,7 +95,7 @@ def write_json(path: str | os.PathLike, results: Sequence[CheckResult], *, profi
         "summary": counts(results),
         "results": [r.to_record() for r in results],
     }
-    _parent_dir(path)
+    prepare_path(path)
     with open(path, "w", encoding="utf-8") as fh:
         json.dump(doc, fh, indent=2)
         fh.write("\n")
@@ -132,10 +132,10 @@ def junit_tree(results: Sequence[CheckResult], *, profile: str, seed: int) -> ET
 
 
 def write_junit(path: str | os.PathLike, results: Sequence[CheckResult], *, profile: str, seed: int) -> None:
-    _parent_dir(path)
+    prepare_path(path)
     junit_tree(results, profile=profile, seed=seed).write(path, encoding="utf-8", xml_declaration=True)
 
 
-def _parent_dir(path: str | os.PathLike) -> None:
+def prepare_path(path: str | os.PathLike) -> None:
     """CI writes reports into fresh directories (reports/junit.xml): create them rather than fail after the run."""
     pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -206,3 +206,10 @@ def test_list_shows_every_check_with_its_property(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == [c.name for c in _fakes.CATALOGUE]
     assert lines[5].split()[1:3] == ["shape_loss", "Only"] and lines[5].endswith("[needs polygons]")
+
+
+@pytest.mark.parametrize("option", ["--json", "--junit"])
+def test_unwritable_report_path_is_refused_before_the_run(capsys, tmp_path, option):
+    code, out, err = run(capsys, "tinyheads:TINY", "--select", "check_passes", option, str(tmp_path))
+    assert code == 2 and out == ""
+    assert one_line(err) == f"headguard: error: cannot write {option} {tmp_path}: Is a directory"
