@@ -31,7 +31,7 @@ def counts(results: Iterable[CheckResult]) -> dict[str, int]:
 
 def summary_line(results: Sequence[CheckResult], *, elapsed_s: float | None = None) -> str:
     parts = [f"{n} {status}" for status, n in counts(results).items() if n]
-    tail = f" in {elapsed_s:.1f}s" if elapsed_s is not None else ""
+    tail = f" in {elapsed_s:.2f}s" if elapsed_s is not None else ""  # as the table: one quick check is not "0.0s"
     return (", ".join(parts) or "no checks ran") + tail
 
 
@@ -40,7 +40,7 @@ def format_table(results: Sequence[CheckResult]) -> str:
     lines = []
     for target, rows in by_target(results).items():
         width = max(len(r.name) for r in rows)
-        lines.append(f"{target}  ({len(rows)} checks)")
+        lines.append(f"{target}  ({len(rows)} check{'' if len(rows) == 1 else 's'})")
         lines.extend(f"  {_LABELS[r.status]:<8} {r.name:<{width}}  {r.duration_s:7.2f}s" for r in rows)
         lines.append("")
     return "\n".join(lines)

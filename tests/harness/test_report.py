@@ -100,4 +100,12 @@ def test_report_lists_every_check_and_summarises():
     assert "  ERROR    check_three     0.20s" in text
     assert "ERROR a:B::check_three" in text and "where:    f.py:3 in g" in text
     assert "a:B::check_two: expected failure: bug 3" in text
-    assert text.rstrip().endswith("1 passed, 1 xfailed, 1 error in 0.8s")
+    assert "a:B  (3 checks)" in text
+    assert text.rstrip().endswith("1 passed, 1 xfailed, 1 error in 0.80s")
+
+
+def test_report_of_one_quick_check_reads_naturally():
+    text = report.format_report([CheckResult("a:B", "check_one", "passed", 0.04)], profile="dev", seed=0,
+                                elapsed_s=0.04)
+    assert "a:B  (1 check)\n" in text
+    assert text.rstrip().endswith("1 passed in 0.04s")
