@@ -23,7 +23,7 @@ from ._boxes import bbox2dist, bbox_ciou, dfl_loss
 from ._graphs import GraphedCore
 from ._validate import LossInputError, one_sync
 from .assigner import task_aligned_assign
-from .mgiou import _mgiou_similarity, _normalise, _prepare
+from .mgiou import _mgiou_loss
 
 SLOT_MULTIPLE = 8  # few distinct padded shapes (few graph captures) for little padding work
 
@@ -81,31 +81,28 @@ def gather_anchors(x: torch.Tensor, image: torch.Tensor, anchor: torch.Tensor) -
     return _GatherAnchors.apply(x, image, anchor)
 
 
-def mgiou_unchecked(pred: torch.Tensor, target: torch.Tensor, target_mask: torch.Tensor | None) -> torch.Tensor:
-    """`losses.mgiou` without its input checks, whose mask check reads a flag on the host.
-
-    The core's targets have a real vertex per polygon (the batch was checked; filler entries get all-real masks) and
-    finite vertices (checked before the core; decode stays finite below DECODE_RAW_BOUND).
-    """
-    p, t = _normalise(_prepare(pred, None), _prepare(target, target_mask))
-    return (1 - _mgiou_similarity(p, t)) / 2
+def positive_vertices(raw: torch.Tensor, image: torch.Tensor, anchor: torch.Tensor, anchor_points: torch.Tensor,
+                      stride_tensor: torch.Tensor) -> torch.Tensor:
+    """Vertices (K, V, 2) of anchors (image, anchor) in their own stride units, decoded with the head's decode."""
+    stride = stride_tensor[anchor]  # (K, 1)
+    rows = gather_anchors(raw, image, anchor)  # (K, 2*np); raw[image, :, anchor] with a cheaper backward
+    # decode_polygons takes (B, 2*np, A): the K anchors are decoded as one image of K anchors.
+    pixels = decode_polygons(rows.T.contiguous()[None], anchor_points[anchor], stride)
+    return (pixels[0].T / stride.to(pixels.dtype)).reshape(-1, raw.shape[1] // 2, 2)
 
 
 def vertex_loss(pred, target, mask, area, mode: str, progress: torch.Tensor, mgiou_mask) -> torch.Tensor:
-    """`losses.polygon.polygon_vertex_loss` with `mgiou_unchecked` and `progress` as a 0-d tensor (a graph input).
+    """`losses.polygon.polygon_vertex_loss` without MGIoU's input checks (one reads a flag on the host), with
+    `progress` as a 0-d tensor (a graph input).
 
-    `mgiou_mask` is `mask`, or None where every vertex is real (the same MGIoU, without the padded-vertex fill).
+    The core's targets have a real vertex per polygon (the batch was checked; filler entries get all-real masks) and
+    finite vertices (checked before the core; decode stays finite below DECODE_RAW_BOUND). `mgiou_mask` is `mask`, or
+    None where every vertex is real (the same MGIoU, without the padded-vertex fill).
     """
-    from .polygon import _l2  # polygon imports detection, which imports this module
+    from .polygon import _blend_vertex_loss  # polygon imports detection, which imports this module
 
-    dtype = torch.promote_types(pred.dtype, torch.float32)
-    pred, target, area = pred.to(dtype), target.to(dtype), area.to(dtype)
-    if mode == "l2":
-        return _l2(pred, target, mask, area)
-    shape = mgiou_unchecked(pred, target, mgiou_mask)
-    if mode == "mgiou":
-        return shape
-    return (1.0 - progress) * _l2(pred, target, mask, area) + progress * shape
+    return _blend_vertex_loss(pred, target, mask, area, mode, progress,
+                              lambda p, t: _mgiou_loss(p, t, None, mgiou_mask))
 
 
 class FastPath:
@@ -251,9 +248,7 @@ class FastPath:
             boxes, scores, anchor_points, stride_tensor, labels, bboxes, mask)
         slot = assignment.target_gt_idx[image, anchor]
         stride = stride_tensor[anchor]  # (K, 1)
-        rows = gather_anchors(raw, image, anchor)  # (K, 2*np)
-        pixels = decode_polygons(rows.T.contiguous()[None], anchor_points[anchor], stride)
-        pred = (pixels[0].T / stride.to(pixels.dtype)).reshape(-1, raw.shape[1] // 2, 2)
+        pred = positive_vertices(raw, image, anchor, anchor_points, stride_tensor)
         target = gt_polygons[image, slot] / stride.to(gt_polygons.dtype)[:, :, None]
         target = torch.where(valid[:, None, None], target, pred.detach().to(target.dtype))
         vertex_mask = gt_polygon_mask[image, slot] | ~valid[:, None]

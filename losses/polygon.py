@@ -20,9 +20,9 @@ from typing import NamedTuple
 
 import torch
 
-from heads._decode import DECODE_RAW_BOUND, decode_polygons
+from heads._decode import DECODE_RAW_BOUND
 
-from ._fast import FastPath, gather_anchors
+from ._fast import FastPath, positive_vertices
 from ._validate import (
     LossInputError, check_finite, check_flag, check_floating, check_like, check_shape, check_tensor,
 )
@@ -85,16 +85,24 @@ def polygon_vertex_loss(
     Pure: the result depends only on the arguments (see the module docstring for the modes). Computed in float32 at
     least. `area` is only used by "l2" and "hybrid".
     """
+    # `mgiou` is looked up at call time: tests/mutants.py patches it.
+    return _blend_vertex_loss(pred, target, mask, area, mode, progress,
+                              lambda p, t: mgiou(p, t, target_mask=mask, check_finite=False))  # caller checked
+
+
+def _blend_vertex_loss(pred, target, mask, area, mode: str, progress, shape_loss) -> torch.Tensor:
+    """`polygon_vertex_loss` with its MGIoU supplied as `shape_loss(pred, target)` (the fast path passes one without
+    checks) and `progress` a float or a 0-d tensor."""
     dtype = torch.promote_types(pred.dtype, torch.float32)
     pred, target, area = pred.to(dtype), target.to(dtype), area.to(dtype)
     if mode == "l2":
         return _l2(pred, target, mask, area)
-    shape = mgiou(pred, target, target_mask=mask, check_finite=False)  # the caller checked finiteness
+    if mode not in MODES:
+        raise LossInputError(f"mode is {mode!r}; expected one of {MODES}")
+    shape = shape_loss(pred, target)
     if mode == "mgiou":
         return shape
-    if mode == "hybrid":
-        return (1.0 - progress) * _l2(pred, target, mask, area) + progress * shape
-    raise LossInputError(f"mode is {mode!r}; expected one of {MODES}")
+    return (1.0 - progress) * _l2(pred, target, mask, area) + progress * shape
 
 
 def _raise_empty_polygons(mask: torch.Tensor) -> None:
@@ -176,11 +184,11 @@ class PolygonLoss:
         target, mask, rows = assigned_polygon_targets(
             polygons * scale, polygon_mask, det.gt_rows, det.target_gt_idx, det.fg_mask, det.stride_tensor
         )
-        pred = self._positive_vertices(raw, det)
+        image, anchor = det.fg_mask.nonzero(as_tuple=True)
+        pred = positive_vertices(raw, image, anchor, det.anchor_points, det.stride_tensor)
         check_finite("decoded preds['polygons'] at positive anchors", pred,
                      f"finite vertices (decode_polygons is finite for |raw| <= {DECODE_RAW_BOUND:g})")
 
-        image, anchor = det.fg_mask.nonzero(as_tuple=True)
         box = det.target_bboxes[image, anchor] / det.stride_tensor[anchor]
         area = (box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1])
         per_anchor = polygon_vertex_loss(pred, target, mask, area, self.mode, progress)
@@ -191,16 +199,6 @@ class PolygonLoss:
         box_t, cls_t, dfl_t = detection_vector.to(dtype).unbind()
         vector = torch.stack((box_t, polygon_term.to(dtype), cls_t, dfl_t))
         return PolygonTerms(vector, pred, target, mask, rows, per_anchor, weight, det)
-
-    @staticmethod
-    def _positive_vertices(raw: torch.Tensor, det: DetectionTargets) -> torch.Tensor:
-        """Predicted vertices (P, V, 2) of the positive anchors in their stride units, via the head's own decode."""
-        image, anchor = det.fg_mask.nonzero(as_tuple=True)
-        stride = det.stride_tensor[anchor]
-        # decode_polygons takes (B, 2*np, A): the P positives are decoded as one image of P anchors.
-        rows = gather_anchors(raw, image, anchor)  # (P, 2*np); raw[image, :, anchor] with a cheaper backward
-        pixels = decode_polygons(rows.T.contiguous()[None], det.anchor_points[anchor], stride)
-        return (pixels[0].T / stride.to(pixels.dtype)).reshape(-1, raw.shape[1] // 2, 2)
 
     def _check_pred_polygons(self, preds: Mapping[str, torch.Tensor]) -> torch.Tensor:
         if "polygons" not in preds:
