@@ -72,11 +72,10 @@ def spec_for(obj: Any, *, name: str) -> HeadSpec:
 
 
 def reference_specs() -> Mapping[type, HeadSpec]:
-    """`headguard.reference.REFERENCE_SPECS`, or nothing while that module does not exist."""
-    try:
-        from headguard.reference import REFERENCE_SPECS
-    except ImportError:
-        return {}
+    """`headguard.reference.REFERENCE_SPECS`, imported on first use (it imports the reference heads). No ImportError
+    fallback: a broken `heads`/`losses` must surface, not quietly drop the reference's expected failures."""
+    from headguard.reference import REFERENCE_SPECS
+
     return REFERENCE_SPECS
 
 

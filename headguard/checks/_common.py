@@ -15,6 +15,7 @@ from torch import nn
 
 from headguard.registry import CheckContext, CheckFailure, CheckSkipped
 from headguard.registry import check as _register
+from headguard.tracing import locate_nonfinite
 from headguard.training import all_finite
 
 # Small images keep the anchor count A small (64 x 80 px -> A = 80 + 20 + 6 = 106 at strides 8/16/32).
@@ -202,11 +203,7 @@ def items_close(a: Mapping, b: Mapping, *, rtol: float, atol: float) -> list[str
 
 
 def where_nonfinite(head: nn.Module, run: Callable[[nn.Module], Any], *, backward: bool = True) -> str:
-    """' (first non-finite value in cv2.0.1.bn during the forward pass: ...)' or '' when the tracer is absent."""
-    try:
-        from headguard.tracing import locate_nonfinite
-    except ImportError:
-        return ""
+    """' (first non-finite value in cv2.0.1.bn during the forward pass: ...)', or '' when it cannot be located."""
     try:
         origin = locate_nonfinite(head, run, backward=backward)
     except Exception:  # noqa: BLE001  (locating is a courtesy; the finding stands without it)
