@@ -172,10 +172,8 @@ def feature_maps(
     scales = magnitudes if magnitudes is not None else _default_magnitudes(dtype=dtype)
     _check_strategy(sizes, "image_sizes")
     _check_strategy(scales, "magnitudes")
-    for name, chosen, known in (("fills", fills, FILLS), ("layouts", layouts, LAYOUTS)):
-        bad = [x for x in chosen if x not in known]
-        if not chosen or bad:
-            raise InvalidArgument(f"Expected a non-empty subset of {known} for {name}, got {name}={tuple(chosen)!r}")
+    _check_kinds(fills, FILLS, "fills")
+    _check_kinds(layouts, LAYOUTS, "layouts")
     recipes = st.builds(
         _MapRecipe,
         batch=st.integers(min_batch, max_batch),
