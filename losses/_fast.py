@@ -174,14 +174,14 @@ class FastPath:
         key = (tuple(tuple(f.shape[2:]) for f in feats), feats[0].dtype, feats[0].device, scores.dtype, scores.device)
         if key not in self._constants:
             anchor_points, stride_tensor = make_anchors(feats, self.det.strides)
-            self._constants[key] = (anchor_points, stride_tensor, _image_size(self.det.strides, feats, scores))
+            self._constants[key] = (anchor_points, stride_tensor, image_size(self.det.strides, feats, scores))
         return self._constants[key]
 
     def _recheck(self, preds, batch) -> None:
         """The reference checks, eagerly and in order: raises the error the reference path raises."""
         det, poly = self.det, self.poly
         boxes, scores, feats = det._check_preds(preds)
-        imgsz = _image_size(det.strides, feats, scores)
+        imgsz = image_size(det.strides, feats, scores)
         det._check_batch(batch, scores.shape[0], imgsz)
         if poly is not None:
             poly._check_pred_polygons(preds)
@@ -263,8 +263,9 @@ class FastPath:
         return torch.stack((box_t, polygon_term.to(dtype), cls_t, dfl_t))
 
 
-def _image_size(strides, feats, scores: torch.Tensor) -> torch.Tensor:
-    """(h, w) in pixels, as DetectionLoss.detection_terms builds it: by a kernel, in float32 at least."""
+def image_size(strides, feats, scores: torch.Tensor) -> torch.Tensor:
+    """(h, w) in pixels of feats[0] at strides[0], on the scores' device in float32 at least; built by a kernel
+    rather than copied from the host."""
     h, w = feats[0].shape[2:]
     first = torch.arange(2, device=scores.device) == 0
     pair = torch.where(first, float(h * strides[0]), float(w * strides[0]))

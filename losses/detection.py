@@ -27,7 +27,7 @@ from ._validate import (
     nonintegral_flag,
     outside_flag,
 )
-from ._fast import FastPath, gather_anchors
+from ._fast import FastPath, gather_anchors, image_size
 from .assigner import AssignerConfig, task_aligned_assign
 
 
@@ -137,10 +137,9 @@ class DetectionLoss:
             if self._fast is None:
                 self._fast = FastPath(self)
             terms = self._fast.detection_vector(preds, batch)
-            return terms * preds["boxes"].shape[0], dict(zip(self.names, terms.detach()))
-        terms, _ = self.detection_terms(preds, batch)
-        batch_size = preds["boxes"].shape[0]
-        return terms * batch_size, dict(zip(self.names, terms.detach()))
+        else:
+            terms, _ = self.detection_terms(preds, batch)
+        return terms * preds["boxes"].shape[0], dict(zip(self.names, terms.detach()))
 
     @staticmethod
     def parse_output(preds):
@@ -158,8 +157,7 @@ class DetectionLoss:
         boxes, scores = boxes.to(dtype), scores.to(dtype)
         b, _, a = scores.shape
         anchor_points, stride_tensor = make_anchors(feats, self.strides)
-        h, w = feats[0].shape[2:]
-        imgsz = _on_device_pair(h * self.strides[0], w * self.strides[0], scores)  # (h, w) pixels
+        imgsz = image_size(self.strides, feats, scores)  # (h, w) pixels
 
         gt = self.pad_targets(batch, b, imgsz)
         # Softmax over bins in the head's own layout (B, 4, R, A): a softmax over a strided last dim would copy, and a
@@ -320,8 +318,3 @@ class DetectionLoss:
             check_range("batch['bboxes'][:, 2:] (w, h)", bboxes[:, 2:], 0, math.inf, "non-negative box sizes")
         return batch_idx.long(), cls.long().squeeze(-1), bboxes
 
-
-def _on_device_pair(first: float, second: float, like: torch.Tensor) -> torch.Tensor:
-    """Tensor([first, second]) on like's device and dtype, built by a kernel rather than a host-to-device copy."""
-    pick_first = torch.arange(2, device=like.device) == 0
-    return torch.where(pick_first, float(first), float(second)).to(like.dtype)
