@@ -72,9 +72,8 @@ def _deferred(failure: torch.Tensor) -> bool:
 
 def check_flag(ok: torch.Tensor, fail: Callable[[], None]) -> None:
     """A 0-d bool tensor that must be True; `fail()` raises the error (it may compute details on the host)."""
-    if _deferred(~ok) or bool(ok):
-        return
-    fail()
+    if not _passes(~ok):
+        fail()
 
 
 class LossInputError(ValueError):
@@ -109,13 +108,14 @@ def check_like(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor, dty
         raise LossInputError(f"{name} has dtype {t.dtype}; expected {ref.dtype}, the dtype of {ref_name}")
 
 
+def _passes(failure: torch.Tensor) -> bool:
+    """True when a 0-d failure flag is queued (inside `one_sync()`) or reads False now."""
+    return _deferred(failure) or not bool(failure)
+
+
 def check_finite(name: str, t: torch.Tensor, expected: str) -> None:
     """Raise if any value is NaN/Inf; never replaces values (a masked NaN trains on corrupted weights)."""
-    if t.numel() == 0:
-        return
-    low, high = torch.aminmax(t.detach())
-    ok = torch.isfinite(low) & torch.isfinite(high)
-    if _deferred(~ok) or bool(ok):
+    if t.numel() == 0 or _passes(nonfinite_flag(t)):
         return
     bad = ~torch.isfinite(t)
     first = [int(i) for i in bad.nonzero()[0]]
@@ -124,28 +124,24 @@ def check_finite(name: str, t: torch.Tensor, expected: str) -> None:
 
 def check_range(name: str, t: torch.Tensor, low: float, high: float, expected: str) -> None:
     """All values in [low, high); reports the first offender."""
-    if t.numel() == 0:
+    if t.numel() == 0 or _passes(outside_flag(t, low, high)):
         return
     bad = (t < low) | (t >= high)
-    if _deferred(bad.any()):
-        return
-    if bool(bad.any()):
-        first = int(bad.nonzero()[0, 0])
-        raise LossInputError(
-            f"{name} has {int(bad.sum())} values outside [{low:g}, {high:g}) "
-            f"(first at row {first}: {t.reshape(t.shape[0], -1)[first].tolist()}); expected {expected}"
-        )
+    first = int(bad.nonzero()[0, 0])
+    raise LossInputError(
+        f"{name} has {int(bad.sum())} values outside [{low:g}, {high:g}) "
+        f"(first at row {first}: {t.reshape(t.shape[0], -1)[first].tolist()}); expected {expected}"
+    )
 
 
 def check_integral(name: str, t: torch.Tensor) -> None:
-    if t.is_floating_point() and t.numel() and _deferred((t != t.round()).any()):
+    if not t.is_floating_point() or t.numel() == 0 or _passes(nonintegral_flag(t)):
         return
-    if t.is_floating_point() and t.numel() and bool((t != t.round()).any()):
-        first = int((t != t.round()).reshape(t.shape[0], -1).any(1).nonzero()[0, 0])
-        raise LossInputError(
-            f"{name} has non-integer values (first at row {first}: {t.reshape(t.shape[0], -1)[first].tolist()}); "
-            "expected integer ids"
-        )
+    first = int((t != t.round()).reshape(t.shape[0], -1).any(1).nonzero()[0, 0])
+    raise LossInputError(
+        f"{name} has non-integer values (first at row {first}: {t.reshape(t.shape[0], -1)[first].tolist()}); "
+        "expected integer ids"
+    )
 
 
 def nonfinite_flag(t: torch.Tensor) -> torch.Tensor:
@@ -175,5 +171,4 @@ def any_flag(*flags: torch.Tensor) -> bool:
 
     Inside `one_sync()` the combined flag is queued instead and this reports False (no failure yet).
     """
-    failure = torch.stack([f.reshape(()) for f in flags]).any()
-    return False if _deferred(failure) else bool(failure)
+    return not _passes(torch.stack([f.reshape(()) for f in flags]).any())
