@@ -51,13 +51,19 @@ class Detect(nn.Module):
 
     def forward(self, x: Sequence[torch.Tensor]):
         self._check_inputs(x)
-        b = x[0].shape[0]
-        boxes = torch.cat([self.cv2[i](x[i]).view(b, 4 * self.reg_max, -1) for i in range(self.nl)], -1)
-        scores = torch.cat([self.cv3[i](x[i]).view(b, self.nc, -1) for i in range(self.nl)], -1)
-        preds = {"boxes": boxes, "scores": scores, "feats": list(x)}
+        preds = {**self._branch_outputs(x), "feats": list(x)}
         if self.training:
             return preds
         return self.decode(preds), preds
+
+    def _branch_outputs(self, x: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each branch's output, levels concatenated: what subclasses extend with their own branches."""
+        return {"boxes": self._run(self.cv2, x, 4 * self.reg_max), "scores": self._run(self.cv3, x, self.nc)}
+
+    def _run(self, branches: nn.ModuleList, x: Sequence[torch.Tensor], channels: int) -> torch.Tensor:
+        """(B, channels, A): branch i applied to level i, flattened and concatenated over levels."""
+        b = x[0].shape[0]
+        return torch.cat([branches[i](x[i]).view(b, channels, -1) for i in range(self.nl)], -1)
 
     def decode(self, preds: dict) -> torch.Tensor:
         """Training-style predictions -> (B, 4+nc, A): xywh boxes in pixels, then sigmoid scores."""

@@ -36,24 +36,8 @@ class Polygon(Detect):
             nn.Sequential(Conv(c, c4, 3), Conv(c4, c4, 3), nn.Conv2d(c4, 2 * np, 1)) for c in self.ch
         )
 
-    def forward(self, x: Sequence[torch.Tensor]):
-        # Detect.forward decodes before returning in eval, and our decode needs the polygons, so the three branches are
-        # run here (same layout and checks as Detect.forward) rather than by calling it.
-        self._check_inputs(x)
-        b = x[0].shape[0]
-
-        def run(branches: nn.ModuleList, channels: int) -> torch.Tensor:
-            return torch.cat([branches[i](x[i]).view(b, channels, -1) for i in range(self.nl)], -1)
-
-        preds = {
-            "boxes": run(self.cv2, 4 * self.reg_max),
-            "scores": run(self.cv3, self.nc),
-            "polygons": run(self.cv4, 2 * self.np),
-            "feats": list(x),
-        }
-        if self.training:
-            return preds
-        return self.decode(preds), preds
+    def _branch_outputs(self, x: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {**super()._branch_outputs(x), "polygons": self._run(self.cv4, x, 2 * self.np)}
 
     def decode(self, preds: dict) -> torch.Tensor:
         """Training-style predictions -> (B, 4 + nc + 2*np, A): Detect's boxes and scores, then pixel vertices."""
