@@ -22,11 +22,11 @@ class Detect(nn.Module):
 
     def __init__(self, nc: int = 80, reg_max: int = 16, ch: Sequence[int] = ()):
         super().__init__()
-        if not isinstance(nc, int) or nc < 1:
+        if not _is_int(nc) or nc < 1:
             raise ValueError(f"Expected a positive int for nc, got nc={nc!r}")
-        if not isinstance(reg_max, int) or reg_max < 1:
+        if not _is_int(reg_max) or reg_max < 1:
             raise ValueError(f"Expected a positive int for reg_max, got reg_max={reg_max!r}")
-        if len(ch) == 0 or not all(isinstance(c, int) and c > 0 for c in ch):
+        if len(ch) == 0 or not all(_is_int(c) and c > 0 for c in ch):
             raise ValueError(f"Expected ch to be a non-empty sequence of positive ints (one per level), got ch={ch!r}")
         self.nc = nc
         self.nl = len(ch)
@@ -111,3 +111,8 @@ class Detect(nn.Module):
                 raise ValueError(
                     f"Detect.forward: x[{i}] has batch size {feat.shape[0]}; expected {x[0].shape[0]} as in x[0]"
                 )
+
+
+def _is_int(value) -> bool:
+    """An int that is not a bool (True would pass as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)

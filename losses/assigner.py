@@ -30,7 +30,7 @@ class AssignerConfig:
     ensure_coverage: bool = False
 
     def __post_init__(self):
-        if not isinstance(self.topk, int) or self.topk < 1:
+        if isinstance(self.topk, bool) or not isinstance(self.topk, int) or self.topk < 1:
             raise ValueError(f"Expected a positive int for topk, got topk={self.topk!r}")
         if self.eps <= 0:
             raise ValueError(f"Expected eps > 0, got eps={self.eps!r}")

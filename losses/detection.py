@@ -106,9 +106,9 @@ class DetectionLoss:
         assigner: AssignerConfig = AssignerConfig(),
         cuda_graphs: bool = False,
     ):
-        if not isinstance(nc, int) or nc < 1:
+        if isinstance(nc, bool) or not isinstance(nc, int) or nc < 1:
             raise ValueError(f"Expected a positive int for nc, got nc={nc!r}")
-        if not isinstance(reg_max, int) or reg_max < 2:
+        if isinstance(reg_max, bool) or not isinstance(reg_max, int) or reg_max < 2:
             raise ValueError(f"Expected an int reg_max >= 2 (DFL box branch), got reg_max={reg_max!r}")
         strides = [float(s) for s in (strides.tolist() if isinstance(strides, torch.Tensor) else strides)]
         if not strides or not all(s > 0 for s in strides):

@@ -165,5 +165,6 @@ def test_config_is_frozen_and_validated():
     assert (cfg.topk, cfg.alpha, cfg.beta, cfg.eps, cfg.ensure_coverage) == (10, 0.5, 6.0, 1e-9, False)
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.topk = 3  # type: ignore[misc]
-    with pytest.raises(ValueError, match="topk"):
-        AssignerConfig(topk=0)
+    for topk in (0, True, 2.0):
+        with pytest.raises(ValueError, match=f"positive int for topk, got topk={topk!r}"):
+            AssignerConfig(topk=topk)

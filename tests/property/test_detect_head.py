@@ -137,7 +137,17 @@ def test_bad_inputs_raise_clear_errors(feats, match):
         _head()(feats())
 
 
-@pytest.mark.parametrize("kwargs", [dict(nc=0, ch=CH), dict(nc=2, ch=()), dict(nc=2, reg_max=0, ch=CH)])
-def test_bad_constructor_arguments_raise(kwargs):
-    with pytest.raises(ValueError, match="Expected"):
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(nc=0, ch=CH), "positive int for nc, got nc=0"),
+        (dict(nc=True, ch=CH), "positive int for nc, got nc=True"),
+        (dict(nc=2, ch=()), r"non-empty sequence of positive ints .*got ch=\(\)"),
+        (dict(nc=2, ch=(8, True)), r"positive ints .*got ch=\(8, True\)"),
+        (dict(nc=2, reg_max=0, ch=CH), "positive int for reg_max, got reg_max=0"),
+        (dict(nc=2, reg_max=True, ch=CH), "positive int for reg_max, got reg_max=True"),
+    ],
+)
+def test_bad_constructor_arguments_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
         Detect(**kwargs)

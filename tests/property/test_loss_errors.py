@@ -99,6 +99,8 @@ def test_preds_of_wrong_type():
     "kwargs, match",
     [
         (dict(nc=0, strides=STRIDES), "positive int for nc"),
+        (dict(nc=True, strides=STRIDES), "positive int for nc, got nc=True"),
+        (dict(nc=2, strides=STRIDES, reg_max=True), r"reg_max >= 2 .*got reg_max=True"),
         (dict(nc=2, strides=(0.0, 0.0, 0.0)), r"one positive stride per level, got strides=\[0.0, 0.0, 0.0\]"),
         (dict(nc=2, strides=STRIDES, reg_max=1), "reg_max >= 2"),
     ],
