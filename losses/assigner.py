@@ -139,7 +139,9 @@ def _metrics(pd_scores, pd_bboxes, labels, gt_bboxes, candidate, cfg, dense: boo
     b, a, _ = pd_scores.shape
     n = labels.shape[1]
     zero = torch.zeros((), dtype=pd_bboxes.dtype, device=pd_bboxes.device)
-    if dense if dense is not None else pd_scores.device.type != "cpu":
+    if dense is None:
+        dense = pd_scores.device.type != "cpu"
+    if dense:
         ciou = bbox_ciou(gt_bboxes.unsqueeze(2), pd_bboxes.unsqueeze(1)).clamp(0)  # (B, n, A)
         overlaps = torch.where(candidate, ciou, zero)
         cls_prob = pd_scores.transpose(1, 2).gather(1, labels.unsqueeze(-1).expand(b, n, a))  # (B, n, A)
