@@ -29,7 +29,7 @@ from ._validate import (
 from .assigner import AssignerConfig
 from .detection import DetectionGains, DetectionLoss, DetectionTargets
 from .mgiou import mgiou
-from .polygon_targets import MIN_VERTICES, assigned_polygon_targets
+from .polygon_targets import _check_num_vertices, assigned_polygon_targets
 
 __all__ = ["AREA_EPS", "MODES", "PolygonGains", "PolygonLoss", "PolygonTerms", "polygon_vertex_loss"]
 
@@ -139,8 +139,7 @@ class PolygonLoss:
         assigner: AssignerConfig = AssignerConfig(),
         cuda_graphs: bool = False,
     ):
-        if isinstance(np, bool) or not isinstance(np, int) or np < MIN_VERTICES:
-            raise ValueError(f"Expected an int np >= {MIN_VERTICES} for vertices per polygon, got np={np!r}")
+        _check_num_vertices(np)
         if mode not in MODES:
             raise ValueError(f"Expected mode in {MODES}, got mode={mode!r}")
         if not isinstance(gains, PolygonGains):

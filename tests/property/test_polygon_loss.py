@@ -396,6 +396,7 @@ def test_decode_overflow_at_a_positive_raises_instead_of_a_quiet_inf():
     ("kwargs", "error", "match"),
     [
         (dict(np=2), ValueError, "np >= 3"),
+        (dict(np=True), ValueError, r"np >= 3 .*got np=True"),
         (dict(mode="giou"), ValueError, "mode in"),
         (dict(gains=DetectionGains()), TypeError, "PolygonGains"),
     ],
