@@ -151,3 +151,17 @@ def test_bad_inputs_raise_clear_errors(feats, match):
 def test_bad_constructor_arguments_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Detect(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: make_anchors([torch.zeros(1, 1, 2, 2)] * 2, [8.0]), "got 2 feature maps but 1 strides"),
+        (lambda: dfl_expectation(torch.zeros(1, 30, 5), reg_max=8), "got 30 channels; expected 4 \\* reg_max = 32"),
+        (lambda: dfl_expectation(torch.zeros(1, 30, 5)), "got 30 channels; expected 4 \\* reg_max = 28"),
+        (lambda: decode_polygons(torch.zeros(1, 5, 3), torch.zeros(3, 2), torch.ones(3, 1)), "got 5 channels; .*even"),
+    ],
+)
+def test_decode_functions_reject_mismatched_inputs(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
