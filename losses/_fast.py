@@ -163,7 +163,7 @@ class FastPath:
         extra = None
         if poly is not None:
             raw = poly._check_pred_polygons(preds)
-            polygons, polygon_mask = poly._check_batch_polygons(batch, _Sizes(imgsz))
+            polygons, polygon_mask = poly._check_batch_polygons(batch, imgsz)
             bounded_at = sync.read(raw.detach().abs().amax() <= DECODE_RAW_BOUND)
             extra = (raw, polygons, polygon_mask, bounded_at)
         return boxes, scores, feats, imgsz, batch_idx, cls, bboxes, counts, n_at, extra
@@ -185,7 +185,7 @@ class FastPath:
         det._check_batch(batch, scores.shape[0], imgsz)
         if poly is not None:
             poly._check_pred_polygons(preds)
-            poly._check_batch_polygons(batch, _Sizes(imgsz))
+            poly._check_batch_polygons(batch, imgsz)
 
     def detection_vector(self, preds, batch) -> torch.Tensor:
         """Gain-scaled [box, cls, dfl] (3,), not times B."""
@@ -271,9 +271,3 @@ def image_size(strides, feats, scores: torch.Tensor) -> torch.Tensor:
     pair = torch.where(first, float(h * strides[0]), float(w * strides[0]))
     return pair.to(torch.promote_types(scores.dtype, torch.float32))
 
-
-class _Sizes:
-    """The one attribute PolygonLoss._check_batch_polygons reads from the detection targets."""
-
-    def __init__(self, imgsz: torch.Tensor):
-        self.imgsz = imgsz

@@ -176,7 +176,7 @@ class PolygonLoss:
         progress = self._check_progress(progress)
         detection_vector, det = self.detection.detection_terms(preds, batch)
         raw = self._check_pred_polygons(preds)
-        polygons, polygon_mask = self._check_batch_polygons(batch, det)
+        polygons, polygon_mask = self._check_batch_polygons(batch, det.imgsz)
 
         w, h = det.imgsz[1], det.imgsz[0]
         scale = torch.stack((w, h)).to(polygons.dtype)
@@ -215,7 +215,7 @@ class PolygonLoss:
                      "finite offsets: the head produced NaN/Inf, fix the head rather than masking")
         return raw
 
-    def _check_batch_polygons(self, batch: Mapping[str, torch.Tensor], det: DetectionTargets):
+    def _check_batch_polygons(self, batch: Mapping[str, torch.Tensor], imgsz: torch.Tensor):
         """(N, np, 2) normalised polygons in float32 at least, and their (N, np) mask (all True when not given)."""
         if "polygons" not in batch:
             raise LossInputError(
@@ -227,7 +227,7 @@ class PolygonLoss:
         check_floating("batch['polygons']", polygons)
         check_shape("batch['polygons']", polygons, (count, self.np, 2),
                     f"(N, np, 2) normalised xy with N = {count} from batch['batch_idx'] and np={self.np}")
-        check_like("batch['polygons']", polygons, "preds['scores']", det.imgsz, dtype=False)
+        check_like("batch['polygons']", polygons, "preds['scores']", imgsz, dtype=False)
         mask = batch.get("polygon_mask")
         if mask is None:
             mask = torch.ones(polygons.shape[:2], dtype=torch.bool, device=polygons.device)
