@@ -270,4 +270,3 @@ def image_size(strides, feats, scores: torch.Tensor) -> torch.Tensor:
     first = torch.arange(2, device=scores.device) == 0
     pair = torch.where(first, float(h * strides[0]), float(w * strides[0]))
     return pair.to(torch.promote_types(scores.dtype, torch.float32))
-
