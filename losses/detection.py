@@ -317,4 +317,3 @@ class DetectionLoss:
             check_range("batch['cls']", cls, 0, self.nc, f"class ids in [0, {self.nc}) for nc={self.nc}")
             check_range("batch['bboxes'][:, 2:] (w, h)", bboxes[:, 2:], 0, math.inf, "non-negative box sizes")
         return batch_idx.long(), cls.long().squeeze(-1), bboxes
-
