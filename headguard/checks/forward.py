@@ -123,7 +123,7 @@ def check_decode_consistency(subject, ctx):
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16-autocast"):
             y, preds = call(f"the head's eval forward ({precision})", head, x)
         raw_finite = all(bool(torch.isfinite(v).all()) for k, v in preds.items() if isinstance(v, torch.Tensor))
-        if raw_finite and not bool(torch.isfinite(y).all()):
+        if raw_finite and not all_finite(y):
             raise CheckFailure(
                 f"the inference decode overflows in {precision}: y has {count_nonfinite(y)} while the raw outputs are"
                 f" finite (final vertex bias {raw_bias:g}); decode in float32 (upcast the raw outputs) instead of "

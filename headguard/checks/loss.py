@@ -68,7 +68,7 @@ def check_loss_rejects_nonfinite(subject, ctx):
                     f"the loss raised {type(err).__name__} with no message for preds[{key!r}] = {value}"
                 ) from err
             return
-        quiet = "a finite" if bool(torch.isfinite(vector).all()) else "a non-finite"
+        quiet = "a finite" if all_finite(vector) else "a non-finite"
         raise CheckFailure(
             f"the loss returned {quiet} value ({vector.detach().tolist()}) for preds[{key!r}] holding {value}; a "
             "non-finite prediction must raise an error naming the tensor (never replace it by a constant, never "
@@ -86,7 +86,7 @@ def check_loss_all_background(subject, ctx):
     preds = detached_preds(preds, requires_grad=True)
     empty = ordinary_targets(subject, 2, per_image=0, seed=ctx.seed)
     vector, items = _loss(loss, preds, empty, "the loss on an all-background batch")
-    if not bool(torch.isfinite(vector).all()):
+    if not all_finite(vector):
         raise CheckFailure(
             f"the loss on an all-background batch is non-finite ({vector.detach().tolist()}): normalise by "
             "max(1, sum of target scores), never by a count that can be 0"
@@ -219,7 +219,7 @@ def _grad_run(loss, preds, batch, dtype):
     leaf["feats"] = [f.to(dtype) for f in leaf["feats"]]
     vector, items = call(f"the loss ({dtype})", loss, leaf, batch)
     grads = {}
-    if bool(torch.isfinite(vector).all()) and vector.requires_grad:
+    if all_finite(vector) and vector.requires_grad:
         vector.sum().backward()
         grads = {k: leaf[k].grad for k in _pred_keys(leaf)}
     return vector, items, grads
@@ -236,7 +236,7 @@ def check_loss_finite_degenerate_targets(subject, ctx):
 
     def inner(batch, dtype):
         vector, _, grads = _grad_run(loss, preds, batch, dtype)
-        if not bool(torch.isfinite(vector).all()):
+        if not all_finite(vector):
             raise CheckFailure(
                 f"the loss is non-finite ({vector.detach().tolist()}) on degenerate targets in {dtype}: guard every "
                 "division (select with a mask BEFORE dividing) and use an epsilon representable in the compute dtype"
@@ -279,7 +279,7 @@ def check_loss_dtype_matrix(subject, ctx):
                     continue
                 failures.append(f"preds {pred_dtype} x targets {target_dtype}: unclear error {failure.message}")
                 continue
-            if not bool(torch.isfinite(vector).all()):
+            if not all_finite(vector):
                 found = vector.detach().tolist()
                 failures.append(f"preds {pred_dtype} x targets {target_dtype}: non-finite loss {found}")
             elif not all(g is not None and all_finite(g) for g in grads.values()):
@@ -331,7 +331,7 @@ def check_gradients_finite_when_loss_finite(subject, ctx):
         assume(all_finite({k: preds[k] for k in _pred_keys(preds)}))
         batch = data.draw(bound.targets(batch_size=feats[0].shape[0], max_objects=5), label="batch")
         vector, _, grads = _grad_run(loss, preds, batch, torch.float32)
-        if not bool(torch.isfinite(vector).all()):
+        if not all_finite(vector):
             return
         for k, g in grads.items():
             if g is None or not bool(torch.isfinite(g).all()):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from headguard.checks._common import call, check, features, ordinary_targets, where_nonfinite
+from headguard.checks._common import all_finite, call, check, features, ordinary_targets, where_nonfinite
 from headguard.registry import CheckFailure
 
 CANARY_STEPS = 30
@@ -140,7 +140,7 @@ def check_skipped_step_leaves_model_finite(subject, ctx):
     head.eval()
     with torch.no_grad():
         y, _ = call("the head's eval forward", head, list(fixed))
-    if not bool(torch.isfinite(y).all()):
+    if not all_finite(y):
         where = where_nonfinite(head, lambda m: m(list(fixed)), backward=False)
         raise CheckFailure(
             f"after a skipped step the eval output is non-finite ({int((~torch.isfinite(y)).sum())} of {y.numel()} "
