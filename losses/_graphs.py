@@ -12,7 +12,7 @@ replays that forward again from its own saved inputs, so interleaved calls stay 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -33,12 +33,12 @@ def _autocast_on() -> bool:
 @dataclass
 class _Captured:
     fwd: torch.cuda.CUDAGraph
-    bwd: torch.cuda.CUDAGraph | None
+    bwd: torch.cuda.CUDAGraph
     inputs: tuple[torch.Tensor, ...]
     output: torch.Tensor
-    grad_output: torch.Tensor | None
-    grads: tuple[torch.Tensor | None, ...]
-    last_owner: list = field(default_factory=lambda: [None])
+    grad_output: torch.Tensor
+    grads: tuple[torch.Tensor | None, ...]  # None where the input needs no gradient
+    last_owner: object = None  # the _Replay call whose forward the static buffers hold
 
 
 class GraphedCore:
@@ -114,7 +114,7 @@ class _Replay(torch.autograd.Function):
         _load_and_replay(captured, tensors)
         ctx.captured = captured
         ctx.owner = object()
-        captured.last_owner[0] = ctx.owner
+        captured.last_owner = ctx.owner
         ctx.save_for_backward(*tensors)
         ctx.needs = tuple(t.requires_grad for t in tensors)
         return captured.output.clone()
@@ -123,10 +123,10 @@ class _Replay(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output: torch.Tensor):
         captured: _Captured = ctx.captured
-        if captured.last_owner[0] is not ctx.owner:
+        if captured.last_owner is not ctx.owner:
             # Another call replayed the forward since ours: its activations sit in the buffers. Restore ours.
             _load_and_replay(captured, ctx.saved_tensors)
-            captured.last_owner[0] = ctx.owner
+            captured.last_owner = ctx.owner
         captured.grad_output.copy_(grad_output)
         captured.bwd.replay()
         grads = tuple(
