@@ -10,13 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from losses import LossInputError, assigned_polygon_targets, polygons_to_targets, resample_polygon
-from tests._polygon_iou import polygon_iou
-
-
-def signed_area(v: torch.Tensor) -> float:
-    """Shoelace area, positive for counter-clockwise vertices."""
-    x, y = v[:, 0].double(), v[:, 1].double()
-    return 0.5 * float((x * y.roll(-1) - x.roll(-1) * y).sum())
+from tests._polygon_iou import polygon_iou, signed_area
 
 
 def perimeter(v: torch.Tensor) -> float:
@@ -59,8 +53,8 @@ def test_resample_stays_on_boundary_starts_at_vertex_0(v, np):
 def test_resample_area_bound_for_convex_inputs(v, np):
     # Output points lie on the convex input's boundary in order, so the output is contained in the input, has the
     # same orientation, and IoU(output, input) = area(output) / area(input) >= 1 - P^2 / (2 pi np A) (Dido).
-    a, p = signed_area(v), perimeter(v)
-    out_area = signed_area(resample_polygon(v, np)) * math.copysign(1.0, a)
+    a, p = signed_area(v.numpy()), perimeter(v)
+    out_area = signed_area(resample_polygon(v, np).numpy()) * math.copysign(1.0, a)
     tol = 1e-9 * (abs(a) + p * p)
     assert out_area <= abs(a) + tol
     assert out_area >= abs(a) - p * p / (2 * math.pi * np) - tol
@@ -68,7 +62,7 @@ def test_resample_area_bound_for_convex_inputs(v, np):
 
 @given(convex_polygons(min_vertices=9, max_vertices=40), st.sampled_from([4, 8, 12]))
 def test_resample_iou_with_original_is_bounded_for_convex_inputs(v, np):
-    a, p = abs(signed_area(v)), perimeter(v)
+    a, p = abs(signed_area(v.numpy())), perimeter(v)
     iou = polygon_iou(resample_polygon(v, np).numpy(), v.numpy())
     assert iou >= 1 - p * p / (2 * math.pi * np * a) - 1e-9
 
