@@ -252,7 +252,7 @@ def test_graphed_core_outputs_survive_later_calls_and_interleaved_backward():
 @pytest.mark.cuda
 def test_graphed_core_falls_back_when_capture_fails():
     def syncing(x):
-        return x * float(x.sum())  # a host sync: not capturable
+        return x * float(x.detach().sum())  # a host sync: not capturable
 
     graphed = GraphedCore(syncing)
     x = torch.ones(4, device="cuda", requires_grad=True)
