@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from headguard import HeadSpec, build_subject
+from headguard import CATALOGUE, HeadSpec, build_subject
 from headguard.adapters.ultralytics import detection_loss, v8_detection_loss
-from headguard.registry import CATALOGUE, CheckContext, CheckFailure
+from headguard.registry import CheckContext, CheckFailure
 
 ultralytics = pytest.importorskip("ultralytics")
 from ultralytics.nn.modules.head import Detect as UltralyticsDetect  # noqa: E402
-
-import headguard.checks  # noqa: E402, F401  (registers the catalogue)
 
 CTX = CheckContext(profile="ci", seed=0)
 
