@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -78,6 +78,17 @@ def check_flag(ok: torch.Tensor, fail: Callable[[], None]) -> None:
 
 class LossInputError(ValueError):
     """A loss was given inputs it cannot use; the message names the tensor, what was found and what was expected."""
+
+
+def check_mapping(name: str, value: object, keys: Sequence[str], expected: str) -> Mapping:
+    """`value` is a mapping holding every key; `expected` describes it, with `{keys}` for the quoted key list."""
+    listed = ", ".join(repr(k) for k in keys)
+    if not isinstance(value, Mapping):
+        raise LossInputError(f"{name} is a {type(value).__name__}; expected {expected.format(keys=listed)}")
+    for key in keys:
+        if key not in value:
+            raise LossInputError(f"{name} has no {key!r} entry (keys: {sorted(value)}); expected {listed}")
+    return value
 
 
 def check_tensor(name: str, value: object) -> torch.Tensor:

@@ -20,6 +20,7 @@ from ._validate import (
     check_floating,
     check_integral,
     check_like,
+    check_mapping,
     check_range,
     check_shape,
     check_tensor,
@@ -247,16 +248,8 @@ class DetectionLoss:
         return PaddedTargets(labels, boxes, mask, rows)
 
     def _check_preds(self, preds):
-        if not isinstance(preds, Mapping):
-            raise LossInputError(
-                f"preds is a {type(preds).__name__}; expected the head's dict with 'boxes', 'scores', 'feats' "
-                "(or the eval tuple (y, dict))"
-            )
-        for key in ("boxes", "scores", "feats"):
-            if key not in preds:
-                raise LossInputError(
-                    f"preds has no {key!r} entry (keys: {sorted(preds)}); expected 'boxes', 'scores', 'feats'"
-                )
+        described = "the head's dict with {keys} (or the eval tuple (y, dict))"
+        check_mapping("preds", preds, ("boxes", "scores", "feats"), described)
         boxes = check_tensor("preds['boxes']", preds["boxes"])
         scores = check_tensor("preds['scores']", preds["scores"])
         feats = preds["feats"]
@@ -280,15 +273,7 @@ class DetectionLoss:
         return boxes, scores, feats
 
     def _check_batch(self, batch, batch_size: int, imgsz: torch.Tensor):
-        if not isinstance(batch, Mapping):
-            raise LossInputError(
-                f"batch is a {type(batch).__name__}; expected a dict with 'batch_idx', 'cls', 'bboxes'"
-            )
-        for key in ("batch_idx", "cls", "bboxes"):
-            if key not in batch:
-                raise LossInputError(
-                    f"batch has no {key!r} entry (keys: {sorted(batch)}); expected 'batch_idx', 'cls', 'bboxes'"
-                )
+        check_mapping("batch", batch, ("batch_idx", "cls", "bboxes"), "a dict with {keys}")
         batch_idx = check_tensor("batch['batch_idx']", batch["batch_idx"])
         cls = check_tensor("batch['cls']", batch["cls"])
         bboxes = check_tensor("batch['bboxes']", batch["bboxes"])
