@@ -183,6 +183,11 @@ def call(what: str, fn: Callable, *args, **kwargs):
         raise CheckFailure(f"{what} raised {type(err).__name__} on valid input: {err}") from err
 
 
+def first_bad_gradient(grads: Mapping[str, torch.Tensor | None]) -> str | None:
+    """The key of the first gradient that is missing (None) or holds a non-finite value, else None."""
+    return next((k for k, g in grads.items() if g is None or not bool(torch.isfinite(g).all())), None)
+
+
 def count_nonfinite(t: torch.Tensor | None) -> str:
     if t is None:
         return "no gradient at all (None)"
@@ -312,6 +317,7 @@ __all__ = [
     "detached_preds",
     "features",
     "final_convs",
+    "first_bad_gradient",
     "items_close",
     "ordinary_targets",
     "run_property",

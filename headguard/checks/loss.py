@@ -16,6 +16,7 @@ from headguard.checks._common import (
     call,
     check,
     count_nonfinite,
+    first_bad_gradient,
     detached_preds,
     features,
     fit_boxes_to_first_object,
@@ -241,13 +242,13 @@ def check_loss_finite_degenerate_targets(subject, ctx):
                 f"the loss is non-finite ({vector.detach().tolist()}) on degenerate targets in {dtype}: guard every "
                 "division (select with a mask BEFORE dividing) and use an epsilon representable in the compute dtype"
             )
-        for k, g in grads.items():
-            if g is None or not bool(torch.isfinite(g).all()):
-                raise CheckFailure(
-                    f"the gradient w.r.t. preds[{k!r}] is non-finite ({count_nonfinite(g)})"
-                    f" on degenerate targets in {dtype} although the loss is finite: a division or sqrt at 0 in the "
-                    "backward pass; mask before dividing"
-                )
+        k = first_bad_gradient(grads)
+        if k is not None:
+            raise CheckFailure(
+                f"the gradient w.r.t. preds[{k!r}] is non-finite ({count_nonfinite(grads[k])})"
+                f" on degenerate targets in {dtype} although the loss is finite: a division or sqrt at 0 in the "
+                "backward pass; mask before dividing"
+            )
 
     targets = bound.targets(batch_size=2, min_objects=1, max_objects=5, box_kinds=DEGENERATE_BOXES,
                             polygon_kinds=DEGENERATE_POLYGONS)
@@ -333,13 +334,13 @@ def check_gradients_finite_when_loss_finite(subject, ctx):
         vector, _, grads = _grad_run(loss, preds, batch, torch.float32)
         if not all_finite(vector):
             return
-        for k, g in grads.items():
-            if g is None or not bool(torch.isfinite(g).all()):
-                raise CheckFailure(
-                    f"the loss is finite ({vector.detach().tolist()}) but its gradient w.r.t. preds[{k!r}] is not "
-                    f"({count_nonfinite(g)}): a value was cleaned (where/nan_to_num) after a "
-                    "division whose backward still yields 0 * inf; select with a mask before dividing"
-                )
+        k = first_bad_gradient(grads)
+        if k is not None:
+            raise CheckFailure(
+                f"the loss is finite ({vector.detach().tolist()}) but its gradient w.r.t. preds[{k!r}] is not "
+                f"({count_nonfinite(grads[k])}): a value was cleaned (where/nan_to_num) after a "
+                "division whose backward still yields 0 * inf; select with a mask before dividing"
+            )
 
     maps = bound.feature_maps(min_batch=1, max_batch=2, magnitudes=st.sampled_from((0.0, 1.0, 1e2)))
     run_property(ctx, inner, maps, bound.initialisations(), st.data())
