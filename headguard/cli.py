@@ -106,7 +106,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     except (TargetError, UnknownCheckError, _UnwritableReport) as exc:
         return _usage_error(str(exc))
 
-    plan = [(s, select_checks(s.capabilities, select=select, deselect=deselect)) for s in subjects]
+    plan = [(s, select_checks(s, select=select, deselect=deselect)) for s in subjects]
     progress = Progress(sum(len(checks) for _, checks in plan))
     results = []
     start = time.perf_counter()

@@ -108,7 +108,7 @@ class HeadguardTarget(pytest.Collector):
         self.subject = subject
 
     def collect(self) -> list[pytest.Item]:
-        checks = select_checks(self.subject.capabilities)
+        checks = select_checks(self.subject)
         return [HeadguardItem.from_parent(self, name=c.name, nodeid=f"{self.nodeid}::{c.name}", check=c)
                 for c in checks]
 
@@ -218,7 +218,7 @@ def parametrize_with_checks(
     params = []
     for obj in heads:
         subject = subject_from(obj)
-        for chk in select_checks(subject.capabilities, select=select, deselect=deselect):
+        for chk in select_checks(subject, select=select, deselect=deselect):
             reason = subject.expected_failures.get(chk.name)
             marks = [pytest.mark.xfail(strict=True, reason=reason, raises=CheckFailure)] if reason else []
             params.append(pytest.param(subject, BoundCheck(chk, seed), marks=marks,

@@ -6,7 +6,9 @@ import dataclasses
 from collections.abc import Callable, Iterable
 from typing import Any
 
-AREAS = ("head", "forward", "loss", "shape_loss", "training")
+# Each area's checks apply to one kind of subject: a head with its loss and training step, or a standalone shape loss.
+AREA_KINDS = {"head": "head", "forward": "head", "loss": "head", "training": "head", "shape_loss": "shape_loss"}
+AREAS = tuple(AREA_KINDS)
 
 
 class CheckFailure(AssertionError):
@@ -39,8 +41,14 @@ class Check:
     requires: frozenset[str]
     doc: str
 
-    def applies_to(self, capabilities: Iterable[str]) -> bool:
-        return self.requires <= frozenset(capabilities)
+    @property
+    def kind(self) -> str:
+        """The kind of subject this check applies to ("head" or "shape_loss"), fixed by its area."""
+        return AREA_KINDS[self.area]
+
+    def applies_to(self, subject: Any) -> bool:
+        """True for a subject of this check's kind that has every capability the check requires."""
+        return subject.kind == self.kind and self.requires <= frozenset(subject.capabilities)
 
     def __call__(self, subject, ctx: CheckContext | None = None) -> None:
         self.func(subject, ctx or CheckContext())

@@ -90,13 +90,10 @@ def validate_names(names: Iterable[str], *, where: str) -> None:
             )
 
 
-def select_checks(
-    capabilities: Iterable[str], *, select: Sequence[str] = (), deselect: Sequence[str] = ()
-) -> list[Check]:
-    """The checks that apply to a subject with `capabilities`, in catalogue order, filtered by name."""
+def select_checks(subject: Any, *, select: Sequence[str] = (), deselect: Sequence[str] = ()) -> list[Check]:
+    """The checks that apply to `subject` (its kind and capabilities), in catalogue order, filtered by name."""
     validate_names([*select, *deselect], where="--select/--deselect")
-    caps = frozenset(capabilities)
-    chosen = [c for c in known_checks().values() if c.applies_to(caps)]
+    chosen = [c for c in known_checks().values() if c.applies_to(subject)]
     if select:
         chosen = [c for c in chosen if c.name in set(select)]
     return [c for c in chosen if c.name not in set(deselect)]
@@ -109,11 +106,17 @@ def not_applicable(subject: Subject, *, select: Sequence[str]) -> list[CheckResu
     out = []
     for name in select:
         chk = known[name]
-        if not chk.applies_to(subject.capabilities):
-            missing = ", ".join(sorted(chk.requires - subject.capabilities))
+        if not chk.applies_to(subject):
             out.append(CheckResult(subject.name, name, "skipped", 0.0, doc=chk.doc,
-                                   message=f"does not apply: needs capability {missing}, which this head lacks"))
+                                   message=f"does not apply: {_why_not(chk, subject)}"))
     return out
+
+
+def _why_not(chk: Check, subject: Subject) -> str:
+    if chk.kind != subject.kind:
+        return f"it checks a {chk.kind.replace('_', ' ')}, and {subject.name} is a {subject.kind.replace('_', ' ')}"
+    missing = ", ".join(sorted(chk.requires - frozenset(subject.capabilities)))
+    return f"needs capability {missing}, which {subject.name} lacks"
 
 
 # --- running them ----------------------------------------------------------------------------------------------------

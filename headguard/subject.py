@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -41,6 +41,7 @@ class HeadSpec:
 class Subject:
     """One head under test. `build_head()` returns a fresh copy of the initialised head, in train mode."""
 
+    kind: ClassVar[str] = "head"
     name: str
     prototype: nn.Module
     loss_factory: Callable[[nn.Module], Callable]

@@ -1,6 +1,7 @@
 """Loss properties: rejecting non-finite predictions (R8), background-only batches (R10), batch replication (R4)
 and decomposition (R5), target order, degenerate targets (R6), dtypes, purity, finite gradients (R7), assigner
-coverage (R11)."""
+coverage (R11); for polygon heads, detection terms equal to the detection loss's (R3) and a usable vertex gradient at
+init (R2)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import math
 import torch
 from hypothesis import assume
 from hypothesis import strategies as st
+
+import losses
 
 from headguard import strategies as hs
 from headguard.checks._common import (
@@ -26,9 +29,10 @@ from headguard.checks._common import (
     select_images,
     train_preds,
 )
-from headguard.registry import CheckFailure
+from headguard.registry import CheckFailure, CheckSkipped
 
 PRED_KEYS = ("boxes", "scores", "polygons")
+DETECTION_ITEMS = ("box_loss", "cls_loss", "dfl_loss")
 # Loss items computed from the same numbers in another order agree to float32 summation error.
 RTOL, ATOL = 1e-4, 1e-6
 
@@ -381,3 +385,68 @@ def check_assigner_coverage(subject, ctx):
     # Objects of side >= 0.3 of a 64 px image span >= 19 px, so anchors of the stride-8 level lie inside.
     run_property(ctx, inner, st.floats(0.25, 0.75), st.floats(0.25, 0.75), st.floats(0.3, 0.5),
                  st.sampled_from((0.0, -20.0, -100.0)), st.sampled_from(("as_is", "collapsed", "maximal")))
+
+
+
+def _detection_loss(head):
+    """The reference detection loss for this head: the oracle for the polygon loss's detection terms."""
+    return losses.DetectionLoss.for_head(head)
+
+
+@check(area="loss", requires=("polygons",))
+def check_polygon_detection_terms_match(subject, ctx):
+    """The box/cls/dfl items of the polygon loss equal the detection loss's on the same inputs (R3)."""
+    head = subject.build_head()
+    preds = detached_preds(train_preds(head, features(subject, batch=2, image_size=(64, 64), seed=ctx.seed)))
+    shape_loss, detection_loss = subject.build_loss(head), _detection_loss(head)
+    bound = hs.from_head(subject)
+
+    def inner(batch):
+        _, poly_items = call("the polygon loss", shape_loss, preds, batch)
+        det_batch = {k: batch[k] for k in ("batch_idx", "cls", "bboxes")}
+        det_preds = {k: v for k, v in preds.items() if k != "polygons"}
+        _, det_items = call("the detection loss", detection_loss, det_preds, det_batch)
+        missing = [k for k in DETECTION_ITEMS if k in det_items and k not in poly_items]
+        if missing:
+            raise CheckFailure(
+                f"the polygon loss's items lack {missing}; expected the detection loss's {list(det_items)} too"
+            )
+        shared = [k for k in DETECTION_ITEMS if k in det_items]
+        bad = items_close({k: float(poly_items[k]) for k in shared}, {k: float(det_items[k]) for k in shared},
+                          rtol=1e-5, atol=1e-7)
+        if bad:
+            raise CheckFailure(
+                f"the polygon loss's detection terms differ from the detection loss's on the same inputs: "
+                f"{'; '.join(bad)} (polygon loss vs detection loss); adding a shape term must not renormalise the "
+                "class or box terms (normalise cls by max(1, sum of target scores), as the detection loss does)"
+            )
+
+    run_property(ctx, inner, bound.targets(batch_size=2, min_objects=0, max_objects=5))
+
+
+@check(area="loss", requires=("polygons",))
+def check_polygon_gradient_at_init(subject, ctx):
+    """The polygon loss's gradient w.r.t. the head's initial vertex output is finite and non-zero (R2)."""
+    head = subject.build_head()
+    preds = detached_preds(train_preds(head, features(subject, batch=2, image_size=(64, 64), seed=ctx.seed)))
+    preds["polygons"].requires_grad_(True)
+    batch = ordinary_targets(subject, 2, per_image=2, seed=ctx.seed)
+    vector, items = call("the polygon loss", subject.build_loss(head), preds, batch)
+    if "polygon_loss" not in items:
+        raise CheckSkipped(f"the loss reports no 'polygon_loss' item (items: {sorted(items)})")
+    vector.sum().backward()
+    grad = preds["polygons"].grad
+    if grad is None or not bool(torch.isfinite(grad).all()):
+        raise CheckFailure(
+            f"the polygon loss's gradient at the initial output is unusable ({count_nonfinite(grad)})"
+            f" (polygon_loss = {float(items['polygon_loss']):.4g}): initial polygons are probably degenerate (all "
+            "vertices at one point, a 0/0 in the loss); initialise the vertex branch so polygons have spread"
+        )
+    if not bool(grad.abs().sum() > 0):
+        raise CheckFailure(
+            f"the polygon loss's gradient at the initial output is exactly zero (polygon_loss = "
+            f"{float(items['polygon_loss']):.4g}): the initial polygons sit at a stationary point (e.g. every "
+            "vertex on one point after zeroing the vertex branch's final weights); they will never start to learn"
+        )
+
+

@@ -76,7 +76,7 @@ CATALOGUE = [
     make_check(check_hypothesis_fails, area="loss"),
     make_check(check_errors, area="forward"),
     make_check(check_skips, area="training"),
-    make_check(check_polygons_only, area="shape_loss", requires={"polygons"}),
+    make_check(check_polygons_only, area="loss", requires={"polygons"}),
     make_check(check_records_seed),
 ]
 

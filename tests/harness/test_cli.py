@@ -205,7 +205,7 @@ def test_list_shows_every_check_with_its_property(capsys):
     assert main(["list"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == [c.name for c in _fakes.CATALOGUE]
-    assert lines[5].split()[1:3] == ["shape_loss", "Only"] and lines[5].endswith("[needs polygons]")
+    assert lines[5].split()[1:3] == ["loss", "Only"] and lines[5].endswith("[needs polygons]")
 
 
 @pytest.mark.parametrize("option", ["--json", "--junit"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -22,12 +24,17 @@ def subject():
     return subject_from(_tinyheads.TINY, name="tinyheads:TINY")
 
 
+def _caps(*capabilities):
+    """A stand-in head subject with `capabilities` (select_checks reads only kind and capabilities)."""
+    return types.SimpleNamespace(kind="head", capabilities=frozenset(capabilities))
+
+
 def by_name(results):
     return {r.name: r for r in results}
 
 
 def test_every_status_and_field(subject, fake_catalogue):
-    results = by_name(run_checks(subject, select_checks(subject.capabilities), profile="ci", seed=3))
+    results = by_name(run_checks(subject, select_checks(subject), profile="ci", seed=3))
     assert {n: r.status for n, r in results.items()} == {
         "check_passes": "passed", "check_fails": "failed", "check_hypothesis_fails": "failed",
         "check_errors": "error", "check_skips": "skipped", "check_records_seed": "passed",
@@ -128,18 +135,18 @@ def test_select_checks_gates_on_capabilities_and_names(fake_catalogue):
         return [c.name for c in checks]
 
     everything = names(_fakes.CATALOGUE)
-    assert names(select_checks(["polygons"])) == everything
-    assert "check_polygons_only" not in names(select_checks([]))
-    assert names(select_checks([], select=["check_fails", "check_skips"])) == ["check_fails", "check_skips"]
-    assert "check_fails" not in names(select_checks(["polygons"], deselect=["check_fails"]))
+    assert names(select_checks(_caps("polygons"))) == everything
+    assert "check_polygons_only" not in names(select_checks(_caps()))
+    assert names(select_checks(_caps(), select=["check_fails", "check_skips"])) == ["check_fails", "check_skips"]
+    assert "check_fails" not in names(select_checks(_caps("polygons"), deselect=["check_fails"]))
     with pytest.raises(UnknownCheckError, match="unknown check name 'check_fail' .*did you mean 'check_fails'"):
-        select_checks([], select=["check_fail"])
+        select_checks(_caps(), select=["check_fail"])
 
 
 def test_using_catalogue_leaves_the_global_catalogue_alone():
     before = dict(CATALOGUE)
     with using_catalogue(_fakes.CATALOGUE):
-        assert [c.name for c in select_checks(["polygons"])] == [c.name for c in _fakes.CATALOGUE]
+        assert [c.name for c in select_checks(_caps("polygons"))] == [c.name for c in _fakes.CATALOGUE]
     assert CATALOGUE == before
 
 

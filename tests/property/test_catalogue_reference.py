@@ -27,7 +27,7 @@ REFERENCE_BUGS: dict[str, str] = {}
 
 def _cases():
     for name, subject in _SUBJECTS.items():
-        for chk in select_checks(subject.capabilities):
+        for chk in select_checks(subject):
             marks = []
             reason = subject.expected_failures.get(chk.name) or REFERENCE_BUGS.get(chk.name)
             if reason:
@@ -46,8 +46,8 @@ def test_reference_head(head, check_name):
 
 def test_every_check_applies_to_the_polygon_head():
     """The polygon reference exercises the whole catalogue; the detection one all but the polygon-only checks."""
-    assert {c.name for c in select_checks(_SUBJECTS["Polygon"].capabilities)} == set(CATALOGUE)
-    assert {c.name for c in CATALOGUE.values() if not c.applies_to(_SUBJECTS["Detect"].capabilities)} == {
+    assert {c.name for c in select_checks(_SUBJECTS["Polygon"])} == set(CATALOGUE)
+    assert {c.name for c in CATALOGUE.values() if not c.applies_to(_SUBJECTS["Detect"])} == {
         "check_polygon_detection_terms_match", "check_polygon_gradient_at_init"
     }
 
