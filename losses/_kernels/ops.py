@@ -1,0 +1,116 @@
+"""Entry points of the fused kernels: the Triton kernel where it runs, otherwise the pure-torch spec (same results)."""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from . import spec
+
+try:  # the import guard: without Triton every entry point runs the spec
+    from . import _triton
+except ImportError as exc:  # Triton not installed (CPU-only torch, CI)
+    _triton = None
+    UNAVAILABLE_REASON: str | None = f"Triton is not importable ({exc}); the pure-torch specs run instead"
+else:
+    UNAVAILABLE_REASON = None
+
+
+def available(tensor: torch.Tensor | None = None) -> bool:
+    """True where the Triton kernels run: Triton importable, CUDA present and, given a tensor, a CUDA float32 one."""
+    if _triton is None or not torch.cuda.is_available():
+        return False
+    return tensor is None or (tensor.is_cuda and tensor.dtype == torch.float32)
+
+
+def _backend(tensor: torch.Tensor):
+    return _triton if available(tensor) else spec
+
+
+# ------------------------------------------------------------------------------------------------ assignment metric
+def assign_metrics(pd_scores, pd_bboxes, anchor_points, labels, gt_bboxes, mask_gt, min_side, alpha, beta):
+    """(candidate, overlaps, align) over the dense (B, n, A) pairs; see `spec.assign_metrics`. No gradient."""
+    backend = _backend(pd_bboxes)
+    if backend is _triton and not (pd_scores.dtype == anchor_points.dtype == gt_bboxes.dtype == torch.float32):
+        backend = spec
+    with torch.no_grad():
+        return backend.assign_metrics(pd_scores, pd_bboxes, anchor_points, labels, gt_bboxes, mask_gt.bool(),
+                                      float(min_side), float(alpha), float(beta))
+
+
+# ------------------------------------------------------------------------------------------------ DFL
+class _PendingPositives:
+    """Carries the positive DFL term's gradient from its backward to the expectation's backward, which adds it."""
+
+    def __init__(self):
+        self.items: list[tuple[torch.Tensor, ...]] = []
+
+
+class _Expectation(torch.autograd.Function):
+    """E[bin] (B, 4, A) of logits (B, 4, R, A); the backward also adds the gradients of `positive_dfl` terms."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, pending: _PendingPositives) -> torch.Tensor:
+        expectation = _backend(logits).expectation_forward(logits)
+        ctx.save_for_backward(logits, expectation)
+        ctx.pending = pending
+        return expectation
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        logits, expectation = ctx.saved_tensors
+        backend = _backend(logits)
+        grad_logits = backend.expectation_backward(logits, expectation, grad)
+        for image, anchor, target, grad_loss in ctx.pending.items:
+            backend.positive_dfl_backward_add(grad_logits, logits, image, anchor, target, grad_loss)
+        ctx.pending.items.clear()
+        return grad_logits, None
+
+
+class _PositiveDFL(torch.autograd.Function):
+    """DFL (K,) at positives. Its input is the expectation, so autograd runs this backward first; the gradient goes
+    to the logits through the expectation's backward (one dense write), not through a second dense tensor."""
+
+    @staticmethod
+    def forward(ctx, expectation, logits, pending, image, anchor, target):
+        ctx.save_for_backward(image, anchor, target)
+        ctx.pending = pending
+        return _backend(logits).positive_dfl_forward(logits, image, anchor, target)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        image, anchor, target = ctx.saved_tensors
+        ctx.pending.items.append((image, anchor, target, grad))
+        return None, None, None, None, None, None
+
+
+class DFLDistances:
+    """The DFL branch of one loss evaluation: `expectation` (B, 4, A) in bins and `positive_loss(...)` (K,)."""
+
+    def __init__(self, boxes: torch.Tensor, reg_max: int):
+        b, c, a = boxes.shape
+        if c != 4 * reg_max:
+            raise ValueError(f"dfl_expectation got {c} channels; expected 4 * reg_max = {4 * reg_max}")
+        self.logits = boxes.view(b, 4, reg_max, a)
+        if not self.logits.is_contiguous():
+            self.logits = self.logits.contiguous()
+        self._pending = _PendingPositives()
+        self.expectation = _Expectation.apply(self.logits, self._pending)
+
+    def positive_loss(self, image: torch.Tensor, anchor: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """DFL cross-entropy (K,) of anchors (image, anchor) towards target (K, 4) distances in bins; as
+        `losses._boxes.dfl_loss(boxes[image, :, anchor].view(K, 4, R), target)`."""
+        return _PositiveDFL.apply(self.expectation, self.logits.detach(), self._pending, image, anchor, target)
+
+
+def dfl_expectation(boxes: torch.Tensor, reg_max: int) -> DFLDistances:
+    """(B, 4*reg_max, A) logits -> the DFL branch: `.expectation` as `heads._decode.dfl_expectation`, and
+    `.positive_loss(image, anchor, target)`."""
+    return DFLDistances(boxes, reg_max)
+
+
+def positive_dfl(branch: DFLDistances, image, anchor, target) -> torch.Tensor:
+    """`branch.positive_loss(image, anchor, target)`."""
+    return branch.positive_loss(image, anchor, target)

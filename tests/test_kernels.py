@@ -1,0 +1,279 @@
+"""The fused kernels (`losses._kernels`): specs equal the reference on the CPU; kernels equal the specs on the GPU.
+
+CPU (CI): each spec against the reference it replaces (`losses.assigner`, `heads._decode.dfl_expectation`,
+`losses._boxes.dfl_loss`), bit for bit where the operation order is the same, else within 1e-6 relative; the
+assignment and the prototype loss path built on them against the reference assignment and loss.
+GPU (`cuda` marker, skipped without CUDA or Triton): each Triton kernel against its spec on the same inputs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from benchmarks._inputs import STRIDES, loss_shape, make_batch, make_preds
+from headguard.strategies import targets
+from heads._decode import dfl_expectation as reference_expectation
+from heads._decode import make_anchors
+from losses import DetectionLoss, PolygonLoss
+from losses._boxes import dfl_loss
+from losses._kernels import available, spec
+from losses._kernels import dfl_expectation as fused_expectation
+from losses._kernels.assign import task_aligned_assign as fused_assign
+from losses._kernels.loss_path import KernelDetectionLoss, KernelPolygonLoss
+from losses.assigner import AssignerConfig, _anchors_in_boxes, _metrics, task_aligned_assign
+
+EXPONENTS = [0.0, 0.3, 0.5, 1.0, 2.0, 3.0, 6.0]  # torch special-cases 0, 1, 0.5, 2, 3 in pow; the kernel must too
+needs_kernels = pytest.mark.skipif(not available(), reason="needs Triton and a CUDA device")
+
+
+def _rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected|| (0 where both are 0)."""
+    scale = expected.double().norm().item()
+    diff = (actual.double() - expected.double()).norm().item()
+    return diff if scale == 0 else diff / scale
+
+
+# ---------------------------------------------------------------------------------------------------- inputs
+@st.composite
+def assigner_inputs(draw):
+    """The assigner's inputs for a small image: pixels, padded slots, tiny and degenerate boxes, scores in [0, 1]."""
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    b, n, nc = draw(st.integers(1, 3)), draw(st.integers(1, 6)), draw(st.sampled_from([1, 3, 80]))
+    side = draw(st.sampled_from([32, 64, 96]))
+    feats = [torch.zeros(1, 1, side // int(s), side // int(s)) for s in STRIDES]
+    points, stride = make_anchors(feats, STRIDES)
+    anchors = points * stride
+    a = anchors.shape[0]
+    # Predicted boxes around their anchors; some of zero width or height (degenerate, still finite).
+    half = stride * 4 * torch.rand(b, a, 2, generator=gen) * (torch.rand(b, a, 2, generator=gen) > 0.1)
+    pd_bboxes = torch.cat((anchors - half, anchors + half), -1)
+    pd_scores = torch.rand(b, a, nc, generator=gen)
+    pd_scores = torch.where(torch.rand(b, a, nc, generator=gen) < 0.05, torch.zeros(()), pd_scores)
+    # Gts: centres anywhere, sizes from 0 (a point) to most of the image, so many sides fall below min_side.
+    centre = side * torch.rand(b, n, 2, generator=gen)
+    size = side * torch.rand(b, n, 2, generator=gen) ** 2 * (torch.rand(b, n, 2, generator=gen) > 0.1)
+    gt_bboxes = torch.cat((centre - size / 2, centre + size / 2), -1)
+    gt_labels = torch.randint(0, nc, (b, n, 1), generator=gen).float()
+    mask_gt = torch.rand(b, n, 1, generator=gen) < 0.8
+    gt_bboxes = torch.where(mask_gt, gt_bboxes, torch.zeros(()))  # padding slots are zeros, as pad_targets fills
+    gt_labels = torch.where(mask_gt, gt_labels, torch.zeros(()))
+    config = AssignerConfig(
+        topk=draw(st.integers(1, 10)), alpha=draw(st.sampled_from(EXPONENTS)), beta=draw(st.sampled_from(EXPONENTS)),
+        ensure_coverage=draw(st.booleans()),
+    )
+    return pd_scores, pd_bboxes, anchors, gt_labels, gt_bboxes, mask_gt, config
+
+
+def _metric_args(pd_scores, pd_bboxes, anchors, gt_labels, gt_bboxes, mask_gt, config):
+    return (pd_scores, pd_bboxes, anchors, gt_labels.long().squeeze(-1), gt_bboxes, mask_gt.squeeze(-1),
+            STRIDES[1], config.alpha, config.beta)
+
+
+@st.composite
+def dfl_inputs(draw):
+    """Logits (B, 4*R, A), an upstream gradient of the expectation, and positives with targets and gradients; the
+    positives include repeated pairs of zero gradient (the fast path's filler entries)."""
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    b, reg_max, a = draw(st.integers(1, 3)), draw(st.sampled_from([2, 7, 16])), draw(st.integers(1, 40))
+    spread = draw(st.sampled_from([0.1, 1.0, 10.0]))
+    logits = spread * torch.randn(b, 4 * reg_max, a, generator=gen)
+    grad = torch.randn(b, 4, a, generator=gen)
+    k = draw(st.integers(0, 2 * b * a))
+    flat = torch.randperm(b * a, generator=gen)[: min(k, b * a)]
+    filler = torch.randint(0, b * a, (k - flat.numel(),), generator=gen)
+    index = torch.cat((flat, filler))
+    target = (reg_max + 1) * torch.rand(k, 4, generator=gen) - 0.5  # past both ends too: the clamp is part of it
+    grad_pos = torch.cat((torch.randn(flat.numel(), generator=gen), torch.zeros(filler.numel())))
+    return logits, grad, index // a, index % a, target, grad_pos, reg_max
+
+
+# ---------------------------------------------------------------------------------------------------- specs (CPU)
+@given(assigner_inputs())
+def test_assign_metrics_spec_equals_reference(inputs):
+    """Candidates, overlaps and metric of the spec are the reference's, bit for bit."""
+    pd_scores, pd_bboxes, anchors, gt_labels, gt_bboxes, mask_gt, config = inputs
+    candidate = _anchors_in_boxes(anchors, gt_bboxes, mask_gt, STRIDES[1]) & mask_gt
+    overlaps, align = _metrics(pd_scores, pd_bboxes, gt_labels.long().squeeze(-1), gt_bboxes, candidate, config,
+                               dense=True)
+    got = spec.assign_metrics(*_metric_args(*inputs))
+    for name, actual, expected in zip(("candidate", "overlaps", "align"), got, (candidate, overlaps, align)):
+        assert torch.equal(actual, expected), f"{name}: spec differs from the reference by {_rel(actual, expected)}"
+
+
+@given(assigner_inputs())
+def test_fused_assignment_equals_reference(inputs):
+    """The assignment over the fused metric is the reference assignment (all five outputs equal)."""
+    *tensors, config = inputs
+    expected = task_aligned_assign(*tensors, STRIDES, config)
+    got = fused_assign(*tensors, STRIDES, config)
+    for name, actual, want in zip(expected._fields, got, expected):
+        assert torch.equal(actual, want), f"{name} differs from the reference assignment"
+
+
+def test_fused_assignment_keeps_reference_edge_cases():
+    """No gt slots gives the empty assignment; fewer anchors than topk raises the reference's error."""
+    pd_scores, pd_bboxes = torch.rand(2, 5, 3), torch.rand(2, 5, 4)
+    anchors = torch.rand(5, 2)
+    empty = fused_assign(pd_scores, pd_bboxes, anchors, torch.zeros(2, 0, 1), torch.zeros(2, 0, 4),
+                         torch.zeros(2, 0, 1), STRIDES)
+    assert not empty.fg_mask.any()
+    with pytest.raises(ValueError, match="expected at least topk"):
+        fused_assign(pd_scores, pd_bboxes, anchors, torch.zeros(2, 1, 1), torch.ones(2, 1, 4), torch.ones(2, 1, 1),
+                     STRIDES)
+
+
+def _reference_dfl(logits, grad, image, anchor, target, grad_pos, reg_max):
+    """Value and logits gradient of <grad, E> + <grad_pos, dfl_loss at positives>, through the reference."""
+    x = logits.clone().requires_grad_()
+    expectation = reference_expectation(x, reg_max)
+    b, _, a = x.shape
+    positive = dfl_loss(x.view(b, 4, reg_max, a)[image, :, :, anchor], target)
+    ((expectation * grad).sum() + (positive * grad_pos).sum()).backward()
+    return expectation.detach(), positive.detach(), x.grad
+
+
+def _fused_dfl(logits, grad, image, anchor, target, grad_pos, reg_max):
+    x = logits.clone().requires_grad_()
+    branch = fused_expectation(x, reg_max)
+    positive = branch.positive_loss(image, anchor, target)
+    ((branch.expectation * grad).sum() + (positive * grad_pos).sum()).backward()
+    return branch.expectation.detach(), positive.detach(), x.grad
+
+
+@given(dfl_inputs())
+def test_dfl_spec_equals_reference(inputs):
+    """Expectation, positive DFL and the one dense gradient of both agree with the reference within 1e-6."""
+    for name, actual, expected in zip(("expectation", "positive DFL", "logits gradient"), _fused_dfl(*inputs),
+                                      _reference_dfl(*inputs)):
+        assert _rel(actual, expected) <= 1e-6, f"{name}: relative difference {_rel(actual, expected):.2e} > 1e-6"
+
+
+def test_dfl_expectation_rejects_wrong_channels():
+    with pytest.raises(ValueError, match="expected 4 \\* reg_max = 64"):
+        fused_expectation(torch.zeros(1, 60, 5), 16)
+
+
+def test_kernels_unavailable_on_cpu_tensors():
+    """CPU tensors (and float64) never reach the kernels: the specs run and say so."""
+    assert not available(torch.zeros(1))
+    assert not available(torch.zeros(1, dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu"))
+
+
+# ---------------------------------------------------------------------------------------------------- loss path
+NC_LOSS = 3
+
+
+@st.composite
+def loss_batches(draw):
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    b, side = draw(st.integers(1, 3)), draw(st.sampled_from([64, 96]))
+    feats = [torch.zeros(()).expand(b, 8, side // int(s), side // int(s)) for s in STRIDES]
+    a = sum(f.shape[2] * f.shape[3] for f in feats)
+    spread = draw(st.sampled_from([0.1, 1.0, 3.0]))
+    preds = {
+        "boxes": spread * torch.randn(b, 64, a, generator=gen),
+        "scores": spread * torch.randn(b, NC_LOSS, a, generator=gen) - 2.0,
+        "polygons": 0.5 * torch.randn(b, 12, a, generator=gen),
+        "feats": feats,
+    }
+    batch = draw(targets(NC_LOSS, batch_size=b, num_vertices=6, max_objects=10))
+    return preds, batch
+
+
+def _loss_and_grads(criterion, preds, batch, device):
+    leaves = {k: v.to(device).requires_grad_() for k, v in preds.items() if k != "feats"}
+    inputs = {**leaves, "feats": [f.to(device) for f in preds["feats"]]}
+    loss, _ = criterion(inputs, {k: v.to(device) for k, v in batch.items()})
+    loss.sum().backward()
+    return [loss.detach()] + [leaves[k].grad for k in ("boxes", "scores", "polygons") if leaves[k].grad is not None]
+
+
+def _check_loss_path(preds, batch, device, tol=1e-5):
+    for mode, reference, fused in (
+        ("detection", DetectionLoss(NC_LOSS, STRIDES), KernelDetectionLoss(NC_LOSS, STRIDES)),
+        ("mgiou", PolygonLoss(NC_LOSS, STRIDES, np=6, mode="mgiou"), KernelPolygonLoss(NC_LOSS, STRIDES, np=6,
+                                                                                          mode="mgiou")),
+    ):
+        expected = _loss_and_grads(reference, preds, batch, device)
+        got = _loss_and_grads(fused, preds, batch, device)
+        assert len(got) == len(expected)
+        for i, (actual, want) in enumerate(zip(got, expected)):
+            assert _rel(actual, want) <= tol, f"{mode}, output {i}: relative difference {_rel(actual, want):.2e}"
+
+
+@given(loss_batches())
+def test_kernel_loss_path_equals_reference(case):
+    """The prototype loss path (fast path + fused kernels; specs on the CPU) equals the reference within 1e-5."""
+    _check_loss_path(*case, "cpu")
+
+
+# ---------------------------------------------------------------------------------------------------- kernels (GPU)
+def _cuda(tensors):
+    return [t.cuda() if isinstance(t, torch.Tensor) else t for t in tensors]
+
+
+@pytest.mark.cuda
+@needs_kernels
+@settings(max_examples=100)
+@given(assigner_inputs())
+def test_assign_metrics_kernel_equals_spec(inputs):
+    from losses._kernels import _triton
+
+    args = _cuda(_metric_args(*inputs))
+    expected = spec.assign_metrics(*args)
+    got = _triton.assign_metrics(*args)
+    assert torch.equal(got[0], expected[0]), "candidate masks differ"
+    for name, actual, want in zip(("overlaps", "align"), got[1:], expected[1:]):
+        assert _rel(actual, want) <= 1e-6, f"{name}: relative difference {_rel(actual, want):.2e}"
+
+
+@pytest.mark.cuda
+@needs_kernels
+@settings(max_examples=100)
+@given(dfl_inputs())
+def test_dfl_kernels_equal_spec(inputs):
+    from losses._kernels import _triton
+
+    logits, grad, image, anchor, target, grad_pos, reg_max = _cuda(inputs)
+    x = logits.view(logits.shape[0], 4, reg_max, -1)
+    pairs = [
+        (_triton.expectation_forward(x), spec.expectation_forward(x)),
+        (_triton.expectation_backward(x, spec.expectation_forward(x), grad),
+         spec.expectation_backward(x, spec.expectation_forward(x), grad)),
+        (_triton.positive_dfl_forward(x, image, anchor, target), spec.positive_dfl_forward(x, image, anchor, target)),
+        (_triton.positive_dfl_backward_add(torch.ones_like(x), x, image, anchor, target, grad_pos),
+         spec.positive_dfl_backward_add(torch.ones_like(x), x, image, anchor, target, grad_pos)),
+    ]
+    for name, (actual, want) in zip(("expectation", "its gradient", "positive DFL", "its gradient"), pairs):
+        assert _rel(actual, want) <= 1e-6, f"{name}: relative difference {_rel(actual, want):.2e}"
+
+
+@pytest.mark.cuda
+@needs_kernels
+@settings(max_examples=100)
+@given(loss_batches())
+def test_kernel_loss_path_equals_reference_on_gpu(case):
+    _check_loss_path(*case, "cuda")
+
+
+@pytest.mark.cuda
+@needs_kernels
+@pytest.mark.parametrize("shape_name", ["a", "b"])
+def test_kernel_loss_path_at_benchmark_shapes(shape_name):
+    """At the benchmark shapes, with CUDA graphs and the Triton kernels: within 1e-5 of the eager reference."""
+    shape = loss_shape(shape_name, "cuda")
+    results = []
+    for criterion in (DetectionLoss(shape.nc, STRIDES), KernelDetectionLoss(shape.nc, STRIDES)):
+        preds, batch = make_preds(shape, "cuda"), make_batch(shape, "cuda")
+        for _ in range(2):  # the second call replays the captured graphs
+            for v in preds.values():
+                if isinstance(v, torch.Tensor):
+                    v.grad = None
+            loss, _ = criterion(preds, batch)
+            loss.sum().backward()
+        results.append([loss.detach(), preds["boxes"].grad, preds["scores"].grad])
+    for i, (actual, want) in enumerate(zip(*reversed(results))):
+        assert _rel(actual, want) <= 1e-5, f"output {i}: relative difference {_rel(actual, want):.2e}"
