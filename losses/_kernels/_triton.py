@@ -26,17 +26,18 @@ _POS_BLOCK_K = 32
 def _pow(x, e: tl.constexpr):
     """x ** e for a constant e, with torch's special cases (0, 1, 0.5, 2, 3 are not computed through powf)."""
     if e == 0.0:
-        return tl.full(x.shape, 1.0, tl.float32)
+        y = tl.full(x.shape, 1.0, tl.float32)
     elif e == 1.0:
-        return x
+        y = x
     elif e == 0.5:
-        return tl.sqrt_rn(x)
+        y = tl.sqrt_rn(x)
     elif e == 2.0:
-        return x * x
+        y = x * x
     elif e == 3.0:
-        return x * x * x
+        y = x * x * x
     else:
-        return libdevice.pow(x, tl.full(x.shape, e, tl.float32))
+        y = libdevice.pow(x, tl.full(x.shape, e, tl.float32))
+    return y
 
 
 @triton.jit

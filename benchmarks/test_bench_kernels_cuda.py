@@ -1,0 +1,132 @@
+"""The fused kernels (`losses._kernels`) side by side with the torch ops they replace, at the issue's shapes (a), (b).
+
+Each workload is timed twice, impl "reference" (the torch ops the losses run today) and impl "kernel" (the entry
+point in `losses._kernels`, which runs the Triton kernel on CUDA), with `pair` = "kernel-<workload>-<shape>":
+  * assign-metrics: candidate test + CIoU + metric over the dense (B, n, A) pairs;
+  * assign: the whole task-aligned assignment (the metric chain fused, top-k and conflicts in torch);
+  * dfl: forward+backward of the DFL expectation over all anchors plus the DFL cross-entropy at the positives.
+The prototype loss path (`losses._kernels.loss_path`, fast path + kernels) is timed with `pair` = "loss-<shape>",
+so the ratio table sets it beside Ultralytics' v8DetectionLoss from test_bench_losses_cuda.py in the same run.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks._inputs import DEVICES, REG_MAX, STRIDES, clear_grads, loss_shape, make_assigner_inputs, make_batch
+from benchmarks._inputs import generator, make_preds
+from heads._decode import dfl_expectation as reference_expectation
+from losses._boxes import dfl_loss
+from losses._fast import gather_anchors
+from losses._kernels import assign_metrics
+from losses._kernels import dfl_expectation as fused_expectation
+from losses._kernels.assign import task_aligned_assign as fused_assign
+from losses._kernels.loss_path import KernelDetectionLoss, KernelPolygonLoss
+from losses.assigner import AssignerConfig, _anchors_in_boxes, _metrics, task_aligned_assign
+
+IMPLS = ["reference", "kernel"]
+POSITIVES_PER_OBJECT = 5  # about what the assigner keeps per gt at these shapes
+
+
+def _assigner_args(shape_name, device):
+    shape = loss_shape(shape_name, device)
+    inputs = make_assigner_inputs(shape, device)
+    return shape, inputs
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape_name", ["a", "b"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_assign_metrics(device_bench, device, shape_name, impl):
+    shape, x = _assigner_args(shape_name, device)
+    cfg = AssignerConfig()
+    mask = x["mask_gt"].bool()
+    labels = x["gt_labels"].long().squeeze(-1)
+
+    def reference():
+        candidate = _anchors_in_boxes(x["anchor_points"], x["gt_bboxes"], mask, STRIDES[1]) & mask
+        return _metrics(x["pd_scores"], x["pd_bboxes"], labels, x["gt_bboxes"], candidate, cfg, dense=True)
+
+    def kernel():
+        return assign_metrics(x["pd_scores"], x["pd_bboxes"], x["anchor_points"], labels, x["gt_bboxes"],
+                              mask.squeeze(-1), STRIDES[1], cfg.alpha, cfg.beta)
+
+    fn = reference if impl == "reference" else kernel
+    with torch.no_grad():
+        device_bench(fn, pair=f"kernel-assign-metrics-{shape_name}", impl=impl, pairs=int(mask.numel()) * x[
+            "pd_scores"].shape[1])
+        got, want = kernel(), reference()
+    assert torch.allclose(got[1], want[0], rtol=1e-6, atol=1e-7) and torch.allclose(got[2], want[1], rtol=1e-6,
+                                                                                    atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape_name", ["a", "b"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_assign(device_bench, device, shape_name, impl):
+    _, x = _assigner_args(shape_name, device)
+    fn = task_aligned_assign if impl == "reference" else fused_assign
+    device_bench(lambda: fn(*x.values(), STRIDES), pair=f"kernel-assign-{shape_name}", impl=impl)
+    assert fn(*x.values(), STRIDES).fg_mask.any()
+
+
+def _dfl_inputs(shape_name, device):
+    shape = loss_shape(shape_name, device)
+    logits = make_preds(shape, device, polygons=False)["boxes"]
+    b, _, a = logits.shape
+    g = generator(5)
+    k = min(b * a, shape.batch * shape.objects_per_image * POSITIVES_PER_OBJECT)
+    flat = torch.randperm(b * a, generator=g)[:k].sort().values
+    image, anchor = (flat // a).to(device), (flat % a).to(device)
+    target = ((REG_MAX - 1) * torch.rand(k, 4, generator=g)).to(device)
+    grad = torch.randn(b, 4, a, generator=g).to(device)
+    weight = torch.rand(k, generator=g).to(device)
+    return logits, image, anchor, target, grad, weight
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape_name", ["a", "b"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_dfl_fwd_bwd(device_bench, device, shape_name, impl):
+    """Expectation over all anchors and the DFL at positives, forward and backward into the logits."""
+    logits, image, anchor, target, grad, weight = _dfl_inputs(shape_name, device)
+    b, _, a = logits.shape
+
+    def reference():
+        expectation = reference_expectation(logits, REG_MAX)
+        positive = dfl_loss(gather_anchors(logits, image, anchor).view(-1, 4, REG_MAX), target)
+        ((expectation * grad).sum() + (positive * weight).sum()).backward()
+
+    def kernel():
+        branch = fused_expectation(logits, REG_MAX)
+        positive = branch.positive_loss(image, anchor, target)
+        ((branch.expectation * grad).sum() + (positive * weight).sum()).backward()
+
+    device_bench(reference if impl == "reference" else kernel, setup=lambda: setattr(logits, "grad", None),
+                 pair=f"kernel-dfl-{shape_name}", impl=impl, positives=int(image.numel()))
+    assert torch.isfinite(logits.grad).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape_name", ["a", "b"])
+@pytest.mark.parametrize("kind", ["detection", "polygon-l2", "polygon-mgiou"])
+def test_kernel_loss_fwd_bwd(device_bench, device, shape_name, kind):
+    """The prototype loss path: fast path (one sync, CUDA graphs) with the fused kernels in its core."""
+    shape = loss_shape(shape_name, device)
+    polygons = kind != "detection"
+    if polygons:
+        criterion = KernelPolygonLoss(shape.nc, STRIDES, np=shape.np, reg_max=REG_MAX, mode=kind.split("-", 1)[1])
+    else:
+        criterion = KernelDetectionLoss(shape.nc, STRIDES, reg_max=REG_MAX)
+    preds = make_preds(shape, device, polygons=polygons)
+    batch = make_batch(shape, device, polygons=polygons)
+
+    def step():
+        loss, _ = criterion(preds, batch)
+        loss.sum().backward()
+        return loss
+
+    device_bench(step, setup=lambda: clear_grads(preds), pair=f"loss-{shape_name}", impl=f"{kind}[kernels]",
+                 batch=shape.batch, nc=shape.nc, objects=int(batch["cls"].shape[0]))
+    assert torch.isfinite(step()).all()
