@@ -181,23 +181,42 @@ def level_nan_percent(y: torch.Tensor, feats: Sequence[torch.Tensor]) -> list[fl
     return [nan_percent(part) for part in torch.split(y, sizes, dim=2)]
 
 
+@dataclasses.dataclass
+class Parts:
+    """What one run trains: a fresh head, its loss and optimiser, the training batch and the validation maps."""
+
+    head: nn.Module
+    loss_fn: Callable
+    optimizer: torch.optim.Optimizer
+    feats: list[torch.Tensor]
+    batch: dict[str, torch.Tensor]
+    validation: list[torch.Tensor]
+
+
+def training_parts(subject: Subject, story: Story) -> Parts:
+    head = subject.build_head()
+    return Parts(
+        head=head,
+        loss_fn=subject.build_loss(head),
+        optimizer=torch.optim.SGD(head.parameters(), lr=story.lr, momentum=story.momentum),
+        feats=features(subject, batch=story.batch, image_size=story.image_size, seed=story.seed),
+        batch=ordinary_targets(subject, story.batch, seed=story.seed),
+        validation=features(subject, batch=story.batch, image_size=story.image_size, seed=story.seed + 1),
+    )
+
+
 def run_setup(subject: Subject, setup: Setup, story: Story) -> Run:
     """Train `subject`'s head as `setup` says through `story`, with an eval after every step."""
-    head = subject.build_head()
+    parts = training_parts(subject, story)
+    head, feats, validation = parts.head, parts.feats, parts.validation
     if not setup.zero_cv4_bias:
         default_cv4_bias(head, torch.Generator().manual_seed(story.seed))
-    loss_fn = subject.build_loss(head)
-    if setup.nan_to_minus_ten:
-        loss_fn = nan_to_minus_ten(loss_fn)
-    optimizer = torch.optim.SGD(head.parameters(), lr=story.lr, momentum=story.momentum)
-    feats = features(subject, batch=story.batch, image_size=story.image_size, seed=story.seed)
-    batch = ordinary_targets(subject, story.batch, seed=story.seed)
-    validation = features(subject, batch=story.batch, image_size=story.image_size, seed=story.seed + 1)
+    loss_fn = nan_to_minus_ten(parts.loss_fn) if setup.nan_to_minus_ten else parts.loss_fn
     poisoned = overflowing(feats, story.overflow)
     run = Run(setup, [], [], [], [], [], [], [], 0, ())
     for step in range(story.before + 1 + story.after):
         inputs = poisoned if step == story.overflow_step else feats
-        result = setup.step(head, loss_fn, optimizer, inputs, batch, max_norm=setup.max_norm)
+        result = setup.step(head, loss_fn, parts.optimizer, inputs, parts.batch, max_norm=setup.max_norm)
         run.loss.append(result.loss)
         run.grad_norm.append(result.grad_norm)
         run.skipped.append(result.skipped)
@@ -220,20 +239,15 @@ def one_poisoned_channel(story: Story = Story()) -> tuple[float, list[float]]:
     """A healthy head (`before` reference steps), then NaN in ONE channel of the running_var of cv3[0][0][0].bn (the
     depth-wise first block of the stride-8 class branch): NaN % of the stride-8 class scores, and NaN % per level."""
     subject = reference_subject(story.seed)
-    head = subject.build_head()
-    loss_fn = subject.build_loss(head)
-    optimizer = torch.optim.SGD(head.parameters(), lr=story.lr, momentum=story.momentum)
-    feats = features(subject, batch=story.batch, image_size=story.image_size, seed=story.seed)
-    batch = ordinary_targets(subject, story.batch, seed=story.seed)
+    parts = training_parts(subject, story)
     for _ in range(story.before):
-        train_step(head, loss_fn, optimizer, feats, batch)
+        train_step(parts.head, parts.loss_fn, parts.optimizer, parts.feats, parts.batch)
     with torch.no_grad():
-        head.cv3[0][0][0].bn.running_var[0] = math.nan
-    validation = features(subject, batch=story.batch, image_size=story.image_size, seed=story.seed + 1)
-    y = eval_outputs(head, validation)
-    stride8 = validation[0].shape[2] * validation[0].shape[3]
+        parts.head.cv3[0][0][0].bn.running_var[0] = math.nan
+    y = eval_outputs(parts.head, parts.validation)
+    stride8 = parts.validation[0].shape[2] * parts.validation[0].shape[3]
     scores = y[:, 4 : 4 + subject.nc, :stride8]
-    return nan_percent(scores), level_nan_percent(y, validation)
+    return nan_percent(scores), level_nan_percent(y, parts.validation)
 
 
 def check_messages() -> dict[str, tuple[str, str]]:
