@@ -227,8 +227,10 @@ def test_assign_metrics_kernel_equals_spec(inputs):
     expected = spec.assign_metrics(*args)
     got = _triton.assign_metrics(*args)
     assert torch.equal(got[0], expected[0]), "candidate masks differ"
-    for name, actual, want in zip(("overlaps", "align"), got[1:], expected[1:]):
-        assert _rel(actual, want) <= 1e-6, f"{name}: relative difference {_rel(actual, want):.2e}"
+    # CUDA's atan and torch's differ in the last bit now and then (measured on an H200), and align = s^alpha *
+    # overlap^beta multiplies an overlap's relative error by beta (up to 6 here): 1e-6 and 1e-5 cover both.
+    for name, actual, want, tol in zip(("overlaps", "align"), got[1:], expected[1:], (1e-6, 1e-5)):
+        assert _rel(actual, want) <= tol, f"{name}: relative difference {_rel(actual, want):.2e} > {tol}"
 
 
 @pytest.mark.cuda
