@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from heads._decode import DECODE_RAW_BOUND, decode_polygons, dfl_expectation, dist2bbox, make_anchors
+from heads._decode import decode_polygons, dfl_expectation, dist2bbox, make_anchors
 
 from ._boxes import bbox2dist, bbox_ciou, dfl_loss
 from ._graphs import GraphedCore
@@ -96,8 +96,8 @@ def vertex_loss(pred, target, mask, area, mode: str, progress: torch.Tensor, mgi
     `progress` as a 0-d tensor (a graph input).
 
     The core's targets have a real vertex per polygon (the batch was checked; filler entries get all-real masks) and
-    finite vertices (checked before the core; decode stays finite below DECODE_RAW_BOUND). `mgiou_mask` is `mask`, or
-    None where every vertex is real (the same MGIoU, without the padded-vertex fill).
+    finite vertices (raw offsets and targets were range-checked before the core, see losses._bounds). `mgiou_mask` is
+    `mask`, or None where every vertex is real (the same MGIoU, without the padded-vertex fill).
     """
     from .polygon import _blend_vertex_loss  # polygon imports detection, which imports this module
 
@@ -138,9 +138,7 @@ class FastPath:
         core_in = [boxes, scores, anchor_points, stride_tensor, gt.labels, gt.bboxes, gt.mask]
         if poly is None:
             return core_in, None
-        raw, polygons, polygon_mask, bounded_at = extra
-        if not sync.values[bounded_at]:
-            return core_in, "unbounded"
+        raw, polygons, polygon_mask = extra
         scale = torch.stack((imgsz[1], imgsz[0])).to(polygons.dtype)
         if polygons.shape[0] == 0:  # no objects: every slot is padding, gather from one dummy row
             polygons = polygons.new_zeros((1, *polygons.shape[1:]))
@@ -164,8 +162,7 @@ class FastPath:
         if poly is not None:
             raw = poly._check_pred_polygons(preds)
             polygons, polygon_mask = poly._check_batch_polygons(batch, imgsz)
-            bounded_at = sync.read(raw.detach().abs().amax() <= DECODE_RAW_BOUND)
-            extra = (raw, polygons, polygon_mask, bounded_at)
+            extra = (raw, polygons, polygon_mask)
         return boxes, scores, feats, imgsz, batch_idx, cls, bboxes, counts, n_at, extra
 
     def _grid(self, feats, scores: torch.Tensor):
@@ -192,11 +189,9 @@ class FastPath:
         core_in, _ = self._prepare(preds, batch)
         return self.core(*core_in)
 
-    def polygon_vector(self, preds, batch, progress: float) -> torch.Tensor | None:
-        """Gain-scaled [box, polygon, cls, dfl] (4,), or None where the reference path must decide (|raw| > bound)."""
+    def polygon_vector(self, preds, batch, progress: float) -> torch.Tensor:
+        """Gain-scaled [box, polygon, cls, dfl] (4,), not times B."""
         core_in, extra = self._prepare(preds, batch)
-        if extra == "unbounded":
-            return None
         scores = core_in[1]
         progress_t = torch.full((), progress, dtype=torch.float32, device=scores.device)
         self._all_real = batch.get("polygon_mask") is None

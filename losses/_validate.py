@@ -1,10 +1,11 @@
 """Input checks shared by the losses: one error type, messages that name the tensor, the finding and the expectation.
 
 Each finiteness check is one fused reduction per tensor (`aminmax`, which propagates NaN and keeps +-Inf; measured
-about 15x faster than `isfinite().all()` on a (8, 64, 8400) CPU tensor). Reading its result is a host sync; we accept
-it, because a quiet NaN loss costs far more than one sync per step. Details (count, first index) are computed only on
-the failure path. Inside `one_sync()` (the losses' fast path) every value check only queues its failure flag, and
-all flags are read with one sync when the block ends.
+about 15x faster than `isfinite().all()` on a (8, 64, 8400) CPU tensor); a range check (`unbounded_flag`) compares
+the same minimum and maximum with its bounds, so finiteness and range cost one pass together. Reading the result is a
+host sync; we accept it, because a quiet NaN loss costs far more than one sync per step. Details (count, first
+index) are computed only on the failure path. Inside `one_sync()` (the losses' fast path) every value check only
+queues its failure flag, and all flags are read with one sync when the block ends.
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ class _Sync:
 def one_sync() -> Iterator[_Sync]:
     """Run the block's value checks with ONE host sync in all, when the block ends.
 
-    Inside, `check_finite`, `check_range`, `check_integral`, `check_flag` and `any_flag` queue their failure flag and
-    report success. Leaving the block reads every flag, and the values asked for with `read`, in one transfer and sets
-    `failed`; the caller must then re-run its checks eagerly (outside the block), which raises the precise error.
+    Inside, `check_finite`, `check_bounded`, `check_range`, `check_integral`, `check_flag` and `any_flag` queue their
+    failure flag and report success. Leaving the block reads every flag, and the values asked for with `read`, in one
+    transfer and sets `failed`; the caller must then re-run its checks eagerly (outside the block), which raises the
+    precise error.
     Code inside the block must not rely on the checks having passed (no indexing with unchecked values).
     """
     sync = _Sync()
@@ -133,6 +135,34 @@ def check_finite(name: str, t: torch.Tensor, expected: str) -> None:
     raise LossInputError(f"{name} has {int(bad.sum())} non-finite values (first at {first}); expected {expected}")
 
 
+def check_bounded(name: str, t: torch.Tensor, low: float, high: float, finite: str, expected: str,
+                  hint: Callable[[float, float], str] | None = None) -> None:
+    """Finite and in [low, high], from one fused reduction; a failure is reported by `check_finite` (with `finite`)
+    when a value is NaN/Inf, else by `check_within` (with `expected` and `hint`)."""
+    if t.numel() == 0 or _passes(unbounded_flag(t, low, high)):
+        return
+    check_finite(name, t, finite)
+    check_within(name, t, low, high, expected, hint)
+
+
+def check_within(name: str, t: torch.Tensor, low: float, high: float, expected: str,
+                 hint: Callable[[float, float], str] | None = None) -> None:
+    """Eager detail of a failed range check: all (finite) values in [low, high], else an error naming the extreme
+    value and the first offender. `hint(smallest, largest)` may add a likely cause ("" for none)."""
+    smallest, largest = (float(v) for v in torch.aminmax(t.detach()))
+    if low <= smallest and largest <= high:
+        return
+    bad = (t < low) | (t > high)
+    first = [int(i) for i in bad.nonzero()[0]]
+    where = f"row {first[0]}: {t[first[0]].tolist()}" if t.ndim == 2 else f"{first}"
+    extreme = f"largest {largest:g}" if largest > high else f"smallest {smallest:g}"
+    cause = hint(smallest, largest) if hint is not None else ""
+    raise LossInputError(
+        f"{name} has {int(bad.sum())} values outside [{low:g}, {high:g}] ({extreme}, first at {where}); "
+        f"expected {expected}" + (f"; {cause}" if cause else "")
+    )
+
+
 def check_range(name: str, t: torch.Tensor, low: float, high: float, expected: str) -> None:
     """All values in [low, high); reports the first offender."""
     if t.numel() == 0 or _passes(outside_flag(t, low, high)):
@@ -161,6 +191,14 @@ def nonfinite_flag(t: torch.Tensor) -> torch.Tensor:
         return torch.zeros((), dtype=torch.bool, device=t.device)
     low, high = torch.aminmax(t.detach())
     return ~(torch.isfinite(low) & torch.isfinite(high))
+
+
+def unbounded_flag(t: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """0-d bool tensor: t holds NaN/Inf or a value outside [low, high] (finite bounds; one fused reduction, no sync)."""
+    if t.numel() == 0:
+        return torch.zeros((), dtype=torch.bool, device=t.device)
+    smallest, largest = torch.aminmax(t.detach())
+    return ~((smallest >= low) & (largest <= high))  # NaN compares False, so it is reported too
 
 
 def outside_flag(t: torch.Tensor, low: float, high: float) -> torch.Tensor:

@@ -24,10 +24,12 @@ from ._validate import (
     check_range,
     check_shape,
     check_tensor,
-    nonfinite_flag,
+    check_within,
     nonintegral_flag,
     outside_flag,
+    unbounded_flag,
 )
+from ._bounds import LOGIT_BOUND, LOGIT_RANGE, TARGET_HIGH, TARGET_LOW, TARGET_RANGE, pixel_hint
 from ._fast import FastPath, gather_anchors, image_size
 from .assigner import AssignerConfig, task_aligned_assign
 
@@ -266,10 +268,14 @@ class DetectionLoss:
         check_shape("preds['scores']", scores, (b, self.nc, anchors), f"(B, nc, A) with A = {anchors} from feats")
         check_shape("preds['boxes']", boxes, (b, 4 * self.reg_max, a), f"(B, 4*reg_max, A) with reg_max={self.reg_max}")
         check_like("preds['boxes']", boxes, "preds['scores']", scores)
-        if any_flag(nonfinite_flag(scores), nonfinite_flag(boxes)):  # one sync; details only on failure
+        # One sync for both tensors' finiteness and range; details only on failure.
+        bound = LOGIT_BOUND
+        if any_flag(unbounded_flag(scores, -bound, bound), unbounded_flag(boxes, -bound, bound)):
             expected = "finite logits — the head produced NaN/Inf, fix the head rather than masking"
             check_finite("preds['scores']", scores, expected)
             check_finite("preds['boxes']", boxes, expected)
+            for name, t in (("preds['scores']", scores), ("preds['boxes']", boxes)):
+                check_within(name, t, -bound, bound, LOGIT_RANGE)
         return boxes, scores, feats
 
     def _check_batch(self, batch, batch_size: int, imgsz: torch.Tensor):
@@ -287,12 +293,14 @@ class DetectionLoss:
             check_like(name, t, "preds['scores']", imgsz, dtype=False)
         check_floating("batch['bboxes']", bboxes)
         flags = (
-            nonfinite_flag(bboxes), nonintegral_flag(batch_idx), nonintegral_flag(cls),
+            unbounded_flag(bboxes, TARGET_LOW, TARGET_HIGH), nonintegral_flag(batch_idx), nonintegral_flag(cls),
             outside_flag(batch_idx, 0, batch_size), outside_flag(cls, 0, self.nc),
             outside_flag(bboxes[:, 2:], 0, math.inf),
         )
         if any_flag(*flags):  # one sync for all value checks; the detailed checks below name the first problem
             check_finite("batch['bboxes']", bboxes, "finite normalised xywh boxes")
+            check_within("batch['bboxes']", bboxes, TARGET_LOW, TARGET_HIGH, "normalised xywh " + TARGET_RANGE,
+                         pixel_hint(imgsz))
             check_integral("batch['batch_idx']", batch_idx)
             check_integral("batch['cls']", cls)
             check_range(

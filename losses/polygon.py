@@ -20,12 +20,9 @@ from typing import NamedTuple
 
 import torch
 
-from heads._decode import DECODE_RAW_BOUND
-
+from ._bounds import TARGET_HIGH, TARGET_LOW, TARGET_RANGE, VERTEX_OFFSET_BOUND, pixel_hint
 from ._fast import FastPath, positive_vertices
-from ._validate import (
-    LossInputError, check_finite, check_flag, check_floating, check_like, check_shape, check_tensor,
-)
+from ._validate import LossInputError, check_bounded, check_flag, check_floating, check_like, check_shape, check_tensor
 from .assigner import AssignerConfig
 from .detection import DetectionGains, DetectionLoss, DetectionTargets
 from .mgiou import mgiou
@@ -161,12 +158,11 @@ class PolygonLoss:
 
     def loss(self, preds, batch: Mapping[str, torch.Tensor], progress: float = 0.0):
         preds = DetectionLoss.parse_output(preds)
-        vector = None
         if self.cuda_graphs:
             if self._fast is None:
                 self._fast = FastPath(self.detection, self)
             vector = self._fast.polygon_vector(preds, batch, self._check_progress(progress))
-        if vector is None:  # the reference path; also where raw offsets exceed the fast path's decode bound
+        else:
             vector = self.terms(preds, batch, progress).vector
         return vector * preds["scores"].shape[0], dict(zip(self.names, vector.detach()))
 
@@ -184,9 +180,8 @@ class PolygonLoss:
             polygons * scale, polygon_mask, det.gt_rows, det.target_gt_idx, det.fg_mask, det.stride_tensor
         )
         image, anchor = det.fg_mask.nonzero(as_tuple=True)
+        # Finite: the raw offsets are within VERTEX_OFFSET_BOUND, far inside decode_polygons' finite range.
         pred = positive_vertices(raw, image, anchor, det.anchor_points, det.stride_tensor)
-        check_finite("decoded preds['polygons'] at positive anchors", pred,
-                     f"finite vertices (decode_polygons is finite for |raw| <= {DECODE_RAW_BOUND:g})")
 
         box = det.target_bboxes[image, anchor] / det.stride_tensor[anchor]
         area = (box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1])
@@ -211,8 +206,10 @@ class PolygonLoss:
         check_floating("preds['polygons']", raw)
         check_shape("preds['polygons']", raw, (b, 2 * self.np, a), f"(B, 2*np, A) with np={self.np}, B and A as scores")
         check_like("preds['polygons']", raw, "preds['scores']", scores, dtype=False)
-        check_finite("preds['polygons']", raw,
-                     "finite offsets: the head produced NaN/Inf, fix the head rather than masking")
+        check_bounded("preds['polygons']", raw, -VERTEX_OFFSET_BOUND, VERTEX_OFFSET_BOUND,
+                      "finite offsets: the head produced NaN/Inf, fix the head rather than masking",
+                      f"raw offsets in [-{VERTEX_OFFSET_BOUND:g}, {VERTEX_OFFSET_BOUND:g}], where the loss is "
+                      "guaranteed finite in float32 (losses._bounds); larger offsets mean the head has diverged")
         return raw
 
     def _check_batch_polygons(self, batch: Mapping[str, torch.Tensor], imgsz: torch.Tensor):
@@ -240,7 +237,8 @@ class PolygonLoss:
             check_shape("batch['polygon_mask']", mask, (count, self.np), f"(N, np) with N = {count} and np={self.np}")
             check_like("batch['polygon_mask']", mask, "batch['polygons']", polygons, dtype=False)
         real = torch.where(mask[..., None], polygons, torch.zeros_like(polygons))  # padded vertices are never read
-        check_finite("batch['polygons'] (real vertices)", real, "finite normalised xy for every real vertex")
+        check_bounded("batch['polygons'] (real vertices)", real, TARGET_LOW, TARGET_HIGH,
+                      "finite normalised xy for every real vertex", "normalised xy " + TARGET_RANGE, pixel_hint(imgsz))
         if count:
             check_flag(mask.any(-1).all(), lambda: _raise_empty_polygons(mask))
         return polygons.to(torch.promote_types(polygons.dtype, torch.float32)), mask

@@ -63,6 +63,13 @@ CASES = {
                       r"batch\['bboxes'\]\[:, 2:\] \(w, h\) has 1 values outside \[0, inf\) \(first at row 0: \[-0.2.*expected non-negative box sizes"),
     "nan-box": (_set("b", "bboxes", lambda p, b: torch.tensor([[0.5, float("nan"), 0.2, 0.2], [0.3, 0.3, 0.1, 0.4], [0.7, 0.6, 0.3, 0.3]])),
                 r"batch\['bboxes'\] has 1 non-finite values \(first at \[0, 1\]\); expected finite normalised xywh boxes"),
+    "pixel-boxes": (_set("b", "bboxes", lambda p, b: b["bboxes"] * 64),
+                    r"batch\['bboxes'\] has 12 values outside \[-1, 2\] \(largest 44.8, first at row 0: \[32.0, 32.0, "
+                    r"12.8.*\]\); expected normalised xywh in \[0, 1\] .*; values up to 44.8 look like pixels of the "
+                    r"64x64 image: divide by the image size"),
+    "huge-scores": (lambda p, b: p["scores"].__setitem__((1, 0, 9), 2e15),
+                    r"preds\['scores'\] has 1 values outside \[-1e\+15, 1e\+15\] \(largest 2e\+15, first at \[1, 0, 9\]\); "
+                    r"expected logits in \[-1e\+15, 1e\+15\], where the loss is guaranteed finite in float32"),
     "bboxes-shape": (_set("b", "bboxes", lambda p, b: torch.zeros(3, 5)),
                      r"batch\['bboxes'\] has shape \(3, 5\); expected \(3, 4\) \(N, 4\) normalised xywh"),
     "cls-count": (_set("b", "cls", lambda p, b: torch.zeros(2, 1)),

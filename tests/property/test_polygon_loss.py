@@ -382,13 +382,13 @@ def test_progress_outside_unit_interval_raises(progress):
         make_loss("hybrid")(*_valid(), progress=progress)
 
 
-def test_decode_overflow_at_a_positive_raises_instead_of_a_quiet_inf():
+def test_raw_offset_beyond_the_bound_at_a_positive_raises_instead_of_a_quiet_inf():
     preds, batch = _valid()
     terms = make_loss().terms(preds, batch)
     image, anchor = terms.detection.fg_mask.nonzero(as_tuple=True)
     huge = preds["polygons"].clone()
-    huge[image[0], 0, anchor[0]] = 3e38  # finite raw, beyond the documented decode bound
-    with pytest.raises(LossInputError, match="decoded preds"):
+    huge[image[0], 0, anchor[0]] = 3e38  # finite raw whose decoded vertex overflows float32
+    with pytest.raises(LossInputError, match=r"preds\['polygons'\] has 1 values outside \[-1e\+06, 1e\+06\]"):
         make_loss()(dict(preds, polygons=huge), batch)
 
 
