@@ -1,4 +1,5 @@
-"""Hypothesis strategies for detector heads: feature maps, targets, initialisations and compute dtypes.
+"""Hypothesis strategies for detector heads and shape losses: feature maps, targets, initialisations, compute dtypes
+and polygons (single, paired, seeded samples).
 
 Conventions (Hypothesis style): plural nouns for value strategies, `from_head` binds them all to one head,
 keyword-only `min_*`/`max_*` pairs, `None` means "derive from the other arguments", and bad arguments raise
@@ -14,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from hypothesis import strategies as st
@@ -21,17 +23,28 @@ from hypothesis.errors import InvalidArgument
 from torch import nn
 
 __all__ = [
+    "CONVEX_FAMILIES",
     "ComputeDtype",
+    "DEGENERATE_FAMILIES",
     "HeadStrategies",
     "Initialisation",
     "LAYOUTS",
+    "PAIR_RELATIONS",
+    "POLYGON_FAMILIES",
+    "PolygonPair",
+    "PolygonSample",
     "dtypes",
     "feature_maps",
+    "format_polygon",
     "from_head",
     "image_sizes",
     "initialisations",
     "invalid_targets",
     "magnitudes",
+    "polygon_pairs",
+    "polygon_samples",
+    "polygons",
+    "similarity",
     "targets",
 ]
 
@@ -388,6 +401,274 @@ def invalid_targets(
     _check_target_args(nc, batch_size, num_vertices, 1, 3)
     _check_kinds(kinds, INVALID_KINDS, "kinds")
     return _invalid_batches(nc, batch_size, num_vertices, tuple(kinds))
+
+
+# --------------------------------------------------------------------------------------------------------- polygons
+POLYGON_FAMILIES = ("convex", "repeated_vertex", "collinear", "segment", "point", "zero_area", "huge", "tiny")
+# The families whose vertices are in strictly convex position (no repeats, no three on a line): `convex=True`.
+CONVEX_FAMILIES = ("convex", "huge", "tiny")
+DEGENERATE_FAMILIES = tuple(f for f in POLYGON_FAMILIES if f != "convex")
+PAIR_RELATIONS = ("independent", "near")
+_ORDINARY_CENTRE = 5.0  # centres in [-5, 5]^2 and semi-axes in [0.5, 3]: independent pairs overlap, touch or not
+
+
+def _ellipse_polygon(gaps, start: float, a: float, b: float, angle: float, centre) -> torch.Tensor:
+    """Vertices (len(gaps), 2) float64 on an ellipse (semi-axes a, b, turned by `angle`), counter-clockwise, the
+    angular gap before each vertex proportional to `gaps`: strictly convex for positive gaps."""
+    phi = start + 2 * math.pi * torch.cumsum(torch.tensor(gaps, dtype=torch.float64), 0) / float(sum(gaps))
+    local = torch.stack((a * phi.cos(), b * phi.sin()), dim=1)
+    return similarity(local, 1.0, angle, centre)
+
+
+def similarity(points: torch.Tensor, scale: float, angle: float, shift) -> torch.Tensor:
+    """`points` (..., 2) scaled about the origin, turned by `angle` (radians, counter-clockwise), then shifted."""
+    c, s = math.cos(angle), math.sin(angle)
+    rot = torch.tensor([[c, -s], [s, c]], dtype=points.dtype)
+    return scale * points @ rot.T + torch.as_tensor(shift, dtype=points.dtype)
+
+
+def _extent(points: torch.Tensor) -> float:
+    """The longer side of the bounding box of `points` (V, 2)."""
+    return float((points.amax(dim=0) - points.amin(dim=0)).max()) if len(points) else 0.0
+
+
+@st.composite
+def _convex(draw, n: int) -> torch.Tensor:
+    gaps = draw(st.lists(st.floats(0.3, 1.0), min_size=n, max_size=n))
+    start, angle = draw(st.floats(0, 2 * math.pi)), draw(st.floats(0, 2 * math.pi))
+    a, b = draw(st.floats(0.5, 3.0)), draw(st.floats(0.5, 3.0))
+    centre = draw(st.tuples(*[st.floats(-_ORDINARY_CENTRE, _ORDINARY_CENTRE)] * 2))
+    polygon = _ellipse_polygon(gaps, start, a, b, angle, centre)
+    return polygon.flip(0) if draw(st.booleans()) else polygon  # either orientation
+
+
+def _on_a_line(draw, positions: list[float]) -> torch.Tensor:
+    """Points at `positions` (in units of a drawn half-length) along a drawn line through a drawn centre."""
+    half, angle = draw(st.floats(0.5, 3.0)), draw(st.floats(0, math.pi))
+    centre = draw(st.tuples(*[st.floats(-_ORDINARY_CENTRE, _ORDINARY_CENTRE)] * 2))
+    local = torch.tensor([[half * p, 0.0] for p in positions], dtype=torch.float64)
+    return similarity(local, 1.0, angle, centre)
+
+
+def _repeated(draw, n: int) -> torch.Tensor:
+    """k < n distinct vertices of a convex polygon, some repeated in place (consecutive copies) to make n."""
+    k = draw(st.integers(min(3, n - 1), n - 1))
+    base = draw(_convex(k))
+    copies = draw(st.lists(st.integers(0, k - 1), min_size=n - k, max_size=n - k))
+    order = [i for i in range(k) for _ in range(1 + copies.count(i))]
+    return base[order]
+
+
+def _there_and_back(draw, n: int) -> torch.Tensor:
+    """A convex arc traversed there and back: signed area 0, though (for n >= 4) its vertices span a 2-D hull. For
+    odd n the last vertex is the midpoint of the arc's first segment, so the return still retraces the arc."""
+    m = n // 2
+    arc = draw(_convex(m + 1))
+    back = arc[1:m].flip(0)
+    tail = [(arc[:1] + arc[1:2]) / 2] if n % 2 else []
+    return torch.cat([arc, back, *tail])
+
+
+def _scaled_to(polygon: torch.Tensor, magnitude: float) -> torch.Tensor:
+    """`polygon` scaled about the origin so that its largest absolute coordinate is `magnitude`."""
+    return polygon * (magnitude / float(polygon.abs().max()))
+
+
+@st.composite
+def _polygon(draw, n: int, families: tuple[str, ...], magnitudes: tuple[float, float]) -> torch.Tensor:
+    """One float64 polygon (n, 2) of a drawn family."""
+    family = draw(st.sampled_from(families))
+    if family == "point":
+        return torch.tensor([draw(st.tuples(*[st.floats(-_ORDINARY_CENTRE, _ORDINARY_CENTRE)] * 2))] * n,
+                            dtype=torch.float64)
+    if family == "segment":  # two distinct end points, each repeated
+        ends = _on_a_line(draw, [-1.0, 1.0])
+        return ends[[0] * ((n + 1) // 2) + [1] * (n // 2)]
+    if family == "collinear":  # n distinct points along one line, in order
+        gaps = draw(st.lists(st.floats(0.1, 1.0), min_size=n - 1, max_size=n - 1))
+        steps = torch.cumsum(torch.tensor([0.0, *gaps], dtype=torch.float64), 0)
+        return _on_a_line(draw, (2 * steps / steps[-1] - 1).tolist())
+    if family == "repeated_vertex":
+        return _repeated(draw, n)
+    if family == "zero_area":
+        return _there_and_back(draw, n)
+    polygon = draw(_convex(n))
+    if family == "huge":
+        return _scaled_to(polygon, magnitudes[1])
+    if family == "tiny":
+        return _scaled_to(polygon, magnitudes[0])
+    return polygon
+
+
+def _moved(target: torch.Tensor, scale: float, angle: float, shift) -> torch.Tensor:
+    """`target` scaled by `scale` and turned by `angle` about its centre, then shifted by `shift` (2,) times its
+    extent."""
+    centre = target.mean(dim=0)
+    offset = torch.as_tensor(shift, dtype=torch.float64) * _extent(target)
+    return similarity(target - centre, scale, angle, centre + offset)
+
+
+@st.composite
+def _near(draw, target: torch.Tensor) -> torch.Tensor:
+    """`target` moved a little: scaled by 0.5-1.5, turned by up to 0.6 rad, shifted by up to half its extent."""
+    scale, angle = draw(st.floats(0.5, 1.5)), draw(st.floats(-0.6, 0.6))
+    return _moved(target, scale, angle, draw(st.tuples(*[st.floats(-0.5, 0.5)] * 2)))
+
+
+class PolygonPair(NamedTuple):
+    """A (pred, target) pair of polygons (V, 2) with the same vertex count; prints its vertices (6 digits)."""
+
+    pred: torch.Tensor
+    target: torch.Tensor
+
+    def __repr__(self) -> str:
+        return f"PolygonPair(pred={format_polygon(self.pred)}, target={format_polygon(self.target)})"
+
+
+def format_polygon(polygon: torch.Tensor) -> str:
+    """`[[x, y], ...]` with 6 significant digits (and the dtype unless float64), for messages and examples."""
+    points = ", ".join(f"[{float(x):.6g}, {float(y):.6g}]" for x, y in polygon.detach().double().tolist())
+    dtype = "" if polygon.dtype == torch.float64 else f" ({str(polygon.dtype).removeprefix('torch.')})"
+    return f"[{points}]{dtype}"
+
+
+def _polygon_magnitudes(dtype: torch.dtype, min_magnitude, max_magnitude) -> tuple[float, float]:
+    """(tiny, huge) largest coordinates. Derived: huge 1e8, or a quarter of `dtype`'s maximum when that is less
+    (near pairs stay representable); tiny 1e-6, or 64 times `dtype`'s smallest normal when that is more."""
+    info = torch.finfo(dtype)
+    low = max(1e-6, info.tiny * 64) if min_magnitude is None else min_magnitude
+    high = min(1e8, info.max / 4) if max_magnitude is None else max_magnitude
+    for name, value in (("min_magnitude", low), ("max_magnitude", high)):
+        _check_type(value, (int, float), name, "a number or None")
+        if not (math.isfinite(value) and value > 0):
+            raise InvalidArgument(f"Expected a finite {name} > 0, got {name}={value!r}")
+    if low > high:
+        raise InvalidArgument(f"Expected min_magnitude <= max_magnitude, got min_magnitude={low!r} and "
+                              f"max_magnitude={high!r}")
+    return float(low), float(high)
+
+
+def _polygon_args(min_vertices, max_vertices, families, convex, dtype, min_magnitude, max_magnitude):
+    _check_int(min_vertices, "min_vertices", min_value=3)
+    _check_int(max_vertices, "max_vertices", min_value=3)
+    _check_range(min_vertices, max_vertices, "min_vertices", "max_vertices")
+    _check_kinds(families, POLYGON_FAMILIES, "families")
+    if not isinstance(convex, bool):
+        raise InvalidArgument(f"Expected bool for convex, got convex={convex!r} (type={type(convex).__name__})")
+    _check_dtype(dtype)
+    chosen = tuple(f for f in families if f in CONVEX_FAMILIES) if convex else tuple(families)
+    if not chosen:
+        raise InvalidArgument(f"Expected families to include one of {CONVEX_FAMILIES} with convex=True, got "
+                              f"families={tuple(families)!r}")
+    return chosen, _polygon_magnitudes(dtype, min_magnitude, max_magnitude)
+
+
+def polygons(
+    *,
+    min_vertices: int = 3,
+    max_vertices: int = 8,
+    families: Sequence[str] = POLYGON_FAMILIES,
+    convex: bool = False,
+    dtype: torch.dtype = torch.float64,
+    min_magnitude: float | None = None,
+    max_magnitude: float | None = None,
+) -> st.SearchStrategy[torch.Tensor]:
+    """Polygons (V, 2) in `dtype`, vertices in order, either orientation, of these families:
+
+    - convex: strictly convex, on a rotated ellipse (semi-axes 0.5-3, centre within 5 of the origin);
+    - repeated_vertex: a convex polygon with some vertices repeated in place;
+    - collinear: V distinct points in order along one line; segment: two distinct points, each repeated;
+    - point: every vertex equal; zero_area: a convex arc there and back (signed area 0, 2-D hull);
+    - huge / tiny: a convex polygon whose largest coordinate is `max_magnitude` / `min_magnitude` (None: derived
+      from `dtype`, 1e8 and 1e-6 where representable).
+
+    `convex=True` keeps only the strictly convex families (convex, huge, tiny) of `families`.
+    """
+    chosen, magnitudes = _polygon_args(min_vertices, max_vertices, families, convex, dtype, min_magnitude,
+                                       max_magnitude)
+    return st.integers(min_vertices, max_vertices).flatmap(
+        lambda n: _polygon(n, chosen, magnitudes).map(lambda p: p.to(dtype)))
+
+
+@st.composite
+def _pairs(draw, vertices, families, relations, magnitudes, dtype) -> PolygonPair:
+    n = draw(st.integers(*vertices))
+    target = draw(_polygon(n, families, magnitudes))
+    relation = draw(st.sampled_from(relations))
+    pred = draw(_polygon(n, families, magnitudes)) if relation == "independent" else draw(_near(target))
+    return PolygonPair(pred.to(dtype), target.to(dtype))
+
+
+def polygon_pairs(
+    *,
+    min_vertices: int = 3,
+    max_vertices: int = 8,
+    families: Sequence[str] = POLYGON_FAMILIES,
+    convex: bool = False,
+    relations: Sequence[str] = PAIR_RELATIONS,
+    dtype: torch.dtype = torch.float64,
+    min_magnitude: float | None = None,
+    max_magnitude: float | None = None,
+) -> st.SearchStrategy[PolygonPair]:
+    """(pred, target) `PolygonPair`s with one vertex count V, each polygon as `polygons` draws it.
+
+    relations: "independent" draws pred like the target (its own family: from far apart to overlapping, a point
+    inside a polygon, ...); "near" moves the target a little (scaled by 0.5-1.5, turned by up to 0.6 rad, shifted
+    by up to half its extent), so the pair overlaps.
+    """
+    chosen, magnitudes = _polygon_args(min_vertices, max_vertices, families, convex, dtype, min_magnitude,
+                                       max_magnitude)
+    _check_kinds(relations, PAIR_RELATIONS, "relations")
+    return _pairs((min_vertices, max_vertices), chosen, tuple(relations), magnitudes, dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class PolygonSample:
+    """A seeded random sample of `size` convex pairs, half independent, half near, each pair with its own vertex
+    count in [min_vertices, max_vertices] (pred and target alike).
+
+    For properties of a population (a rank correlation) that no single example shows: a batch Hypothesis chose pair
+    by pair would start from its simplest case (every pair alike). `pairs()` rebuilds the same pairs from the seed."""
+
+    seed: int
+    size: int
+    min_vertices: int = 3
+    max_vertices: int = 8
+
+    def pairs(self) -> list[PolygonPair]:
+        """The `size` pairs, float64."""
+        gen = torch.Generator().manual_seed(self.seed)
+        counts = torch.randint(self.min_vertices, self.max_vertices + 1, (self.size,), generator=gen).tolist()
+        return [_random_pair(gen, n, near=i % 2 == 0) for i, n in enumerate(counts)]
+
+
+def _random_pair(gen: torch.Generator, n: int, *, near: bool) -> PolygonPair:
+    """(pred, target) from `gen`, in the ranges of `_convex` and `_near`; centres within 2 of the origin, so most
+    independent pairs overlap, as a ranking by IoU needs."""
+
+    def uniform(low: float, high: float, size: int = 1) -> list[float]:
+        return (low + (high - low) * torch.rand(size, generator=gen, dtype=torch.float64)).tolist()
+
+    def convex() -> torch.Tensor:
+        (start, angle), (a, b) = uniform(0, 2 * math.pi, 2), uniform(0.5, 3.0, 2)
+        return _ellipse_polygon(uniform(0.3, 1.0, n), start, a, b, angle, uniform(-2.0, 2.0, 2))
+
+    target = convex()
+    if not near:
+        return PolygonPair(convex(), target)
+    return PolygonPair(_moved(target, uniform(0.5, 1.5)[0], uniform(-0.6, 0.6)[0], uniform(-0.5, 0.5, 2)), target)
+
+
+def polygon_samples(
+    *, size: int = 200, min_vertices: int = 3, max_vertices: int = 8
+) -> st.SearchStrategy[PolygonSample]:
+    """`PolygonSample`s of `size` pairs: Hypothesis draws (and shrinks) only the seed, never the pairs."""
+    _check_int(size, "size", min_value=2)
+    _check_int(min_vertices, "min_vertices", min_value=3)
+    _check_int(max_vertices, "max_vertices", min_value=3)
+    _check_range(min_vertices, max_vertices, "min_vertices", "max_vertices")
+    return st.builds(PolygonSample, seed=st.integers(0, 2**31 - 1), size=st.just(size),
+                     min_vertices=st.just(min_vertices), max_vertices=st.just(max_vertices))
 
 
 # ------------------------------------------------------------------------------------------ initialisations, dtypes
