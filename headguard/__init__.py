@@ -4,7 +4,8 @@ from headguard.registry import CheckFailure, CheckSkipped, check
 from headguard.subject import HeadSpec, Subject, build_subject
 
 __all__ = [
-    "CATALOGUE", "CheckFailure", "CheckResult", "CheckSkipped", "HeadSpec", "NonFiniteOrigin", "Subject",
+    "CATALOGUE", "CheckFailure", "CheckResult", "CheckSkipped", "HeadSpec", "NonFiniteOrigin", "ShapeLossSpec",
+    "Subject",
     "build_subject", "check", "locate_nonfinite", "parametrize_with_checks", "run_checks",
 ]
 __version__ = "0.1.0"
@@ -16,6 +17,7 @@ _LAZY = {
     "locate_nonfinite": "headguard.tracing",
     "NonFiniteOrigin": "headguard.tracing",
     "parametrize_with_checks": "headguard.plugin",
+    "ShapeLossSpec": "headguard.shapes",
 }
 
 

@@ -660,15 +660,18 @@ def _random_pair(gen: torch.Generator, n: int, *, near: bool) -> PolygonPair:
 
 
 def polygon_samples(
-    *, size: int = 200, min_vertices: int = 3, max_vertices: int = 8
+    *, size: int = 200, min_vertices: int = 3, max_vertices: int = 8, seeds: st.SearchStrategy[int] | None = None
 ) -> st.SearchStrategy[PolygonSample]:
-    """`PolygonSample`s of `size` pairs: Hypothesis draws (and shrinks) only the seed, never the pairs."""
+    """`PolygonSample`s of `size` pairs: Hypothesis draws (and shrinks) only the seed, from `seeds` (None: any
+    integer in [0, 2**31)), never the pairs."""
     _check_int(size, "size", min_value=2)
     _check_int(min_vertices, "min_vertices", min_value=3)
     _check_int(max_vertices, "max_vertices", min_value=3)
     _check_range(min_vertices, max_vertices, "min_vertices", "max_vertices")
-    return st.builds(PolygonSample, seed=st.integers(0, 2**31 - 1), size=st.just(size),
-                     min_vertices=st.just(min_vertices), max_vertices=st.just(max_vertices))
+    seeds = st.integers(0, 2**31 - 1) if seeds is None else seeds
+    _check_strategy(seeds, "seeds")
+    return st.builds(PolygonSample, seed=seeds, size=st.just(size), min_vertices=st.just(min_vertices),
+                     max_vertices=st.just(max_vertices))
 
 
 # ------------------------------------------------------------------------------------------ initialisations, dtypes

@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import nn
 
+from headguard.shapes import ShapeLossError, shape_subject_from
 from headguard.subject import DEFAULT_CHANNELS, DEFAULT_NC, HeadSpec, Subject, build_subject
 
 REFERENCE_TARGETS = ("heads:Detect", "heads:Polygon")
@@ -57,6 +58,12 @@ def subject_from(obj: Any, *, name: str | None = None) -> Subject:
     uses that spec (with its expected failures)."""
     if isinstance(obj, Subject):
         return obj
+    try:  # a standalone shape loss (a function, a headguard.ShapeLossSpec) is a subject of its own kind
+        shape = shape_subject_from(obj, name=name or default_name(obj))
+    except ShapeLossError as exc:
+        raise TargetError(str(exc)) from None
+    if shape is not None:
+        return shape
     name = name or default_name(obj)
     spec = spec_for(obj, name=name)
     _validate_spec(spec, name)
