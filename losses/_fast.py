@@ -22,8 +22,8 @@ from heads._decode import decode_polygons, dfl_expectation, dist2bbox, make_anch
 from ._boxes import bbox2dist, bbox_ciou, dfl_loss
 from ._graphs import GraphedCore
 from ._validate import LossInputError, one_sync
+from ._vertex import vertex_term
 from .assigner import task_aligned_assign
-from .mgiou import _mgiou_loss
 
 SLOT_MULTIPLE = 8  # few distinct padded shapes (few graph captures) for little padding work
 
@@ -89,20 +89,6 @@ def positive_vertices(raw: torch.Tensor, image: torch.Tensor, anchor: torch.Tens
     # decode_polygons takes (B, 2*np, A): the K anchors are decoded as one image of K anchors.
     pixels = decode_polygons(rows.T.contiguous()[None], anchor_points[anchor], stride)
     return (pixels[0].T / stride.to(pixels.dtype)).reshape(-1, raw.shape[1] // 2, 2)
-
-
-def vertex_loss(pred, target, mask, area, mode: str, progress: torch.Tensor, mgiou_mask) -> torch.Tensor:
-    """`losses.polygon.polygon_vertex_loss` without MGIoU's input checks (one reads a flag on the host), with
-    `progress` as a 0-d tensor (a graph input).
-
-    The core's targets have a real vertex per polygon (the batch was checked; filler entries get all-real masks) and
-    finite vertices (raw offsets and targets were range-checked before the core, see losses._bounds). `mgiou_mask` is
-    `mask`, or None where every vertex is real (the same MGIoU, without the padded-vertex fill).
-    """
-    from .polygon import _blend_vertex_loss  # polygon imports detection, which imports this module
-
-    return _blend_vertex_loss(pred, target, mask, area, mode, progress,
-                              lambda p, t: _mgiou_loss(p, t, None, mgiou_mask))
 
 
 class FastPath:
@@ -248,10 +234,13 @@ class FastPath:
         target = torch.where(valid[:, None, None], target, pred.detach().to(target.dtype))
         vertex_mask = gt_polygon_mask[image, slot] | ~valid[:, None]
         # Without a polygon_mask in the batch every vertex is real: MGIoU then skips its padded-vertex fill (a cummax).
-        mgiou_mask = None if self._all_real else vertex_mask
+        shape_mask = None if self._all_real else vertex_mask
         box = assignment.target_bboxes[image, anchor] / stride
         area = torch.where(valid, (box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1]), torch.ones_like(box[:, 0]))
-        per_anchor = vertex_loss(pred, target, vertex_mask, area, self.poly.mode, progress, mgiou_mask)
+        # The core's targets have a real vertex per polygon (the batch was checked; filler entries get all-real masks)
+        # and finite values (range-checked before the core, see losses._bounds).
+        per_anchor = vertex_term(pred, target, vertex_mask, area, self.poly.term, progress, self.poly.shape_loss,
+                                 shape_mask)
         polygon_term = (per_anchor * weight.to(per_anchor.dtype)).sum() / tss * self.poly.gains.polygon
         dtype = torch.promote_types(terms.dtype, polygon_term.dtype)
         box_t, cls_t, dfl_t = terms.to(dtype).unbind()

@@ -227,8 +227,8 @@ def mgiou(pred: torch.Tensor, target: torch.Tensor, pred_mask: torch.Tensor | No
     return _mgiou_loss(pred, target, pred_mask, target_mask)
 
 
-def _mgiou_loss(pred: torch.Tensor, target: torch.Tensor, pred_mask: torch.Tensor | None,
-                target_mask: torch.Tensor | None) -> torch.Tensor:
+def _mgiou_loss(pred: torch.Tensor, target: torch.Tensor, pred_mask: torch.Tensor | None = None,
+                target_mask: torch.Tensor | None = None) -> torch.Tensor:
     """`mgiou` without its input checks, for callers whose inputs are checked already (the losses' fast path)."""
     p, t = _normalise(_prepare(pred, pred_mask), _prepare(target, target_mask))
     return (1 - _mgiou_similarity(p, t)) / 2

@@ -1,11 +1,13 @@
-"""Polygon loss: the detection loss's box/cls/dfl terms, unchanged, plus one vertex term (l2, MGIoU or a blend).
+"""Polygon loss: the detection loss's box/cls/dfl terms, unchanged, plus one vertex term (l2, a shape loss or a blend).
 
-The vertex term, per positive anchor k with summed target score w_k (the box term's weight):
+The vertex term per positive anchor k (`losses._vertex`, one definition for both paths), with summed target score
+w_k (the box term's weight):
 
 - "l2": mean over real vertices of |pred - target|^2 / (area + AREA_EPS), area = the matched box's w*h, everything in
   that anchor's stride units (OKS-like: a fixed error costs less on a large object; padded vertices excluded);
-- "mgiou": `losses.mgiou(pred, target, target_mask=mask)` in [0, 1];
-- "hybrid": (1 - progress) * l2 + progress * mgiou, a pure function of (pred, target, progress): no running state.
+- a shape loss `vertex_loss(pred, target, pred_mask=None, target_mask=mask)` in the signature of `losses.mgiou` (the
+  default): `mode="mgiou"`, or any callable given as `vertex_loss`;
+- "hybrid": (1 - progress) * l2 + progress * shape loss, a pure function of (pred, target, progress): no running state.
 
 polygon term = gains.polygon * sum_k(w_k * loss_k) / max(1, sum of target scores), normalised once over the whole
 batch exactly like the box term, so it does not grow with the batch size (R4).
@@ -23,15 +25,12 @@ import torch
 from ._bounds import TARGET_HIGH, TARGET_LOW, TARGET_RANGE, VERTEX_OFFSET_BOUND, pixel_hint
 from ._fast import FastPath, positive_vertices
 from ._validate import LossInputError, check_bounded, check_flag, check_floating, check_like, check_shape, check_tensor
+from ._vertex import AREA_EPS, MODES, ShapeLoss, resolve_vertex_term, unchecked, vertex_term
 from .assigner import AssignerConfig
 from .detection import DetectionGains, DetectionLoss, DetectionTargets
-from .mgiou import mgiou
 from .polygon_targets import _check_num_vertices, assigned_polygon_targets
 
 __all__ = ["AREA_EPS", "MODES", "PolygonGains", "PolygonLoss", "PolygonTerms", "polygon_vertex_loss"]
-
-MODES = ("l2", "mgiou", "hybrid")
-AREA_EPS = 1e-9  # stride units^2, computed in float32 at least, where it is representable (R6)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,40 +65,17 @@ class PolygonTerms(NamedTuple):
     detection: DetectionTargets
 
 
-def _l2(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, area: torch.Tensor) -> torch.Tensor:
-    # Select before subtracting: a padded target vertex may hold anything, and NaN * 0 would poison the gradient (R7).
-    target = torch.where(mask[..., None], target, torch.zeros_like(target))
-    squared = torch.where(mask, (pred - target).pow(2).sum(-1), torch.zeros_like(mask, dtype=pred.dtype))
-    mean = squared.sum(-1) / mask.sum(-1).to(pred.dtype)
-    return mean / (area + AREA_EPS)
-
-
 def polygon_vertex_loss(
-    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, area: torch.Tensor, mode: str, progress: float = 0.0
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, area: torch.Tensor, mode: str | None,
+    progress: float = 0.0, vertex_loss: ShapeLoss | None = None,
 ) -> torch.Tensor:
     """Per-polygon vertex loss (P,) of pred/target (P, V, 2), mask (P, V) (>= 1 real vertex each), area (P,).
 
-    Pure: the result depends only on the arguments (see the module docstring for the modes). Computed in float32 at
-    least. `area` is only used by "l2" and "hybrid".
+    Pure: the result depends only on the arguments; `mode` and `vertex_loss` as in `PolygonLoss`. Computed in float32
+    at least. `area` is only used by "l2" and "hybrid".
     """
-    # `mgiou` is looked up at call time: tests/mutants.py patches it.
-    return _blend_vertex_loss(pred, target, mask, area, mode, progress,
-                              lambda p, t: mgiou(p, t, target_mask=mask, check_finite=False))  # caller checked
-
-
-def _blend_vertex_loss(pred, target, mask, area, mode: str, progress, shape_loss) -> torch.Tensor:
-    """`polygon_vertex_loss` with its MGIoU supplied as `shape_loss(pred, target)` (the fast path passes one without
-    checks) and `progress` a float or a 0-d tensor."""
-    dtype = torch.promote_types(pred.dtype, torch.float32)
-    pred, target, area = pred.to(dtype), target.to(dtype), area.to(dtype)
-    if mode == "l2":
-        return _l2(pred, target, mask, area)
-    if mode not in MODES:
-        raise LossInputError(f"mode is {mode!r}; expected one of {MODES}")
-    shape = shape_loss(pred, target)
-    if mode == "mgiou":
-        return shape
-    return (1.0 - progress) * _l2(pred, target, mask, area) + progress * shape
+    term, shape_loss = resolve_vertex_term(mode, vertex_loss)
+    return vertex_term(pred, target, mask, area, term, progress, unchecked(shape_loss), mask)
 
 
 def _raise_empty_polygons(mask: torch.Tensor) -> None:
@@ -119,6 +95,13 @@ class PolygonLoss:
     bool (True = real vertex; at least one per polygon; padded vertices are never read). progress in [0, 1] is the
     fraction of training done; only "hybrid" uses it.
 
+    The vertex term: `mode` "l2" (the default when neither is given), "mgiou" or "hybrid", or `vertex_loss=fn`, a
+    shape loss with the signature of `losses.mgiou` (fn(pred (N, V, 2), target (N, V, 2), pred_mask=None,
+    target_mask=None) -> (N,)): alone it is the whole term, with mode="hybrid" the term blends from l2 to it. fn gets
+    float32 (float64) vertices in stride units and the target's real-vertex mask (None where every vertex is real).
+    mode="l2" with a vertex_loss, or mode="mgiou" with another one, is ambiguous and raises ValueError. After
+    construction `term` is "l2", "shape" or "hybrid" and `vertex_loss` the shape loss (None for "l2").
+
     `cuda_graphs=True` selects the fast path (see DetectionLoss and `losses._fast`): same vector and gradients up to
     summation order, same errors.
     """
@@ -131,22 +114,26 @@ class PolygonLoss:
         strides: Sequence[float] | torch.Tensor,
         np: int = 8,
         reg_max: int = 16,
-        mode: str = "l2",
+        mode: str | None = None,
         gains: PolygonGains = PolygonGains(),
         assigner: AssignerConfig = AssignerConfig(),
         cuda_graphs: bool = False,
+        vertex_loss: ShapeLoss | None = None,
     ):
         _check_num_vertices(np)
-        if mode not in MODES:
-            raise ValueError(f"Expected mode in {MODES}, got mode={mode!r}")
+        self.term, self.vertex_loss = resolve_vertex_term(mode, vertex_loss)
         if not isinstance(gains, PolygonGains):
             raise TypeError(f"Expected a PolygonGains for gains, got {type(gains).__name__}")
         self.np = np
-        self.mode = mode
         self.gains = gains
         self.detection = DetectionLoss(nc, strides, reg_max=reg_max, gains=gains.detection(), assigner=assigner)
         self.cuda_graphs = bool(cuda_graphs)
         self._fast = None  # the fast path and its CUDA-graph cache, built on first use
+
+    @property
+    def shape_loss(self) -> ShapeLoss | None:
+        """What both paths call for the shape term: `vertex_loss`, or MGIoU without its input checks (done here)."""
+        return unchecked(self.vertex_loss)
 
     @classmethod
     def for_head(cls, head, **kwargs) -> PolygonLoss:
@@ -185,7 +172,7 @@ class PolygonLoss:
 
         box = det.target_bboxes[image, anchor] / det.stride_tensor[anchor]
         area = (box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1])
-        per_anchor = polygon_vertex_loss(pred, target, mask, area, self.mode, progress)
+        per_anchor = vertex_term(pred, target, mask, area, self.term, progress, self.shape_loss, mask)
         weight = det.target_scores[image, anchor].sum(-1).to(per_anchor.dtype)
         polygon_term = (per_anchor * weight).sum() / det.target_scores_sum * self.gains.polygon
 

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 
 import heads
 import losses
-import losses.polygon as polygon_loss_module
 from headguard import CATALOGUE, CheckFailure, HeadSpec, build_subject, training
 from headguard.reference import REFERENCE_SPECS, covering_spec
 from headguard.registry import CheckContext
@@ -287,19 +286,21 @@ class PolygonLossCountsCalls(losses.PolygonLoss):
         return super().loss(preds, batch, min(1.0, self.calls / 100))
 
 
-def _l2_cleaned_after_division(pred, target, mask, area):
-    """R7: the OKS-like L2 divided by the box area, then NaN/Inf of zero-area boxes cleaned AFTER the division."""
+def l2_cleaned_after_division(pred, target, pred_mask=None, target_mask=None):
+    """R7: an L2 shape loss over the target's bounding-box area, NaN/Inf of zero-area targets cleaned AFTER the
+    division (a `vertex_loss`, the signature of losses.mgiou)."""
+    mask = torch.ones_like(target[..., 0], dtype=torch.bool) if target_mask is None else target_mask
     squared = ((pred - target) ** 2).sum(-1) * mask
-    per_polygon = squared.sum(-1) / mask.sum(-1) / area
+    extent = target.amax(1) - target.amin(1)
+    per_polygon = squared.sum(-1) / mask.sum(-1) / (extent[:, 0] * extent[:, 1])
     return torch.where(torch.isfinite(per_polygon), per_polygon, torch.zeros_like(per_polygon))
 
 
 class PolygonLossCleanedAfterDivision(losses.PolygonLoss):
-    """R7: a finite loss whose backward still meets 0 * inf: NaN gradients for zero-area boxes."""
+    """R7: a finite loss whose backward still meets 0 * inf: NaN gradients for zero-area targets."""
 
-    def terms(self, *args, **kwargs):
-        with mock.patch.object(polygon_loss_module, "_l2", _l2_cleaned_after_division):
-            return super().terms(*args, **kwargs)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, vertex_loss=l2_cleaned_after_division, **kwargs)
 
 
 # =========================================================================================================== MGIoU
@@ -328,11 +329,10 @@ def mgiou_nan_times_zero(pred, target, pred_mask=None, target_mask=None, **_):
 
 
 class PolygonLossUnguardedMGIoU(losses.PolygonLoss):
-    """R6: the MGIoU vertex term without a usable epsilon, degenerate axes masked by NaN * 0 (use mode="mgiou")."""
+    """R6: the MGIoU vertex term without a usable epsilon, degenerate axes masked by NaN * 0."""
 
-    def terms(self, *args, **kwargs):
-        with mock.patch.object(polygon_loss_module, "mgiou", mgiou_nan_times_zero):
-            return super().terms(*args, **kwargs)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, vertex_loss=mgiou_nan_times_zero, **kwargs)
 
 
 # =========================================================================================================== specs
@@ -353,11 +353,11 @@ REFERENCE_COVERAGE = covering_spec(heads.Polygon)  # the R11 remedy: AssignerCon
 R0_SPEC = HeadSpec(heads.Polygon, train_step=step_skips_without_restoring_buffers)
 R1_SPEC = HeadSpec(PolygonDroppedPriors)
 R2_SPEC = HeadSpec(PolygonZeroedVertexWeights, loss=_loss(mode="mgiou"))
-R2_UNGUARDED_SPEC = HeadSpec(PolygonZeroedVertexWeights, loss=_loss(PolygonLossUnguardedMGIoU, mode="mgiou"))
+R2_UNGUARDED_SPEC = HeadSpec(PolygonZeroedVertexWeights, loss=_loss(PolygonLossUnguardedMGIoU))
 R3_SPEC = HeadSpec(heads.Polygon, loss=_loss(PolygonLossClsOverAnchors))
 R4_SPEC = HeadSpec(heads.Polygon, loss=_loss(PolygonLossSummedOverImages))
 R5_SPEC = HeadSpec(heads.Polygon, loss=_loss(PolygonLossFlatRows))
-R6_SPEC = HeadSpec(heads.Polygon, loss=_loss(PolygonLossUnguardedMGIoU, mode="mgiou"))
+R6_SPEC = HeadSpec(heads.Polygon, loss=_loss(PolygonLossUnguardedMGIoU))
 R7_SPEC = HeadSpec(heads.Polygon, loss=_loss(PolygonLossCleanedAfterDivision))
 R8_SPEC = HeadSpec(heads.Polygon, loss=_loss(PolygonLossMasksNonfinite))
 R9_SPEC = HeadSpec(PolygonClampedAtInference)

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from headguard.strategies import feature_maps, invalid_targets, targets
 from heads import Polygon
-from losses import DetectionLoss, LossInputError, PolygonLoss
+from losses import DetectionLoss, LossInputError, PolygonLoss, mgiou
 from losses._fast import SLOT_MULTIPLE, gather_anchors, padded_slot_count, positive_index
 from losses._graphs import GraphedCore
 from losses._validate import check_finite, check_range, one_sync
@@ -231,6 +231,39 @@ def test_cuda_graph_replay_matches_reference(mode):
     for _ in range(3):  # capture, then replays
         got = _evaluate(fast, mode, preds, batch, 0.4)
     assert fast._fast.core.disabled_reason is None
+    torch.testing.assert_close(got[0], ref[0], rtol=TOL, atol=TOL)
+    for name, g in ref[2].items():
+        torch.testing.assert_close(got[2][name], g, rtol=TOL, atol=TOL * float(g.abs().max()))
+
+
+def _capturable_shape_loss(pred, target, pred_mask=None, target_mask=None):
+    return 2 * mgiou(pred, target, pred_mask, target_mask, check_finite=False)
+
+
+def _syncing_shape_loss(pred, target, pred_mask=None, target_mask=None):
+    """The same loss, scaled by a host-read 1.0: a sync, which CUDA-graph capture refuses."""
+    return _capturable_shape_loss(pred, target, pred_mask, target_mask) * float(pred.new_ones(()))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape_loss", [_capturable_shape_loss, _syncing_shape_loss], ids=["captured", "eager"])
+@pytest.mark.parametrize("mode", [None, "hybrid"])
+def test_cuda_user_vertex_loss_equals_the_reference_captured_or_eager(mode, shape_loss):
+    feats = [torch.randn(2, c, 128 // int(s), 128 // int(s)) for c, s in zip(CHANNELS, STRIDES)]
+    preds = _head_outputs(feats, 0, 1.0)
+    preds = {k: (v.detach().cuda().requires_grad_() if k != "feats" else [f.cuda() for f in v])
+             for k, v in preds.items()}
+    batch = {"batch_idx": torch.tensor([0.0, 0.0, 1.0]), "cls": torch.tensor([[0.0], [2.0], [1.0]]),
+             "bboxes": torch.tensor([[0.5, 0.5, 0.4, 0.3], [0.3, 0.6, 0.2, 0.2], [0.6, 0.4, 0.5, 0.5]]),
+             "polygons": torch.rand(3, NP, 2) * 0.2 + 0.4}
+    batch = {k: v.cuda() for k, v in batch.items()}
+    reference = PolygonLoss(NC, STRIDES, np=NP, mode=mode, vertex_loss=shape_loss)
+    fast = PolygonLoss(NC, STRIDES, np=NP, mode=mode, vertex_loss=shape_loss, cuda_graphs=True)
+    ref = _evaluate(reference, "polygon", preds, batch, 0.4)
+    for _ in range(3):  # capture (or its refusal), then replays
+        got = _evaluate(fast, "polygon", preds, batch, 0.4)
+    captured = fast._fast.core.disabled_reason is None
+    assert captured == (shape_loss is _capturable_shape_loss), fast._fast.core.disabled_reason
     torch.testing.assert_close(got[0], ref[0], rtol=TOL, atol=TOL)
     for name, g in ref[2].items():
         torch.testing.assert_close(got[2][name], g, rtol=TOL, atol=TOL * float(g.abs().max()))

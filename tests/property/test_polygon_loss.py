@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import losses.polygon
 from heads import Polygon
-from losses import DetectionGains, DetectionLoss, LossInputError, PolygonGains, PolygonLoss, polygons_to_targets
+from losses import DetectionGains, DetectionLoss, LossInputError, PolygonGains, PolygonLoss, mgiou, polygons_to_targets
 from losses.polygon import polygon_vertex_loss
 
 NC, NP, REG_MAX = 2, 6, 16
@@ -410,7 +410,7 @@ def test_for_head_reads_nc_np_reg_max_and_strides():
     head = Polygon(nc=3, np=5, reg_max=8, ch=(8, 16))
     head.stride = torch.tensor([8.0, 16.0])
     loss = PolygonLoss.for_head(head, mode="mgiou")
-    assert (loss.np, loss.mode, loss.detection.nc, loss.detection.reg_max) == (5, "mgiou", 3, 8)
+    assert (loss.np, loss.term, loss.vertex_loss, loss.detection.nc, loss.detection.reg_max) == (5, "shape", mgiou, 3, 8)
     assert loss.detection.strides == (8.0, 16.0)
     with pytest.raises(ValueError, match="stride"):
         PolygonLoss.for_head(Polygon(nc=1, np=4, ch=(8,)))
