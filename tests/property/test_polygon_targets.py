@@ -9,6 +9,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from headguard import strategies as hs
 from losses import LossInputError, assigned_polygon_targets, polygons_to_targets, resample_polygon
 from tests._polygon_iou import polygon_iou, signed_area
 
@@ -26,18 +27,9 @@ def distance_to_boundary(points: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return (p - foot).norm(dim=-1).min(dim=1).values
 
 
-@st.composite
-def convex_polygons(draw, min_vertices=3, max_vertices=32):
-    """Strictly convex polygons: distinct angles on a rotated ellipse, in either orientation."""
-    n = draw(st.integers(min_vertices, max_vertices))
-    angles = sorted(draw(st.lists(st.integers(0, 3599), min_size=n, max_size=n, unique=True)))
-    t = torch.tensor(angles, dtype=torch.float64) * (2 * math.pi / 3600)
-    a, b = draw(st.floats(0.5, 100.0)), draw(st.floats(0.5, 100.0))
-    rot = draw(st.floats(0.0, 2 * math.pi))
-    cx, cy = draw(st.floats(-100, 100)), draw(st.floats(-100, 100))
-    x, y = a * t.cos(), b * t.sin()
-    v = torch.stack([cx + x * math.cos(rot) - y * math.sin(rot), cy + x * math.sin(rot) + y * math.cos(rot)], 1)
-    return v.flip(0) if draw(st.booleans()) else v
+def convex_polygons(*, min_vertices: int = 3, max_vertices: int = 32):
+    """Strictly convex polygons (V, 2) float64, either orientation (headguard.strategies.polygons)."""
+    return hs.polygons(families=("convex",), min_vertices=min_vertices, max_vertices=max_vertices)
 
 
 @given(convex_polygons(min_vertices=4), st.integers(3, 12))

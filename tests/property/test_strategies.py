@@ -15,6 +15,7 @@ from hypothesis.errors import InvalidArgument
 import heads
 import losses
 from headguard import strategies as hs
+from headguard._polygon_iou import polygon_iou
 from headguard.subject import HeadSpec, build_subject
 
 CHANNELS, STRIDES = (16, 32, 64), (8.0, 16.0, 32.0)
@@ -225,5 +226,100 @@ def test_inputs_pair_maps_with_targets_of_the_same_batch(pair):
     ],
 )
 def test_bad_arguments_raise_invalid_argument(call, message):
+    with pytest.raises(InvalidArgument, match=re.escape(message)):
+        call()
+
+
+# ------------------------------------------------------------------------------------------------------- polygons
+def _cross(polygon: torch.Tensor) -> torch.Tensor:
+    """z of edge i x edge i + 1, for every vertex."""
+    e = polygon.roll(-1, 0) - polygon
+    f = e.roll(-1, 0)
+    return e[:, 0] * f[:, 1] - e[:, 1] * f[:, 0]
+
+
+def _distinct(polygon: torch.Tensor) -> int:
+    return len({tuple(v) for v in polygon.tolist()})
+
+
+FAMILY_PROPERTIES = {
+    "convex": lambda p: bool((_cross(p) > 0).all() or (_cross(p) < 0).all()),
+    "huge": lambda p: float(p.abs().max()) == pytest.approx(1e8) and bool((_cross(p) > 0).all() or
+                                                                           (_cross(p) < 0).all()),
+    "tiny": lambda p: float(p.abs().max()) == pytest.approx(1e-6),
+    "point": lambda p: _distinct(p) == 1,
+    "segment": lambda p: _distinct(p) == 2,
+    "collinear": lambda p: _distinct(p) == len(p) and float(_cross(p).abs().max()) <= 1e-9 * float(p.abs().max()) ** 2,
+    "repeated_vertex": lambda p: bool((p == p.roll(-1, 0)).all(dim=1).any()) and _distinct(p) < len(p),
+    "zero_area": lambda p: abs(_signed_area(p)) <= 1e-9 * float(p.abs().max()) ** 2,
+}
+
+
+@pytest.mark.parametrize("family", hs.POLYGON_FAMILIES)
+@given(data=st.data())
+def test_polygons_of_each_family_are_what_they_promise(family, data):
+    polygon = data.draw(hs.polygons(families=(family,), min_vertices=4, max_vertices=9))
+    assert polygon.dtype == torch.float64 and polygon.shape[1] == 2 and 4 <= len(polygon) <= 9
+    assert bool(torch.isfinite(polygon).all())
+    assert FAMILY_PROPERTIES[family](polygon), polygon
+
+
+def test_zero_area_polygons_span_a_plane_and_convex_ones_take_both_orientations():
+    spread = find(hs.polygons(families=("zero_area",), min_vertices=6, max_vertices=6),
+                  lambda p: abs(float(_cross(p).abs().max())) > 1e-3)
+    assert abs(_signed_area(spread)) <= 1e-9
+    assert find(hs.polygons(families=("convex",)), lambda p: _signed_area(p) < 0) is not None
+    assert find(hs.polygons(families=("convex",)), lambda p: _signed_area(p) > 0) is not None
+
+
+@given(hs.polygons(dtype=torch.float16))
+def test_polygons_in_float16_are_representable(polygon):
+    assert polygon.dtype == torch.float16 and bool(torch.isfinite(polygon).all())
+    assert float(polygon.abs().max()) <= torch.finfo(torch.float16).max / 4
+
+
+@given(hs.polygon_pairs(min_vertices=3, max_vertices=5))
+def test_polygon_pairs_share_a_vertex_count(pair):
+    pred, target = pair
+    assert pred.shape == target.shape and 3 <= len(pred) <= 5
+    assert "PolygonPair(pred=[[" in repr(pair)
+
+
+@given(hs.polygon_pairs(convex=True, relations=("near",), families=("convex",)))
+def test_near_convex_pairs_overlap(pair):
+    assert polygon_iou(pair.pred.numpy(), pair.target.numpy()) > 0
+
+
+def test_convex_keeps_only_strictly_convex_families():
+    assert find(hs.polygon_pairs(convex=True), lambda pair: True) is not None
+    families = {f for f in hs.POLYGON_FAMILIES if f not in hs.CONVEX_FAMILIES}
+    with pytest.raises(InvalidArgument, match="with convex=True"):
+        hs.polygons(convex=True, families=tuple(families))
+
+
+def test_polygon_samples_rebuild_the_same_pairs_from_their_seed():
+    sample = find(hs.polygon_samples(size=6, min_vertices=4, max_vertices=5), lambda s: True)
+    first, again = sample.pairs(), hs.PolygonSample(sample.seed, 6, 4, 5).pairs()
+    assert len(first) == 6 and all(4 <= len(p) <= 5 and p.shape == t.shape for p, t in first)
+    assert all(torch.equal(a, b) for pa, pb in zip(first, again) for a, b in zip(pa, pb))
+    assert find(hs.polygon_samples(seeds=st.just(7)), lambda s: True).seed == 7
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: hs.polygons(min_vertices=2), "Expected min_vertices >= 3, got min_vertices=2"),
+        (lambda: hs.polygons(min_vertices=6, max_vertices=4), "Expected min_vertices <= max_vertices"),
+        (lambda: hs.polygons(families=("round",)), "Expected a non-empty subset of"),
+        (lambda: hs.polygons(convex=1), "Expected bool for convex, got convex=1 (type=int)"),
+        (lambda: hs.polygons(dtype=torch.int64), "Expected a floating torch.dtype for dtype"),
+        (lambda: hs.polygons(max_magnitude=-1.0), "Expected a finite max_magnitude > 0, got max_magnitude=-1.0"),
+        (lambda: hs.polygons(min_magnitude=10.0, max_magnitude=1.0), "Expected min_magnitude <= max_magnitude"),
+        (lambda: hs.polygon_pairs(relations=("far",)), "Expected a non-empty subset of"),
+        (lambda: hs.polygon_samples(size=1), "Expected size >= 2, got size=1"),
+        (lambda: hs.polygon_samples(seeds=3), "Expected a SearchStrategy for seeds"),
+    ],
+)
+def test_bad_polygon_arguments_raise_invalid_argument(call, message):
     with pytest.raises(InvalidArgument, match=re.escape(message)):
         call()
