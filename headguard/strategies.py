@@ -500,19 +500,30 @@ def _polygon(draw, n: int, families: tuple[str, ...], magnitudes: tuple[float, f
     return polygon
 
 
-def _moved(target: torch.Tensor, scale: float, angle: float, shift) -> torch.Tensor:
-    """`target` scaled by `scale` and turned by `angle` about its centre, then shifted by `shift` (2,) times its
-    extent."""
+def _inner_radius(polygon: torch.Tensor) -> float:
+    """The distance from the vertex mean to the nearest line through an edge (0 for points and segments): a disc
+    of that radius about the mean lies inside a convex polygon."""
+    edges = polygon.roll(-1, 0) - polygon
+    length = edges.norm(dim=1)
+    offset = polygon.mean(dim=0) - polygon
+    distance = (edges[:, 0] * offset[:, 1] - edges[:, 1] * offset[:, 0]).abs() / length.clamp(min=1e-300)
+    real = length > 1e-12 * max(_extent(polygon), 1e-300)
+    return float(distance[real].min()) if bool(real.any()) else 0.0
+
+
+def _moved(target: torch.Tensor, scale: float, angle: float, offset) -> torch.Tensor:
+    """`target` scaled by `scale` and turned by `angle` about its vertex mean, then moved by `offset` (2,)."""
     centre = target.mean(dim=0)
-    offset = torch.as_tensor(shift, dtype=torch.float64) * _extent(target)
-    return similarity(target - centre, scale, angle, centre + offset)
+    return similarity(target - centre, scale, angle, centre + torch.as_tensor(offset, dtype=torch.float64))
 
 
 @st.composite
 def _near(draw, target: torch.Tensor) -> torch.Tensor:
-    """`target` moved a little: scaled by 0.5-1.5, turned by up to 0.6 rad, shifted by up to half its extent."""
+    """`target` scaled by 0.5-1.5, turned by up to 0.6 rad, its mean moved by less than its inner radius: a convex
+    target and its moved copy share that point, so they overlap."""
     scale, angle = draw(st.floats(0.5, 1.5)), draw(st.floats(-0.6, 0.6))
-    return _moved(target, scale, angle, draw(st.tuples(*[st.floats(-0.5, 0.5)] * 2)))
+    shift = torch.tensor(draw(st.tuples(*[st.floats(-0.5, 0.5)] * 2)), dtype=torch.float64)
+    return _moved(target, scale, angle, shift * _inner_radius(target))
 
 
 class PolygonPair(NamedTuple):
@@ -613,8 +624,8 @@ def polygon_pairs(
     """(pred, target) `PolygonPair`s with one vertex count V, each polygon as `polygons` draws it.
 
     relations: "independent" draws pred like the target (its own family: from far apart to overlapping, a point
-    inside a polygon, ...); "near" moves the target a little (scaled by 0.5-1.5, turned by up to 0.6 rad, shifted
-    by up to half its extent), so the pair overlaps.
+    inside a polygon, ...); "near" moves the target a little (scaled by 0.5-1.5 and turned by up to 0.6 rad about
+    its vertex mean, which moves by less than the target's inner radius), so a convex target's pair overlaps.
     """
     chosen, magnitudes = _polygon_args(min_vertices, max_vertices, families, convex, dtype, min_magnitude,
                                        max_magnitude)
@@ -643,8 +654,8 @@ class PolygonSample:
 
 
 def _random_pair(gen: torch.Generator, n: int, *, near: bool) -> PolygonPair:
-    """(pred, target) from `gen`, in the ranges of `_convex` and `_near`; centres within 2 of the origin, so most
-    independent pairs overlap, as a ranking by IoU needs."""
+    """(pred, target) from `gen`, in the ranges of `_convex` and `_near` but for the shift; centres within 2 of the
+    origin, so most independent pairs overlap, as a ranking by IoU needs."""
 
     def uniform(low: float, high: float, size: int = 1) -> list[float]:
         return (low + (high - low) * torch.rand(size, generator=gen, dtype=torch.float64)).tolist()
@@ -656,11 +667,13 @@ def _random_pair(gen: torch.Generator, n: int, *, near: bool) -> PolygonPair:
     target = convex()
     if not near:
         return PolygonPair(convex(), target)
-    return PolygonPair(_moved(target, uniform(0.5, 1.5)[0], uniform(-0.6, 0.6)[0], uniform(-0.5, 0.5, 2)), target)
+    # Moved by up to half its extent (not its inner radius): near pairs from nested to barely overlapping.
+    offset = torch.tensor(uniform(-0.5, 0.5, 2), dtype=torch.float64) * _extent(target)
+    return PolygonPair(_moved(target, uniform(0.5, 1.5)[0], uniform(-0.6, 0.6)[0], offset), target)
 
 
 def polygon_samples(
-    *, size: int = 200, min_vertices: int = 3, max_vertices: int = 8, seeds: st.SearchStrategy[int] | None = None
+    *, size: int = 300, min_vertices: int = 3, max_vertices: int = 8, seeds: st.SearchStrategy[int] | None = None
 ) -> st.SearchStrategy[PolygonSample]:
     """`PolygonSample`s of `size` pairs: Hypothesis draws (and shrinks) only the seed, from `seeds` (None: any
     integer in [0, 2**31)), never the pairs."""
