@@ -1,24 +1,29 @@
-"""`headguard check [TARGET ...]`: run the check catalogue on heads and report. Exit 0 when every check passed
-(expected failures allowed), 1 when a check failed or errored, 2 for usage and import errors (one line on stderr)."""
+"""`headguard check [TARGET ...]`: run the check catalogue on heads and report.
+
+Exit status: 0 when every check that ran passed (expected failures allowed); 1 when a check failed or errored; 2 for
+usage and import errors (one line on stderr); 5 when nothing was checked (no selected check applies, everything was
+deselected or skipped), as pytest's "no tests ran"; 130 when interrupted (Ctrl-C), after writing the reports of the
+checks that finished."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import pathlib
 import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from headguard import report
-from headguard.profiles import PROFILES
+from headguard import plots, report
+from headguard.profiles import PROFILES, TIME_LIMITS_S
 from headguard.progress import Progress
 from headguard.runner import (
     UnknownCheckError, known_checks, not_applicable, run_checks, select_checks, validate_names,
 )
 from headguard.targets import REFERENCE_TARGETS, TargetError, resolve_target
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOTHING_CHECKED, EXIT_INTERRUPTED = 0, 1, 2, 5, 130
 
 
 def add_run_options(addoption: Callable[..., Any], *, prefix: str = "") -> None:
@@ -28,7 +33,22 @@ def add_run_options(addoption: Callable[..., Any], *, prefix: str = "") -> None:
               help="Hypothesis profile for the checks: dev (quick), ci (derandomized), fuzz (many examples); "
                    "default: %(default)s")
     addoption(f"--{prefix}seed", type=int, default=0, metavar="N",
-              help="seed for torch and the checks' generators, shown in every reproduce command; default: %(default)s")
+              help="seed for building each head (its initial weights) and for the checks' generators, shown in every "
+                   "reproduce command; default: %(default)s")
+    addoption(f"--{prefix}timeout", type=_positive_seconds, default=None, metavar="SECONDS",
+              help="time limit of each check; a check past it fails, naming where it was stuck; default: the "
+                   "HeadSpec's timeout, else the profile's (" + ", ".join(
+                       f"{name} {int(limit)} s" for name, limit in TIME_LIMITS_S.items()) + ")")
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="skip these checks")
     check.add_argument("--json", metavar="PATH", help="write one JSON record per check to PATH")
     check.add_argument("--junit", metavar="PATH", help="write JUnit XML (a testsuite per target) to PATH")
+    check.add_argument("--plots", metavar="DIR",
+                       help="draw the curves checks record (the training canary's loss items, gradient norm and "
+                            "BatchNorm range per step) as PNG files in DIR; the reports name them (needs matplotlib: "
+                            f"{plots.INSTALL_HINT})")
     check.add_argument("-x", "--exitfirst", action="store_true", help="stop after the first failed check")
     check.set_defaults(func=_cmd_check)
 
@@ -97,50 +121,101 @@ def _cmd_check(args: argparse.Namespace) -> int:
                 raise TargetError(f"{name!r} after --select looks like a TARGET; put TARGETs before --select")
         validate_names(select, where="--select")
         validate_names(deselect, where="--deselect")
-        subjects = [resolve_target(t) for t in targets]
-        for subject in subjects:
-            validate_names(subject.expected_failures, where=f"the expected_failures of {subject.name}")
         for option, path in (("--json", args.json), ("--junit", args.junit)):
             if path:
                 _check_writable(option, path)
-    except (TargetError, UnknownCheckError, _UnwritableReport) as exc:
+        if args.plots:
+            _check_plots_dir(args.plots)
+        subjects = [resolve_target(t, seed=args.seed, timeout=args.timeout) for t in targets]
+        for subject in subjects:
+            validate_names(subject.expected_failures, where=f"the expected_failures of {subject.name}")
+    except (TargetError, UnknownCheckError, _UnwritableReport, plots.PlotsUnavailableError) as exc:
         return _usage_error(str(exc))
+    except KeyboardInterrupt:
+        print("headguard: interrupted while loading the targets; nothing was checked", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
     plan = [(s, select_checks(s, select=select, deselect=deselect)) for s in subjects]
     progress = Progress(sum(len(checks) for _, checks in plan))
-    results = []
+    results: list = []
+
+    def finished(result) -> None:
+        results.append(result)
+        progress.on_finish(result)
+
     start = time.perf_counter()
+    interrupted = False
     try:
         for subject, checks in plan:
-            results += not_applicable(subject, select=select)
-            results += run_checks(subject, checks, profile=args.profile, seed=args.seed, exitfirst=args.exitfirst,
-                                  on_start=progress.on_start, on_finish=progress.on_finish)
+            progress.on_target(subject, len(checks))
+            for result in not_applicable(subject, select=select):
+                finished(result)
+            run_checks(subject, checks, profile=args.profile, seed=args.seed, timeout=args.timeout,
+                       exitfirst=args.exitfirst, on_start=progress.on_start, on_finish=finished)
             if args.exitfirst and any(r.status in ("failed", "error") for r in results):
                 break
+    except KeyboardInterrupt:
+        interrupted = True
     finally:
         progress.close()
     elapsed = time.perf_counter() - start
 
-    sys.stdout.write(report.format_report(results, profile=args.profile, seed=args.seed, elapsed_s=elapsed))
+    if args.plots:
+        report.write_plots(args.plots, results)
+    notes = {s.name: s.setup_notes for s in subjects if getattr(s, "setup_notes", ())}
+    run = dict(profile=args.profile, seed=args.seed)
+    sys.stdout.write(report.format_report(results, elapsed_s=elapsed, setup_notes=notes, **run))
     if args.json:
-        report.write_json(args.json, results, profile=args.profile, seed=args.seed)
+        report.write_json(args.json, results, interrupted=interrupted, setup_notes=notes, **run)
     if args.junit:
-        report.write_junit(args.junit, results, profile=args.profile, seed=args.seed)
-    return EXIT_FAILED if any(r.status in ("failed", "error") for r in results) else EXIT_OK
+        report.write_junit(args.junit, results, **run)
+    return _exit_status(results, interrupted=interrupted)
+
+
+def _exit_status(results: Sequence, *, interrupted: bool) -> int:
+    if interrupted:
+        print(f"headguard: interrupted: reported the {len(results)} checks that finished", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if any(r.status in ("failed", "error") for r in results):
+        return EXIT_FAILED
+    if not any(r.status in ("passed", "xfailed") for r in results):
+        print("headguard: nothing was checked: no selected check applies to the targets, or every one was skipped "
+              f"(exit {EXIT_NOTHING_CHECKED}, as pytest's 'no tests ran')", file=sys.stderr)
+        return EXIT_NOTHING_CHECKED
+    return EXIT_OK
 
 
 class _UnwritableReport(Exception):
     pass
 
 
+def _check_plots_dir(directory: str) -> None:
+    """--plots needs matplotlib and a directory it can write: refuse before the run, not after it."""
+    plots.require_matplotlib()
+    target = pathlib.Path(directory)
+    if target.exists() and not target.is_dir():
+        raise _UnwritableReport(f"cannot write --plots {directory}: not a directory")
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _UnwritableReport(f"cannot write --plots {directory}: {exc.strerror or exc}") from None
+    if not os.access(target, os.W_OK):
+        raise _UnwritableReport(f"cannot write --plots {directory}: Permission denied")
+
+
 def _check_writable(option: str, path: str) -> None:
-    """Refuse a report path before the run, not with a traceback after it (a fuzz run takes minutes)."""
+    """Refuse a report path before the run, not with a traceback after it (a fuzz run takes minutes). Nothing is
+    created here: an empty report file left by a run that never wrote it would read as a report."""
+    target = pathlib.Path(path)
     try:
         report.prepare_path(path)
-        with open(path, "a", encoding="utf-8"):
-            pass
     except OSError as exc:
         raise _UnwritableReport(f"cannot write {option} {path}: {exc.strerror or exc}") from None
+    if target.is_dir():
+        raise _UnwritableReport(f"cannot write {option} {path}: Is a directory")
+    writable = os.access(target, os.W_OK) if target.exists() else os.access(target.parent, os.W_OK)
+    if not writable:
+        raise _UnwritableReport(f"cannot write {option} {path}: Permission denied")
 
 
 def _cmd_list(args: argparse.Namespace) -> int:

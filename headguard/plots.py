@@ -18,7 +18,7 @@ from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["INSTALL_HINT", "PlotsUnavailableError", "curves_figure", "write_curves"]
+__all__ = ["INSTALL_HINT", "PlotsUnavailableError", "curves_figure", "require_matplotlib", "write_curves"]
 
 INSTALL_HINT = "pip install 'headguard[plots]'"
 _PANEL_HEIGHT_IN = 1.7
@@ -92,6 +92,11 @@ def _nonfinite_label(bad: list[int]) -> str:
     shown = ", ".join(str(i) for i in bad[:_MAX_STEPS_NAMED])
     more = f" and {len(bad) - _MAX_STEPS_NAMED} more" if len(bad) > _MAX_STEPS_NAMED else ""
     return f"non-finite (gap) at step{'s' if len(bad) > 1 else ''} {shown}{more}"
+
+
+def require_matplotlib() -> None:
+    """Raise PlotsUnavailableError (with the install hint) now, when a face is asked for plots it cannot draw."""
+    _matplotlib()
 
 
 def _matplotlib():

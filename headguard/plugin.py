@@ -8,7 +8,11 @@ file or directory arguments it runs only those items, not the test suite found f
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import os
+import shlex
 import traceback
+import types
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -17,14 +21,11 @@ from hypothesis import settings
 
 import headguard.profiles  # (registers dev, ci and fuzz before Hypothesis reads --hypothesis-profile)
 from headguard.cli import add_run_options
-from headguard.registry import Check, CheckContext, CheckFailure, CheckSkipped
+from headguard.registry import Check
 from headguard.report import format_failure
-from headguard.runner import (
-    CheckResult, UnknownCheckError, as_check_failure, reproduce_command, run_check, seed_everything, select_checks,
-    validate_names,
-)
+from headguard.runner import CheckResult, UnknownCheckError, reproduce_command, run_check, select_checks, validate_names
 from headguard.subject import Subject
-from headguard.targets import TargetError, resolve_target, short_name, subject_from
+from headguard.targets import TargetError, default_name, resolve_target, short_name, subject_from
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +33,7 @@ class _Options:
     targets: tuple[str, ...]
     profile: str
     seed: int
+    timeout: float | None
 
 
 _OPTIONS = pytest.StashKey[_Options]()
@@ -52,6 +54,7 @@ def pytest_configure(config: pytest.Config) -> None:
         targets=tuple(config.getoption("headguard")),
         profile=config.getoption("headguard_profile"),
         seed=config.getoption("headguard_seed"),
+        timeout=config.getoption("headguard_timeout"),
     )
 
 
@@ -74,7 +77,8 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     opts = config.stash[_OPTIONS]
     for target in opts.targets:
         try:
-            subject = resolve_target(target)
+            # Built from the run's seed: every xdist worker collects an identical subject.
+            subject = resolve_target(target, seed=opts.seed, timeout=opts.timeout)
             validate_names(subject.expected_failures, where=f"the expected_failures of {target}")
         except (TargetError, UnknownCheckError) as exc:
             raise pytest.UsageError(f"--headguard: {exc}") from None
@@ -117,8 +121,19 @@ class CheckFailed(Exception):
     """Raised by a HeadguardItem whose check failed; carries the record that repr_failure formats."""
 
     def __init__(self, result: CheckResult):
-        super().__init__(result.message)
+        super().__init__(format_failure(result, title=False))
         self.result = result
+
+
+def _raise_outcome(result: CheckResult, subject: Subject) -> None:
+    """Turn a record into pytest's outcome: skip, xfail, or CheckFailed carrying the record."""
+    __tracebackhide__ = True
+    if result.status == "skipped":
+        pytest.skip(result.message)
+    if result.status == "xfailed":
+        pytest.xfail(subject.expected_failures[result.name].reason)
+    if result.status != "passed":
+        raise CheckFailed(result)
 
 
 class HeadguardItem(pytest.Item):
@@ -131,14 +146,10 @@ class HeadguardItem(pytest.Item):
 
     def runtest(self) -> None:
         opts = self.config.stash[_OPTIONS]
-        self.result = result = run_check(self.parent.subject, self.check, profile=opts.profile, seed=opts.seed)
+        self.result = result = run_check(self.parent.subject, self.check, profile=opts.profile, seed=opts.seed,
+                                         timeout=opts.timeout)
         self.user_properties.append(("reproduce", result.reproduce or ""))
-        if result.status == "skipped":
-            pytest.skip(result.message)
-        if result.status == "xfailed":
-            pytest.xfail(self.parent.subject.expected_failures[self.check.name])
-        if result.status != "passed":
-            raise CheckFailed(result)
+        _raise_outcome(result, self.parent.subject)
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style=None):
         if isinstance(excinfo.value, CheckFailed):
@@ -157,11 +168,14 @@ class HeadguardItem(pytest.Item):
 
 @dataclasses.dataclass(frozen=True)
 class BoundCheck:
-    """A check as the `check` argument of a parametrized test: `check(subject)` seeds torch and runs it; on failure
-    the example and the reproduce command are attached to the exception as notes."""
+    """A check as the `check` argument of a parametrized test: `check(subject)` runs it through the same runner as
+    `headguard check` (seeded, isolated, time-limited, expected failures by cause) and turns the record into pytest's
+    outcome. `target` is the `module:NAME` that `headguard check` can load for the same subject, when there is one;
+    otherwise the reproduce line is the test's own node id."""
 
     check: Check
     seed: int = 0
+    target: str | None = None
 
     @property
     def name(self) -> str:
@@ -169,21 +183,17 @@ class BoundCheck:
 
     def __call__(self, subject: Subject) -> None:
         __tracebackhide__ = True
-        profile = settings.get_current_profile_name()
-        ctx = CheckContext(profile=profile if profile in headguard.profiles.PROFILES else "dev", seed=self.seed)
-        seed_everything(self.seed)
-        try:
-            self.check.func(subject, ctx)
-        except CheckSkipped as exc:
-            pytest.skip(str(exc))
-        except Exception as exc:
-            failure = as_check_failure(exc)
-            if not isinstance(failure, CheckFailure):
-                raise
-            _attach_notes(failure, subject, self, ctx)
-            if failure is exc:
-                raise
-            raise failure from None
+        current = settings.get_current_profile_name()
+        profile = current if current in headguard.profiles.PROFILES else "dev"
+        result = run_check(subject, self.check, profile=profile, seed=self.seed)
+        result.reproduce = self.reproduce(profile)
+        _raise_outcome(result, subject)
+
+    def reproduce(self, profile: str) -> str:
+        if self.target is not None:
+            return reproduce_command(self.target, self.name, seed=self.seed, profile=profile)
+        test = os.environ.get("PYTEST_CURRENT_TEST", "").rpartition(" (")[0]
+        return f"python -m pytest {shlex.quote(test)} --hypothesis-profile={profile}" if test else ""
 
     def __repr__(self) -> str:
         return self.check.name
@@ -195,32 +205,45 @@ def _check_traceback(exc: BaseException) -> str:
     return "".join(traceback.format_exception(type(exc), exc, tb)).rstrip()
 
 
-def _attach_notes(failure: CheckFailure, subject: Subject, bound: BoundCheck, ctx: CheckContext) -> None:
-    # Hypothesis' own "Falsifying example" note is already among the notes pytest shows; add only what is not.
-    if failure.example:
-        failure.add_note(f"example: {failure.example}")
-    failure.add_note("reproduce: " + (failure.reproduce or reproduce_command(
-        subject.name, bound.name, seed=bound.seed, profile=ctx.profile)))
-
-
 def parametrize_with_checks(
     heads: Iterable[Any], *, select: Sequence[str] = (), deselect: Sequence[str] = (), seed: int = 0
 ):
     """Parametrize a test with `(subject, check)` for every applicable check of every head, scikit-learn style::
 
-        @parametrize_with_checks([heads.Detect, HeadSpec(head=MyHead, loss=my_loss)])
+        @parametrize_with_checks([heads.Detect, SPEC])
         def test_head(subject, check):
             check(subject)
 
-    A head is a head class, a `headguard.HeadSpec` or a Subject. Ids read `Detect-check_loss_pure`; a subject's
-    expected failures become `xfail(strict=True)` with their reason.
+    A head is a head class, a `headguard.HeadSpec` or a Subject, built from `seed`. Ids read `Detect-check_loss_pure`
+    (a spec bound to a module-level name reads `SPEC-check_loss_pure`; ids are unique); a failure's reproduce line is
+    `headguard check module:NAME ...` when the head or spec has an importable name, else the test's node id.
     """
-    params = []
+    caller = inspect.currentframe().f_back.f_globals
+    params, seen = [], {}
     for obj in heads:
-        subject = subject_from(obj)
+        target = _importable_name(obj, caller)
+        subject = subject_from(obj, name=target, seed=seed)
+        label = target.rpartition(":")[2] if target else short_name(subject)
+        seen[label] = seen.get(label, 0) + 1
+        if seen[label] > 1:
+            label = f"{label}{seen[label]}"
         for chk in select_checks(subject, select=select, deselect=deselect):
-            reason = subject.expected_failures.get(chk.name)
-            marks = [pytest.mark.xfail(strict=True, reason=reason, raises=CheckFailure)] if reason else []
-            params.append(pytest.param(subject, BoundCheck(chk, seed), marks=marks,
-                                       id=f"{short_name(subject)}-{chk.name}"))
+            params.append(pytest.param(subject, BoundCheck(chk, seed, target), id=f"{label}-{chk.name}"))
     return pytest.mark.parametrize(("subject", "check"), params)
+
+
+def _importable_name(obj: Any, namespace: dict[str, Any]) -> str | None:
+    """`module:NAME` for an object bound to a public name in the calling module or in a module it imported
+    (`specs.SPEC`), else `module:qualname` for a class; None for an unnamed spec (HeadSpec(...) written inline),
+    whose setup no TARGET string reproduces."""
+    modules = [(namespace.get("__name__"), namespace)]
+    modules += [(m.__name__, vars(m)) for m in namespace.values() if isinstance(m, types.ModuleType)]
+    for module, names in modules:
+        for key, value in names.items():
+            if value is obj and not key.startswith("_") and module:
+                return f"{module}:{key}"
+    if isinstance(obj, Subject):
+        return obj.name
+    if isinstance(obj, type):
+        return default_name(obj)
+    return None

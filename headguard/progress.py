@@ -1,4 +1,5 @@
-"""A live progress line for terminals (plain ANSI, no dependency); silent when output is piped or under CI."""
+"""Progress while checks run: a live line on terminals (plain ANSI, no dependency); when output is piped or under
+CI, plain lines on stderr, one as each target starts and one for each failure, so a slow run is never silent."""
 
 from __future__ import annotations
 
@@ -20,14 +21,25 @@ def wants_live(stream: TextIO) -> bool:
 
 
 class Progress:
-    """`on_start`/`on_finish` callbacks for the runner: a transient "running ..." line, and a permanent line for each
-    failure or error as soon as it is known. Does nothing when `live` is false."""
+    """`on_start`/`on_finish` callbacks for the runner: live, a transient "running ..." line, and a permanent line
+    for each failure or error as soon as it is known; otherwise plain lines on `plain_stream` (stderr)."""
 
-    def __init__(self, total: int, *, stream: TextIO | None = None, live: bool | None = None):
+    def __init__(self, total: int, *, stream: TextIO | None = None, live: bool | None = None,
+                 plain_stream: TextIO | None = None):
         self.stream = stream if stream is not None else sys.stdout
         self.live = wants_live(self.stream) if live is None else live
+        self.plain_stream = plain_stream
         self.total = total
         self.done = 0
+
+    def on_target(self, subject: Subject, count: int) -> None:
+        if not self.live:
+            self._plain(f"headguard: checking {subject.name} ({count} check{'' if count == 1 else 's'})")
+
+    def _plain(self, line: str) -> None:
+        stream = self.plain_stream if self.plain_stream is not None else sys.stderr
+        stream.write(line + "\n")
+        stream.flush()
 
     def on_start(self, subject: Subject, check: Check) -> None:
         if self.live:
@@ -36,6 +48,9 @@ class Progress:
     def on_finish(self, result: CheckResult) -> None:
         self.done += 1
         if not self.live:
+            if result.status in ("failed", "error"):
+                summary = result.message.splitlines()[0] if result.message else ""
+                self._plain(f"headguard: {result.status.upper()} {result.target}::{result.name}: {summary}")
             return
         mark = f"\x1b[{_COLOURS[result.status]}m{_MARKS[result.status]}\x1b[0m"
         self._write(f"\r\x1b[K[{self.done}/{self.total}] {mark} {result.target} {result.name} "

@@ -27,10 +27,16 @@ class CheckSkipped(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class CheckContext:
-    """What a check may use besides the subject: the Hypothesis profile and a base seed."""
+    """What a check may use besides the subject: the Hypothesis profile, a base seed, and `record` for curves worth
+    showing a person (the runner copies them into the check's result; `headguard check --plots DIR` draws them)."""
 
     profile: str = "dev"
     seed: int = 0
+    series: dict[str, dict[str, list[float]]] = dataclasses.field(default_factory=dict, compare=False)
+
+    def record(self, name: str, curves: dict[str, list[float]]) -> None:
+        """Keep `curves` (series name -> one value per step) under `name`, for the report."""
+        self.series[name] = {key: [float(v) for v in values] for key, values in curves.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +46,9 @@ class Check:
     func: Callable[[Any, CheckContext], None]
     requires: frozenset[str]
     doc: str
+    # A gate is a precondition of every other check of its kind (the output contract): when it fails, the runner
+    # reports the others skipped instead of running them on outputs they cannot read.
+    gate: bool = False
 
     @property
     def kind(self) -> str:
@@ -57,8 +66,9 @@ class Check:
 CATALOGUE: dict[str, Check] = {}
 
 
-def check(*, area: str, requires: Iterable[str] = (), name: str | None = None):
-    """Register `func(subject, ctx)` as a check. Its name is the function name unless given."""
+def check(*, area: str, requires: Iterable[str] = (), name: str | None = None, gate: bool = False):
+    """Register `func(subject, ctx)` as a check. Its name is the function name unless given; `gate=True` makes it a
+    precondition of the other checks of its kind (see `Check.gate`)."""
     if area not in AREAS:
         raise ValueError(f"Expected area in {AREAS}, got area={area!r}")
 
@@ -67,7 +77,7 @@ def check(*, area: str, requires: Iterable[str] = (), name: str | None = None):
         if key in CATALOGUE:
             raise ValueError(f"a check named {key!r} is already registered")
         doc = (func.__doc__ or "").strip().splitlines()[0] if func.__doc__ else ""
-        CATALOGUE[key] = Check(key, area, func, frozenset(requires), doc)
+        CATALOGUE[key] = Check(key, area, func, frozenset(requires), doc, gate)
         return func
 
     return register

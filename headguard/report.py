@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
+import re
 import textwrap
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
+from headguard import plots
 from headguard.runner import STATUSES, CheckResult
 
 JSON_SCHEMA_VERSION = 1
@@ -60,6 +63,10 @@ def format_failure(result: CheckResult, *, title: bool = True) -> str:
         lines.append(_field("example", result.example))
     if result.reproduce:
         lines.append(_field("reproduce", result.reproduce))
+    for note in result.notes:
+        lines.append(_field("note", note))
+    for path in result.artifacts:
+        lines.append(_field("plot", path))
     return "\n".join(lines)
 
 
@@ -70,13 +77,29 @@ def _field(label: str, text: str) -> str:
     return f"  {label}:\n" + textwrap.indent("\n".join(body), "      ")
 
 
-def format_report(results: Sequence[CheckResult], *, profile: str, seed: int, elapsed_s: float | None = None) -> str:
-    """Table, then every failure and error in full, then the summary line."""
+def format_report(
+    results: Sequence[CheckResult],
+    *,
+    profile: str,
+    seed: int,
+    elapsed_s: float | None = None,
+    setup_notes: Mapping[str, Sequence[str]] | None = None,
+) -> str:
+    """Table, then warnings (from setting the targets up, and checks that changed global state), every failure and
+    error in full, then the summary line."""
     parts = [f"headguard: profile {profile}, seed {seed}", "", format_table(results)]
+    warnings = [f"  {target}: {note}" for target, notes in (setup_notes or {}).items() for note in notes]
+    warnings += [f"  {r.target}::{r.name}: {note}" for r in results if r.status not in ("failed", "error")
+                 for note in r.notes]
+    if warnings:
+        parts += ["warnings:", *warnings, ""]
     bad = [r for r in results if r.status in ("failed", "error")]
     if bad:
         parts.append("=" * 30 + " failures " + "=" * 30)
         parts.extend(format_failure(r) + "\n" for r in bad)
+    plotted = [f"  {r.target}::{r.name}: {path}" for r in results for path in r.artifacts]
+    if plotted:
+        parts += ["plots:", *plotted, ""]
     xfails = [r for r in results if r.status == "xfailed"]
     if xfails:
         parts.append("expected failures:")
@@ -86,13 +109,24 @@ def format_report(results: Sequence[CheckResult], *, profile: str, seed: int, el
     return "\n".join(parts) + "\n"
 
 
-def write_json(path: str | os.PathLike, results: Sequence[CheckResult], *, profile: str, seed: int) -> None:
-    """`{"version", "profile", "seed", "summary", "results": [record, ...]}`, one record per check."""
+def write_json(
+    path: str | os.PathLike,
+    results: Sequence[CheckResult],
+    *,
+    profile: str,
+    seed: int,
+    interrupted: bool = False,
+    setup_notes: Mapping[str, Sequence[str]] | None = None,
+) -> None:
+    """`{"version", "profile", "seed", "interrupted", "summary", "setup_notes", "results": [record, ...]}`, one
+    record per finished check; `interrupted` says the run was stopped before every check ran."""
     doc = {
         "version": JSON_SCHEMA_VERSION,
         "profile": profile,
         "seed": seed,
+        "interrupted": interrupted,
         "summary": counts(results),
+        "setup_notes": {target: list(notes) for target, notes in (setup_notes or {}).items()},
         "results": [r.to_record() for r in results],
     }
     prepare_path(path)
@@ -119,6 +153,10 @@ def junit_tree(results: Sequence[CheckResult], *, profile: str, seed: int) -> ET
             ET.SubElement(props, "property", name=key, value=value)
         for r in rows:
             case = ET.SubElement(suite, "testcase", classname=target, name=r.name, time=f"{r.duration_s:.3f}")
+            if r.artifacts:
+                case_props = ET.SubElement(case, "properties")
+                for path in r.artifacts:
+                    ET.SubElement(case_props, "property", name="plot", value=path)
             if r.status == "failed":
                 ET.SubElement(case, "failure", message=r.message, type="CheckFailure").text = format_failure(r)
             elif r.status == "error":
@@ -134,6 +172,25 @@ def junit_tree(results: Sequence[CheckResult], *, profile: str, seed: int) -> ET
 def write_junit(path: str | os.PathLike, results: Sequence[CheckResult], *, profile: str, seed: int) -> None:
     prepare_path(path)
     junit_tree(results, profile=profile, seed=seed).write(path, encoding="utf-8", xml_declaration=True)
+
+
+def write_plots(directory: str | os.PathLike, results: Sequence[CheckResult]) -> list[str]:
+    """Draw every series the checks recorded as a PNG in `directory` (one file per target, check and series) and
+    add each path to its result's `artifacts`, so the text, JSON and JUnit reports name it. Returns the paths."""
+    written = []
+    for r in results:
+        for name, curves in r.series.items():
+            stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{r.target}-{r.name}-{name}")
+            path = plots.write_curves(pathlib.Path(directory) / f"{stem}.png", curves, title=f"{r.target}: {name}",
+                                      log_scale=[k for k, v in curves.items() if _positive(v)])
+            r.artifacts.append(str(path))
+            written.append(str(path))
+    return written
+
+
+def _positive(values: Sequence[float]) -> bool:
+    finite = [v for v in values if math.isfinite(v)]
+    return bool(finite) and all(v > 0 for v in finite) and max(finite) > 10 * min(finite)
 
 
 def prepare_path(path: str | os.PathLike) -> None:

@@ -6,19 +6,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
-import random
 import shlex
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-import torch
 from hypothesis import settings
 
 from headguard import profiles
+from headguard.isolation import CheckTimeout, is_out_of_memory, isolated_torch_state, seed_everything, time_limit
 from headguard.registry import CATALOGUE, Check, CheckContext, CheckFailure, CheckSkipped, load_catalogue
-from headguard.subject import Subject
+from headguard.subject import ExpectedFailure, Subject
 
 STATUSES = ("passed", "failed", "xfailed", "skipped", "error")
 
@@ -37,6 +36,10 @@ class CheckResult:
     reproduce: str | None = None
     doc: str = ""
     where: str | None = None
+    notes: list[str] = dataclasses.field(default_factory=list)
+    # Curves the check recorded (name -> series -> values), and the files a face drew from them (--plots).
+    series: dict[str, dict[str, list[float]]] = dataclasses.field(default_factory=dict)
+    artifacts: list[str] = dataclasses.field(default_factory=list)
     started_at: float = 0.0
     finished_at: float = 0.0
     exception: BaseException | None = dataclasses.field(default=None, repr=False, compare=False)
@@ -91,12 +94,16 @@ def validate_names(names: Iterable[str], *, where: str) -> None:
 
 
 def select_checks(subject: Any, *, select: Sequence[str] = (), deselect: Sequence[str] = ()) -> list[Check]:
-    """The checks that apply to `subject` (its kind and capabilities), in catalogue order, filtered by name."""
+    """The checks that apply to `subject` (its kind and capabilities), in catalogue order, filtered by name, with the
+    subject's gates (the output contract) first whenever anything is chosen, selected or not, unless deselected:
+    the other checks read what the gate checks."""
     validate_names([*select, *deselect], where="--select/--deselect")
-    chosen = [c for c in known_checks().values() if c.applies_to(subject)]
-    if select:
-        chosen = [c for c in chosen if c.name in set(select)]
-    return [c for c in chosen if c.name not in set(deselect)]
+    applicable = [c for c in known_checks().values() if c.applies_to(subject) and c.name not in set(deselect)]
+    chosen = [c for c in applicable if not select or c.name in set(select)]
+    if not chosen:
+        return []
+    gates = [c for c in applicable if c.gate]
+    return gates + [c for c in chosen if c not in gates]
 
 
 def not_applicable(subject: Subject, *, select: Sequence[str]) -> list[CheckResult]:
@@ -136,12 +143,20 @@ def reproduce_command(target: str, name: str, *, seed: int, profile: str) -> str
     return f"headguard check {shlex.quote(target)} --select {name} --seed {seed} --profile {profile}"
 
 
+def time_limit_for(subject: Any, profile: str, timeout: float | None = None) -> float | None:
+    """Seconds each check may run: the run's `timeout` if given, else the subject's own, else the profile's."""
+    if timeout is not None:
+        return timeout
+    return getattr(subject, "timeout", None) or profiles.TIME_LIMITS_S[profile]
+
+
 def run_checks(
     subject: Subject,
     checks: Iterable[Check],
     *,
     profile: str = "dev",
     seed: int = 0,
+    timeout: float | None = None,
     on_start: Callable[[Subject, Check], None] | None = None,
     on_finish: Callable[[CheckResult], None] | None = None,
     exitfirst: bool = False,
@@ -149,13 +164,27 @@ def run_checks(
 ) -> list[CheckResult]:
     """Run `checks` on `subject` in order under `profile`; one record per check. `on_start`/`on_finish` are called
     around each check (progress display, timing); `exitfirst` stops after the first failed or errored check,
-    `stop_when(result)` after the first result it accepts."""
-    results = []
+    `stop_when(result)` after the first result it accepts.
+
+    A gate among `checks` (registered with `gate=True`, such as the output contract; `select_checks` puts them
+    first) that fails is reported, and every check after it is reported skipped, naming it: one clear verdict
+    instead of the same malformed output failing every check that reads it. A KeyboardInterrupt propagates after
+    the records of the finished checks have been handed to `on_finish`.
+    """
+    checks = list(checks)
+    limit = time_limit_for(subject, profile, timeout)
+    results: list[CheckResult] = []
+    blocked_by: CheckResult | None = None
     with hypothesis_profile(profile):
         for chk in checks:
-            if on_start is not None:
-                on_start(subject, chk)
-            result = _run_one(subject, chk, profile=profile, seed=seed)
+            if blocked_by is not None:
+                result = _skipped_behind(subject, chk, blocked_by)
+            else:
+                if on_start is not None:
+                    on_start(subject, chk)
+                result = _run_one(subject, chk, profile=profile, seed=seed, time_limit_s=limit)
+                if chk.gate and result.status in ("failed", "error"):
+                    blocked_by = result
             results.append(result)
             if on_finish is not None:
                 on_finish(result)
@@ -166,31 +195,54 @@ def run_checks(
     return results
 
 
-def run_check(subject: Subject, check: Check, *, profile: str = "dev", seed: int = 0) -> CheckResult:
-    """Run a single check (the pytest plugin's item calls this)."""
-    return run_checks(subject, [check], profile=profile, seed=seed)[0]
+def run_check(
+    subject: Subject, check: Check, *, profile: str = "dev", seed: int = 0, timeout: float | None = None
+) -> CheckResult:
+    """Run one check behind the subject's gates (see `select_checks`): its record, skipped naming the gate when a
+    gate failed. The pytest plugin's items and `parametrize_with_checks` call this."""
+    known = known_checks()
+    if known.get(check.name) is not check:  # a check from outside the catalogue: nothing gates it
+        return run_checks(subject, [check], profile=profile, seed=seed, timeout=timeout)[0]
+    chain = select_checks(subject, select=[check.name]) or [check]
+    return run_checks(subject, chain, profile=profile, seed=seed, timeout=timeout)[-1]
 
 
-def _run_one(subject: Subject, chk: Check, *, profile: str, seed: int) -> CheckResult:
+def _skipped_behind(subject: Subject, chk: Check, gate: CheckResult) -> CheckResult:
+    summary = (gate.message.splitlines() or [""])[0]
+    return CheckResult(subject.name, chk.name, "skipped", 0.0, doc=chk.doc,
+                       message=f"not run because {gate.name} failed: {summary}")
+
+
+def _run_one(subject: Subject, chk: Check, *, profile: str, seed: int, time_limit_s: float | None) -> CheckResult:
     reproduce = reproduce_command(subject.name, chk.name, seed=seed, profile=profile)
     result = CheckResult(subject.name, chk.name, "passed", 0.0, doc=chk.doc, reproduce=reproduce)
-    seed_everything(seed)
-    result.started_at = time.perf_counter()
-    try:
-        chk.func(subject, CheckContext(profile=profile, seed=seed))
-    except CheckSkipped as exc:
-        result.status, result.message = "skipped", str(exc)
-    except Exception as exc:  # noqa: BLE001  (a crashing check is a verdict, not a crash of the runner)
-        _record_exception(result, as_check_failure(exc))
-    result.finished_at = time.perf_counter()
+    with isolated_torch_state() as changed:
+        seed_everything(seed)
+        result.started_at = time.perf_counter()
+        ctx = CheckContext(profile=profile, seed=seed)
+        try:
+            with time_limit(time_limit_s):
+                chk.func(subject, ctx)
+        except CheckSkipped as exc:
+            result.status, result.message = "skipped", str(exc)
+        except CheckTimeout as exc:
+            result.status, result.where = "failed", exc.where
+            result.message = (f"{chk.name} {exc}: the head or loss hangs or is far slower than expected (if it is "
+                              "only slow, raise --timeout or HeadSpec(timeout=...))")
+        except SystemExit as exc:
+            result.status = "error"
+            result.message = (f"the subject called sys.exit({exc.code!r}) during the check; a head or loss must "
+                              "raise an exception, never exit the process")
+        except Exception as exc:  # noqa: BLE001  (a crashing check is a verdict, not a crash of the runner)
+            _record_exception(result, as_check_failure(exc))
+        result.finished_at = time.perf_counter()
+    result.series = ctx.series
+    if changed:
+        result.notes.append(f"the check's run of the subject changed global torch state ({'; '.join(changed)}); "
+                            "headguard restored it: a head or loss must not change process-wide settings")
     result.duration_s = result.finished_at - result.started_at
     _apply_expected_failure(result, subject.expected_failures.get(chk.name))
     return result
-
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    random.seed(seed)
 
 
 def as_check_failure(exc: BaseException) -> BaseException:
@@ -219,6 +271,11 @@ def _leaves(group: BaseExceptionGroup) -> Iterator[BaseException]:
 
 def _record_exception(result: CheckResult, exc: BaseException) -> None:
     result.exception = exc
+    if _out_of_memory(exc):
+        result.status = "error"
+        result.message = (f"out of memory ({type(exc).__name__}: {_first_line(exc)}): a resource limit of this "
+                          "machine, not a property of the subject; check a smaller configuration (head_kwargs)")
+        return
     if isinstance(exc, CheckFailure):
         result.status = "failed"
         result.message = exc.message
@@ -226,13 +283,30 @@ def _record_exception(result: CheckResult, exc: BaseException) -> None:
         result.reproduce = _merge_reproduce(result.reproduce, exc.reproduce)
         return
     result.status = "error"
-    first_line = (str(exc).strip().splitlines() or [""])[0]
+    first_line = _first_line(exc)
     result.message = f"{type(exc).__name__}: {first_line}" if first_line else type(exc).__name__
     result.example = hypothesis_example(exc)
     frames = traceback.extract_tb(exc.__traceback__)
     if frames:
         last = frames[-1]
         result.where = f"{last.filename}:{last.lineno} in {last.name}" + (f": {last.line}" if last.line else "")
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """An allocation failure anywhere in the exception: itself, a cause, or a leaf of an exception group."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if is_out_of_memory(exc):
+            return True
+        if isinstance(exc, BaseExceptionGroup):
+            return any(_out_of_memory(e) for e in exc.exceptions)
+        exc = exc.__cause__
+    return False
 
 
 def _merge_reproduce(command: str, given: str | None) -> str:
@@ -267,15 +341,21 @@ def hypothesis_example(exc: BaseException) -> str | None:
 _EXAMPLE_PREFIXES = ("Falsifying example", "Failing test case", "Falsifying explicit example")
 
 
-def _apply_expected_failure(result: CheckResult, reason: str | None) -> None:
-    """Strict expected failures, as pytest's xfail_strict: failing -> xfailed, passing -> failed."""
-    if reason is None:
+def _apply_expected_failure(result: CheckResult, declared: ExpectedFailure | str | None) -> None:
+    """Strict expected failures, as pytest's xfail_strict: failing for the declared cause -> xfailed, passing ->
+    failed, failing for another cause -> failed, saying so."""
+    if declared is None or result.status == "skipped":
         return
-    if result.status == "failed":
+    expected = ExpectedFailure.of(declared)
+    reason = expected.reason
+    if expected.covers(result.status, result.message, result.exception):
         result.status = "xfailed"
         result.message = f"expected failure: {reason}\nthe check said: {result.message}"
     elif result.status == "passed":
         result.status = "failed"
         result.message = f"expected to fail because {reason}, but passed: remove it from expected_failures"
+    elif result.status == "failed":
+        result.message += (f"\n(an expected failure is declared for this check, {reason!r}, but this failure does not "
+                           f"match its cause {expected.match!r}: a different bug)")
     elif result.status == "error":
         result.message += f" (expected to fail because {reason}, but raised an error instead of failing)"

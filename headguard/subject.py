@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
@@ -16,6 +17,43 @@ DEFAULT_NC = 2
 
 
 @dataclasses.dataclass(frozen=True)
+class ExpectedFailure:
+    """A check the subject is known to fail, with its cause, so a known bug never hides a failure of another cause.
+
+    reason: why it fails (shown in the report).
+    match: a regular expression that must occur (`re.search`) in the check's failure message; None matches any.
+    raises: exception types; when given, a check that *raises* one of them (an error, not a failed property) counts
+        as the expected failure too.
+    """
+
+    reason: str
+    match: str | None = None
+    raises: tuple[type[BaseException], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.reason, str) or not self.reason.strip():
+            raise TypeError(f"Expected a non-empty string for reason, got reason={self.reason!r}")
+        if self.match is not None:
+            re.compile(self.match)
+        raises = self.raises if isinstance(self.raises, tuple) else (self.raises,)
+        if not all(isinstance(t, type) and issubclass(t, BaseException) for t in raises):
+            raise TypeError(f"Expected exception types for raises, got raises={self.raises!r}")
+        object.__setattr__(self, "raises", raises)
+
+    def covers(self, status: str, message: str, exception: BaseException | None) -> bool:
+        """Whether a check's outcome is this expected failure: a failed property whose message matches, or an error
+        of one of the `raises` types."""
+        if status == "failed":
+            return self.match is None or re.search(self.match, message) is not None
+        return status == "error" and bool(self.raises) and isinstance(exception, self.raises)
+
+    @classmethod
+    def of(cls, value: str | ExpectedFailure) -> ExpectedFailure:
+        """A reason string is an expected failure of any cause (the form HeadSpec has always accepted)."""
+        return value if isinstance(value, ExpectedFailure) else cls(value)
+
+
+@dataclasses.dataclass(frozen=True)
 class HeadSpec:
     """How to build a head under test and its loss, for heads that are not drop-in Ultralytics-style classes.
 
@@ -24,17 +62,20 @@ class HeadSpec:
         `None` picks `PolygonLoss` when the head produces "polygons", else `DetectionLoss`.
     head_kwargs: passed to `head`, over the defaults nc=2, ch=(16, 32, 64) (small: checks run in milliseconds).
     train_step: replaces `headguard.training.train_step` when given.
-    expected_failures: check name -> reason; such a check failing is reported as xfailed. With `loss=None` the
-        reference loss's own expected failures (`headguard.reference.REFERENCE_LOSS_EXPECTED_FAILURES`) are added.
+    expected_failures: check name -> reason string or `ExpectedFailure` (a reason with the cause it must match);
+        such a check failing is reported as xfailed. With `loss=None` the reference loss's own expected failures
+        (`headguard.reference.REFERENCE_LOSS_EXPECTED_FAILURES`) are added.
     strides: one per level, set as `head.stride` before `bias_init()`.
+    timeout: seconds each check may run on this subject; None takes the run's limit (`--timeout`, the profile's).
     """
 
     head: Callable[..., nn.Module]
     loss: Callable[[nn.Module], Callable] | None = None
     head_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     train_step: Callable | None = None
-    expected_failures: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    expected_failures: Mapping[str, str | ExpectedFailure] = dataclasses.field(default_factory=dict)
     strides: tuple[float, ...] = DEFAULT_STRIDES
+    timeout: float | None = None
 
 
 @dataclasses.dataclass
@@ -50,7 +91,19 @@ class Subject:
     channels: tuple[int, ...]
     nc: int
     capabilities: frozenset[str]
-    expected_failures: Mapping[str, str]
+    expected_failures: Mapping[str, ExpectedFailure]
+    seed: int = 0
+    timeout: float | None = None
+    # What setting the subject up revealed that the report should show: global torch state the constructor changed,
+    # a size warning.
+    setup_notes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.expected_failures = {k: ExpectedFailure.of(v) for k, v in self.expected_failures.items()}
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.prototype.parameters())
 
     def build_head(self) -> nn.Module:
         return copy.deepcopy(self.prototype).train()
@@ -86,7 +139,7 @@ def build_subject(spec: HeadSpec, name: str) -> Subject:
     channels = tuple(int(c) for c in kwargs["ch"])
     capabilities = _capabilities(head, channels, strides)
     loss_factory = spec.loss or _default_loss(capabilities)
-    expected_failures = dict(spec.expected_failures)
+    expected_failures = {name: ExpectedFailure.of(v) for name, v in spec.expected_failures.items()}
     if spec.loss is None:
         from headguard.reference import REFERENCE_LOSS_EXPECTED_FAILURES  # late: reference imports this module
 
@@ -101,6 +154,7 @@ def build_subject(spec: HeadSpec, name: str) -> Subject:
         nc=int(kwargs["nc"]),
         capabilities=capabilities,
         expected_failures=expected_failures,
+        timeout=spec.timeout,
     )
 
 

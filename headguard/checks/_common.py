@@ -13,6 +13,7 @@ import torch
 from hypothesis import given, seed, settings
 from torch import nn
 
+from headguard.isolation import is_out_of_memory
 from headguard.registry import CheckContext, CheckFailure, CheckSkipped
 from headguard.registry import check as _register
 from headguard.tracing import locate_nonfinite
@@ -23,7 +24,7 @@ IMAGE_SIZE = (64, 80)
 
 
 # ------------------------------------------------------------------------------------------------- registration
-def check(*, area: str, requires=()):
+def check(*, area: str, requires=(), gate: bool = False):
     """`headguard.registry.check`, running the check with one intra-op thread.
 
     Checks use tiny tensors, where intra-op threading costs more than it gains; on a shared 2-core CPU it is
@@ -36,7 +37,7 @@ def check(*, area: str, requires=()):
             with _threads(1):
                 return func(subject, ctx)
 
-        _register(area=area, requires=requires, name=func.__name__)(single_threaded)
+        _register(area=area, requires=requires, name=func.__name__, gate=gate)(single_threaded)
         return func
 
     return register
@@ -174,12 +175,15 @@ def train_preds(head: nn.Module, feats) -> dict[str, Any]:
 
 
 def call(what: str, fn: Callable, *args, **kwargs):
-    """Run `fn`; an exception becomes a CheckFailure naming `what` (the head or loss raised on valid input)."""
+    """Run `fn`; an exception becomes a CheckFailure naming `what` (the head or loss raised on valid input), except
+    an allocation failure, which is the machine's limit, not the subject's bug."""
     try:
         return fn(*args, **kwargs)
     except CheckFailure:
         raise
     except Exception as err:  # noqa: BLE001  (any error on valid input is the finding)
+        if is_out_of_memory(err):
+            raise
         raise CheckFailure(f"{what} raised {type(err).__name__} on valid input: {err}") from err
 
 

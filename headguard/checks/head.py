@@ -34,9 +34,9 @@ def _anchor_count(subject, image_size=IMAGE_SIZE) -> int:
     return sum(h * w for _, _, h, w in subject.feature_shapes(image_size, 1))
 
 
-@check(area="head")
+@check(area="head", gate=True)
 def check_output_contract(subject, ctx):
-    """Training dict keys/shapes/dtypes and the eval (y, preds) layout."""
+    """Training dict keys/shapes/dtypes and the eval (y, preds) layout (a gate: the other checks read these)."""
     head = subject.build_head()
     feats = features(subject, batch=2, seed=ctx.seed)
     b, a, nc, npv = 2, _anchor_count(subject), subject.nc, subject.num_vertices

@@ -124,3 +124,37 @@ def test_missing_matplotlib_names_the_extra(tmp_path, monkeypatch):
     assert "pip install 'headguard[plots]'" in str(info.value)
     assert isinstance(info.value, ImportError)
     assert not (tmp_path / "c.png").exists()
+
+
+# --- the face: headguard check --plots DIR -----------------------------------------------------------------------------
+
+def test_check_plots_writes_the_canary_png_and_every_report_names_it(tmp_path, capsys):
+    import json
+    import xml.etree.ElementTree as ET
+
+    from matplotlib import image
+
+    from headguard.cli import main
+
+    jpath, xpath, out_dir = tmp_path / "r.json", tmp_path / "r.xml", tmp_path / "plots"
+    code = main(["check", "heads:Detect", "--select", "check_training_canary", "--profile", "ci",
+                 "--plots", str(out_dir), "--json", str(jpath), "--junit", str(xpath)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    (png,) = out_dir.iterdir()
+    assert png.name == "heads_Detect-check_training_canary-canary.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and image.imread(png).ndim == 3
+    assert f"heads:Detect::check_training_canary: {png}" in out
+    (record,) = [r for r in json.loads(jpath.read_text())["results"] if r["name"] == "check_training_canary"]
+    assert record["artifacts"] == [str(png)] and len(record["series"]["canary"]["grad_norm"]) == 30
+    plotted = [p.get("value") for p in ET.parse(xpath).iter("property") if p.get("name") == "plot"]
+    assert plotted == [str(png)]
+
+
+def test_check_plots_without_matplotlib_is_a_usage_error_before_the_run(tmp_path, capsys, monkeypatch):
+    from headguard.cli import main
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    code = main(["check", "heads:Detect", "--plots", str(tmp_path / "plots")])
+    _, err = capsys.readouterr()
+    assert code == 2 and len(err.splitlines()) == 1 and plots.INSTALL_HINT in err

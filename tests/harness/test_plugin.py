@@ -114,10 +114,11 @@ def test_parametrize_with_checks(project):
     project.makepyfile(test_heads=PARAMETRIZED)
     result = project.runpytest("-v", "--hypothesis-profile", "ci")
     result.stdout.fnmatch_lines([
-        "test_heads.py::test_head[[]TinyHead-check_passes[]] PASSED*",
-        "test_heads.py::test_head[[]TinyHead-check_fails[]] XFAIL*",
-        "test_heads.py::test_head[[]TinyPolygonHead-check_polygons_only[]] PASSED*",
+        "test_heads.py::test_head[[]TINY_XFAIL-check_passes[]] PASSED*",
+        "test_heads.py::test_head[[]TINY_XFAIL-check_fails[]] XFAIL*",
+        "test_heads.py::test_head[[]TINY_POLY-check_polygons_only[]] PASSED*",
     ], consecutive=False)
-    result.stdout.fnmatch_lines(["*inner(*", "*n=6,*", "*reproduce: headguard check tinyheads:TinyPolygonHead"
+    # The reproduce line names the spec the test used (its loss, its head_kwargs), not the bare head class.
+    result.stdout.fnmatch_lines(["*inner(*", "*n=6,*", "*reproduce: headguard check tinyheads:TINY_POLY"
                                  " --select check_hypothesis_fails --seed 0 --profile ci*"], consecutive=False)
     result.assert_outcomes(passed=5, failed=3, skipped=2, xfailed=1)

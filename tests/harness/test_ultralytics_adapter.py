@@ -7,6 +7,7 @@ import pytest
 from headguard import CATALOGUE, HeadSpec, build_subject
 from headguard.adapters.ultralytics import detection_loss, v8_detection_loss
 from headguard.registry import CheckContext, CheckFailure
+from headguard.targets import subject_from
 
 ultralytics = pytest.importorskip("ultralytics")
 from ultralytics.nn.modules.head import Detect as UltralyticsDetect  # noqa: E402
@@ -39,3 +40,9 @@ def test_its_loss_fails_r8_it_turns_nan_predictions_into_a_finite_loss(subject):
 
 def test_its_loss_is_pure(subject):
     CATALOGUE["check_loss_pure"](subject, CTX)
+
+
+def test_the_spec_keeps_the_loss_contract_from_the_command_line():
+    """`headguard check` calls the criterion once at setup: v8DetectionLoss (8.4) keeps the loss contract."""
+    subject = subject_from(HeadSpec(head=UltralyticsDetect, loss=detection_loss), name="ultralytics:Detect")
+    assert type(subject.build_loss(subject.build_head())).__name__ == "v8DetectionLoss"
