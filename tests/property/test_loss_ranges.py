@@ -109,7 +109,8 @@ def test_targets_far_outside_get_no_pixel_hint(value):
     assert (f"largest {value:g}" if value > 0 else f"smallest {value:g}") in message and "first at row 2" in message
 
 
-@given(column=st.integers(0, 3), value=st.floats(TARGET_LOW, TARGET_HIGH), kind=st.sampled_from(LOSSES))
+# The documented tolerance, written out: augmented objects may lie up to one image size outside the image.
+@given(column=st.integers(0, 3), value=st.floats(-1.0, 2.0), kind=st.sampled_from(LOSSES))
 def test_targets_within_one_image_size_of_the_image_are_accepted(column, value, kind):
     batch = make_batch()
     if column >= 2:
@@ -123,7 +124,7 @@ def test_targets_within_one_image_size_of_the_image_are_accepted(column, value, 
 @given(column=st.integers(0, 3), excess=st.floats(1e-3, 1e30), kind=st.sampled_from(LOSSES))
 def test_targets_beyond_one_image_size_are_rejected(column, excess, kind):
     batch = make_batch()
-    batch["bboxes"][0, column] = TARGET_HIGH + excess
+    batch["bboxes"][0, column] = 2.0 + excess
     message = raises(kind, make_preds(), batch)
     assert message.startswith("batch['bboxes'] has 1 values outside [-1, 2]")
 
