@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from hypothesis import assume
 from hypothesis import strategies as st
 from torch.autograd.gradcheck import GradcheckError
 
@@ -129,11 +130,21 @@ def check_shape_loss_symmetric(subject, ctx) -> None:
 
 
 # ------------------------------------------------------------------------------------------ joint transformations
+def representable(pair: PolygonPair) -> bool:
+    """Whether moving, scaling or turning the pair in float64 keeps its geometry: every two vertices coincide or lie
+    more than 1e-9 of the largest coordinate apart. Closer ones (two points one ulp apart) may merge when the pair
+    is transformed, which changes the shapes, not the loss's behaviour."""
+    joint = torch.cat(tuple(pair))
+    distances = torch.cdist(joint, joint)
+    return bool(((distances == 0) | (distances > 1e-9 * float(joint.abs().max()))).all())
+
+
 @check(area=AREA, requires=("translation_invariant",))
 def check_shape_loss_translation_invariant(subject, ctx) -> None:
     """Moving both polygons by one vector (up to 10 times their size) leaves the loss unchanged."""
 
     def prop(pair, shift):
+        assume(representable(pair))
         offset = torch.tensor(shift, dtype=torch.float64) * extent(*pair)
         moved = (pair.pred + offset, pair.target + offset)
         text = f"both moved by ({float(offset[0]):.6g}, {float(offset[1]):.6g})"
@@ -148,6 +159,7 @@ def check_shape_loss_scale_invariant(subject, ctx) -> None:
     """Scaling both polygons about their joint centre (by 1e-3 to 1e3) leaves the loss unchanged."""
 
     def prop(pair, log10_scale):
+        assume(representable(pair))
         scale, c = 10.0 ** log10_scale, centre(*pair)
         scaled = tuple(c + scale * (x - c) for x in pair)
         assert_unchanged(subject, "invariance to joint scaling", pair, {f"both scaled by {scale:.6g}": scaled},
@@ -161,6 +173,7 @@ def check_shape_loss_rotation_invariant(subject, ctx) -> None:
     """Turning both polygons about their joint centre leaves the loss unchanged."""
 
     def prop(pair, angle):
+        assume(representable(pair))
         c = centre(*pair)
         turned = tuple(similarity(x - c, 1.0, angle, c) for x in pair)
         assert_unchanged(subject, "invariance to joint rotation", pair, {f"both turned by {angle:.6g} rad": turned},

@@ -12,9 +12,11 @@ import torch
 
 import losses
 from headguard import ShapeLossSpec
+from headguard.checks.shape_loss import representable
 from headguard.cli import main
 from headguard.runner import select_checks
 from headguard.shapes import CLAIMS, DEFAULT_CLAIMS, ShapeLossError, ShapeLossSubject, shape_subject_from
+from headguard.strategies import PolygonPair
 from headguard.subject import ExpectedFailure
 from headguard.targets import TargetError, subject_from
 from tests._polygon_iou import intersection, polygon_iou, signed_area
@@ -166,3 +168,16 @@ def test_a_loss_of_the_wrong_shape_is_a_one_line_usage_error(capsys):
 def summed(pred, target, pred_mask=None, target_mask=None):
     """Reduced over the batch inside the loss: not a shape loss of the contract."""
     return (pred - target).abs().sum()
+
+
+def test_pairs_closer_than_rounding_are_not_transformed():
+    # Found by the fuzz profile: two points one ulp apart (loss 1, distinct points) merge when scaled about their
+    # centre (loss 0), which says nothing about the loss; the joint-transformation checks skip such pairs.
+    point = torch.tensor([[1.0, 0.226219]] * 3, dtype=torch.float64)
+    nudged = point.clone()
+    nudged[:, 0] = torch.nextafter(nudged[:, 0], torch.tensor(2.0, dtype=torch.float64))
+    centre = (point[0] + nudged[0]) / 2
+    assert torch.equal(centre + 0.1 * (point - centre), centre + 0.1 * (nudged - centre))
+    assert not representable(PolygonPair(nudged, point))
+    square = torch.tensor([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0]], dtype=torch.float64)
+    assert representable(PolygonPair(square, square[[0, 0, 1, 2]]))

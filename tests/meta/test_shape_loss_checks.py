@@ -11,7 +11,6 @@ the same, but explaining one failure re-runs the property hundreds of times (sec
 from __future__ import annotations
 
 import pytest
-import torch
 from hypothesis import Phase, settings
 
 import headguard.profiles  # noqa: F401  (registers ci before we derive from it)
@@ -29,14 +28,6 @@ settings.register_profile(
 )
 SHAPE_CHECKS = sorted(name for name, chk in CATALOGUE.items() if chk.kind == "shape_loss")
 REFERENCE = subject_from(losses.mgiou, name="losses.mgiou:mgiou")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def outcome(subject, name: str) -> BaseException | None:
