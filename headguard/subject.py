@@ -11,6 +11,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from headguard.layouts import ULTRALYTICS_84, Geometry, Layout, LayoutMismatch, capabilities_of, detect_layout
+from headguard.layouts import layout_named
+
 DEFAULT_CHANNELS = (16, 32, 64)
 DEFAULT_STRIDES = (8.0, 16.0, 32.0)
 DEFAULT_NC = 2
@@ -67,6 +70,8 @@ class HeadSpec:
         (`headguard.reference.REFERENCE_LOSS_EXPECTED_FAILURES`) are added.
     strides: one per level, set as `head.stride` before `bias_init()`.
     timeout: seconds each check may run on this subject; None takes the run's limit (`--timeout`, the profile's).
+    layout: the head's output layout (a `headguard.layouts` name such as "ultralytics-8.3", or a Layout); None
+        detects it from the training output when exactly one layout fits, else assumes "ultralytics-8.4".
     """
 
     head: Callable[..., nn.Module]
@@ -76,6 +81,7 @@ class HeadSpec:
     expected_failures: Mapping[str, str | ExpectedFailure] = dataclasses.field(default_factory=dict)
     strides: tuple[float, ...] = DEFAULT_STRIDES
     timeout: float | None = None
+    layout: str | Layout | None = None
 
 
 @dataclasses.dataclass
@@ -94,6 +100,11 @@ class Subject:
     expected_failures: Mapping[str, ExpectedFailure]
     seed: int = 0
     timeout: float | None = None
+    layout: Layout = ULTRALYTICS_84
+    layout_detected: bool = False
+    needs_packing: bool = False  # the named outputs differ from what the head returns (see `build_loss`)
+    loss_is_reference: bool = False  # the loss is ours (it reads named outputs), not the head's own
+    num_vertices: int = 0
     # What setting the subject up revealed that the report should show: global torch state the constructor changed,
     # a size warning.
     setup_notes: tuple[str, ...] = ()
@@ -109,12 +120,24 @@ class Subject:
         return copy.deepcopy(self.prototype).train()
 
     def build_loss(self, head: nn.Module) -> Callable:
-        return self.loss_factory(head)
+        """The criterion for `head`, taking the named outputs the checks hold (packed into the head's own layout
+        before the loss sees them, when that layout is not the named dict itself)."""
+        criterion = self.loss_factory(head)
+        if not self.needs_packing:
+            return criterion
+        return LayoutAdaptedLoss(criterion, self.layout, self.geometry, wants_named=self.loss_is_reference)
 
     @property
-    def num_vertices(self) -> int:
-        """Vertices per polygon (0 for heads without polygons)."""
-        return int(getattr(self.prototype, "np", 0)) if "polygons" in self.capabilities else 0
+    def geometry(self) -> Geometry:
+        return geometry_of(self.prototype, self.nc)
+
+    def train_outputs(self, out: Any) -> dict[str, Any]:
+        """The named outputs of a training forward's result (LayoutMismatch when the layout does not fit)."""
+        return self.layout.parse_train(out, self.geometry)
+
+    def eval_outputs(self, out: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+        """(y, named outputs) of an eval forward's result (LayoutMismatch when the layout does not fit)."""
+        return self.layout.parse_eval(out, self.geometry)
 
     def feature_shapes(self, image_size: tuple[int, int], batch: int = 2) -> list[tuple[int, int, int, int]]:
         """Feature-map shapes (B, C, H, W) for an image of `image_size` (H, W) pixels."""
@@ -137,7 +160,10 @@ def build_subject(spec: HeadSpec, name: str) -> Subject:
     if hasattr(head, "bias_init"):
         head.bias_init()
     channels = tuple(int(c) for c in kwargs["ch"])
-    capabilities = _capabilities(head, channels, strides)
+    layout, detected, preds, needs_packing = _layout_of(spec, head, channels, strides, int(kwargs["nc"]))
+    capabilities = capabilities_of(preds)
+    if int(getattr(head, "reg_max", 1)) > 1:
+        capabilities |= {"dfl"}
     loss_factory = spec.loss or _default_loss(capabilities)
     expected_failures = {name: ExpectedFailure.of(v) for name, v in spec.expected_failures.items()}
     if spec.loss is None:
@@ -155,21 +181,60 @@ def build_subject(spec: HeadSpec, name: str) -> Subject:
         capabilities=capabilities,
         expected_failures=expected_failures,
         timeout=spec.timeout,
+        layout=layout,
+        layout_detected=detected,
+        needs_packing=needs_packing,
+        loss_is_reference=spec.loss is None,
+        num_vertices=int(preds["polygons"].shape[1]) // 2 if "polygons" in preds else 0,
     )
 
 
-def _capabilities(head: nn.Module, channels: tuple[int, ...], strides: tuple[float, ...]) -> frozenset[str]:
-    """What the head produces, found by running it once rather than by its class name."""
+def geometry_of(head: nn.Module, nc: int) -> Geometry:
+    return Geometry(nc=int(getattr(head, "nc", nc)), reg_max=int(getattr(head, "reg_max", 1)))
+
+
+def _layout_of(spec: HeadSpec, head: nn.Module, channels, strides, nc: int):
+    """(layout, whether it was detected, the named outputs of one probe forward, whether the loss needs them packed
+    back): found by running the head once, never by its class name. A head no layout fits gets the 8.4 dict and no
+    capabilities: check_output_contract, the gate, then reports the mismatch once."""
     probe = copy.deepcopy(head).train()
     feats = [torch.randn(1, c, max(1, int(64 // s)), max(1, int(64 // s))) for c, s in zip(channels, strides)]
     with torch.no_grad():
         out = probe(feats)
-    caps = set()
-    if isinstance(out, Mapping) and "polygons" in out:
-        caps.add("polygons")
-    if int(getattr(head, "reg_max", 1)) > 1:
-        caps.add("dfl")
-    return frozenset(caps)
+    layout, detected = (layout_named(spec.layout), False) if spec.layout is not None else (detect_layout(out), True)
+    if layout is None:
+        return ULTRALYTICS_84, False, {}, False
+    geometry = geometry_of(head, nc)
+    try:
+        preds = layout.parse_train(out, geometry)
+    except LayoutMismatch:
+        return layout, detected, {}, False
+    packed = layout.pack_train(preds, geometry)
+    same = isinstance(out, Mapping) and isinstance(packed, Mapping) and list(packed) == list(out)
+    return layout, detected, preds, not same
+
+
+class LayoutAdaptedLoss:
+    """A criterion and the head's layout between it and its callers. Checks call it with named outputs, a training
+    step with what the head returned; the criterion gets what it reads: the head's own loss (`wants_named=False`)
+    the head's layout, our reference loss the named outputs. Attributes are the wrapped criterion's (its gains, its
+    assigner)."""
+
+    def __init__(self, criterion: Callable, layout: Layout, geometry: Geometry, *, wants_named: bool):
+        self.criterion, self.layout, self.geometry, self.wants_named = criterion, layout, geometry, wants_named
+
+    def __call__(self, preds: Any, batch: Mapping[str, torch.Tensor]):
+        return self.criterion(self._translated(preds), batch)
+
+    def _translated(self, preds: Any) -> Any:
+        if not self.wants_named:  # the head's own loss: the head's layout (raw output passes through)
+            return self.layout.pack_train(preds, self.geometry) if isinstance(preds, Mapping) else preds
+        if isinstance(preds, Mapping) and self.layout.style != "dict":
+            return preds  # already named
+        return self.layout.parse_train(preds, self.geometry)  # for the dict layout: renames raw keys only
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["criterion"], name)
 
 
 def _default_loss(capabilities: frozenset[str]) -> Callable[[nn.Module], Callable]:

@@ -147,7 +147,8 @@ def spec_for(obj: Any, *, name: str) -> HeadSpec:
         return obj
     if isinstance(obj, type) and issubclass(obj, nn.Module):
         return reference_specs().get(obj) or HeadSpec(head=obj)
-    raise TargetError(f"{name} is {_describe(obj)}, not a head: expected an nn.Module subclass or a headguard.HeadSpec")
+    raise TargetError(f"{name} is {_describe(obj)}, not a subject: expected a head (an nn.Module subclass or a "
+                      "headguard.HeadSpec) or a shape loss (fn(pred, target, ...) or a headguard.ShapeLossSpec)")
 
 
 def reference_specs() -> Mapping[type, HeadSpec]:

@@ -11,8 +11,9 @@ Ultralytics model has to be built. Importing this module needs `ultralytics` ins
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,10 +51,38 @@ def v8_detection_loss(
     return v8DetectionLoss(_StandInModel(nc, reg_max, strides, device, gains or {}))
 
 
+class _ModelAround(nn.Module):
+    """A stand-in for an Ultralytics model around one head: `args` (hyperparameters), `model[-1]` (the head itself)
+    and the head's parameters, which is what a fork's loss class reads from the model it is built with."""
+
+    def __init__(self, head: nn.Module, hyperparameters: Mapping[str, Any]):
+        super().__init__()
+        self.args = SimpleNamespace(**hyperparameters)
+        self.model = nn.ModuleList([head])
+
+
+def ultralytics_loss(loss_class: Callable[[nn.Module], Any], **overrides: Any) -> Callable[[nn.Module], Any]:
+    """A `HeadSpec(loss=...)` factory for a loss class built from a model, as Ultralytics' and its forks' are:
+    `loss_class(model)` with `model.args` = Ultralytics' default hyperparameters updated by `overrides` (for
+    example `polygon=12.0`) and `model.model[-1]` = the head under test::
+
+        SPEC = HeadSpec(head=MyPolygon, loss=ultralytics_loss(v8PolygonLoss, polygon=12.0))
+    """
+    from ultralytics.utils import DEFAULT_CFG
+
+    hyperparameters = {**vars(DEFAULT_CFG), **overrides}
+
+    def build(head: nn.Module) -> Any:
+        return loss_class(_ModelAround(head, hyperparameters))
+
+    build.__qualname__ = f"ultralytics_loss({getattr(loss_class, '__qualname__', loss_class)!s})"
+    return build
+
+
 def detection_loss(head: nn.Module):
     """A `HeadSpec(loss=...)` factory: v8DetectionLoss for the head's nc, stride and reg_max, on its device."""
     device = next(head.parameters()).device
     return v8_detection_loss(int(head.nc), head.stride, int(head.reg_max), device=device)
 
 
-__all__ = ["DEFAULT_GAINS", "detection_loss", "v8_detection_loss"]
+__all__ = ["DEFAULT_GAINS", "detection_loss", "ultralytics_loss", "v8_detection_loss"]

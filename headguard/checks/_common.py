@@ -14,6 +14,7 @@ from hypothesis import given, seed, settings
 from torch import nn
 
 from headguard.isolation import is_out_of_memory
+from headguard.layouts import LayoutMismatch
 from headguard.registry import CheckContext, CheckFailure, CheckSkipped
 from headguard.registry import check as _register
 from headguard.tracing import locate_nonfinite
@@ -163,15 +164,25 @@ def fit_boxes_to_first_object(preds: Mapping[str, Any], batch: Mapping[str, torc
     return out
 
 
-def train_preds(head: nn.Module, feats) -> dict[str, Any]:
+def train_preds(subject, head: nn.Module, feats) -> dict[str, Any]:
+    """The named outputs (see `headguard.layouts`) of the head's training forward on `feats`."""
     head.train()
     out = call("the head's training forward", head, list(feats))
-    if not isinstance(out, Mapping):
-        raise CheckFailure(
-            f"the head's training forward returned a {type(out).__name__}; expected a dict with keys "
-            "'boxes', 'scores', 'feats' (and 'polygons' for polygon heads)"
-        )
-    return out
+    try:
+        return subject.train_outputs(out)
+    except LayoutMismatch as err:
+        raise CheckFailure(str(err)) from None
+
+
+def eval_outputs(subject, head: nn.Module, feats, *, what: str = "the head's eval forward"):
+    """(y, named outputs) of the head's eval forward on `feats` (the head is put in eval mode, gradients off)."""
+    head.eval()
+    with torch.no_grad():
+        out = call(what, head, list(feats))
+    try:
+        return subject.eval_outputs(out)
+    except LayoutMismatch as err:
+        raise CheckFailure(str(err)) from None
 
 
 def call(what: str, fn: Callable, *args, **kwargs):
@@ -319,6 +330,7 @@ __all__ = [
     "configured_prior",
     "count_nonfinite",
     "detached_preds",
+    "eval_outputs",
     "features",
     "final_convs",
     "first_bad_gradient",

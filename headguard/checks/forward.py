@@ -15,18 +15,13 @@ from headguard.checks._common import (
     call,
     check,
     count_nonfinite,
+    eval_outputs,
     features,
     final_convs,
     run_property,
     where_nonfinite,
 )
 from headguard.registry import CheckFailure
-
-
-def _eval(head, feats):
-    head.eval()
-    with torch.no_grad():
-        return call("the head's eval forward", head, list(feats))
 
 
 # Swept deterministically before the random search, so the extremes are always tried within the ci budget.
@@ -119,9 +114,8 @@ def check_decode_consistency(subject, ctx):
         if precision == "float16":
             head = head.half()
             x = [f.half() for f in x]
-        head.eval()
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16-autocast"):
-            y, preds = call(f"the head's eval forward ({precision})", head, x)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16-autocast"):
+            y, preds = eval_outputs(subject, head, x, what=f"the head's eval forward ({precision})")
         raw_finite = all(bool(torch.isfinite(v).all()) for k, v in preds.items() if isinstance(v, torch.Tensor))
         if raw_finite and not all_finite(y):
             raise CheckFailure(
@@ -155,10 +149,10 @@ def check_inference_deterministic(subject, ctx):
     head = subject.build_head()
     first = features(subject, batch=2, image_size=IMAGE_SIZE, seed=ctx.seed)
     other = features(subject, batch=1, image_size=(96, 48), seed=ctx.seed + 1)
-    y1, _ = _eval(head, first)
-    y2, _ = _eval(head, first)
-    _eval(head, other)
-    y3, _ = _eval(head, first)
+    y1, _ = eval_outputs(subject, head, first)
+    y2, _ = eval_outputs(subject, head, first)
+    eval_outputs(subject, head, other)
+    y3, _ = eval_outputs(subject, head, first)
     for label, y in (("a repeated call", y2), ("a call after an input of another size", y3)):
         if y.shape != y1.shape or not torch.equal(y, y1):
             diff = float((y - y1).abs().max()) if y.shape == y1.shape else "shape " + str(tuple(y.shape))

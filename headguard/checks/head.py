@@ -18,11 +18,13 @@ from headguard.checks._common import (
     check,
     anchor_grid,
     configured_prior,
+    eval_outputs,
     features,
     final_convs,
     ordinary_targets,
     train_preds,
 )
+from headguard.layouts import EXTRAS, extra_channels
 from headguard.registry import CheckFailure, CheckSkipped
 
 
@@ -36,29 +38,23 @@ def _anchor_count(subject, image_size=IMAGE_SIZE) -> int:
 
 @check(area="head", gate=True)
 def check_output_contract(subject, ctx):
-    """Training dict keys/shapes/dtypes and the eval (y, preds) layout (a gate: the other checks read these)."""
+    """Training and eval outputs fit the head's layout: named outputs' shapes/dtypes and the eval y rows (a gate:
+    the other checks read these)."""
     head = subject.build_head()
     feats = features(subject, batch=2, seed=ctx.seed)
     b, a, nc, npv = 2, _anchor_count(subject), subject.nc, subject.num_vertices
     expected = {"boxes": (b, 4 * _reg_max(head), a), "scores": (b, nc, a)}
     if npv:
         expected["polygons"] = (b, 2 * npv, a)
-    preds = train_preds(head, feats)
+    preds = train_preds(subject, head, feats)
     _check_pred_dict(preds, expected, feats, "training forward")
-    head.eval()
-    with torch.no_grad():
-        out = call("the head's eval forward", head, list(feats))
-    if not (isinstance(out, tuple) and len(out) == 2):
+    y, eval_preds = eval_outputs(subject, head, feats)
+    rows = 4 + nc + extra_channels(eval_preds)
+    if tuple(y.shape) != (b, rows, a):
+        extras = [k for k in EXTRAS if k in eval_preds and k != "prototypes"]
         raise CheckFailure(
-            f"the eval forward returned {type(out).__name__}; expected a tuple (y, preds) as Ultralytics"
-        )
-    y, eval_preds = out
-    rows = 4 + nc + 2 * npv
-    if not isinstance(y, torch.Tensor) or tuple(y.shape) != (b, rows, a):
-        found = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-        raise CheckFailure(
-            f"eval y has shape {found}; expected (B, 4 + nc{' + 2*np' if npv else ''}, A) = {(b, rows, a)}: "
-            "xywh boxes in pixels, sigmoid class scores" + (", then vertices in pixels" if npv else "")
+            f"eval y has shape {tuple(y.shape)}; expected (B, 4 + nc{''.join(f' + {k}' for k in extras)}, A) = "
+            f"{(b, rows, a)}: xywh boxes in pixels, sigmoid class scores, then the extras per anchor"
         )
     if not y.is_floating_point():
         raise CheckFailure(f"eval y has dtype {y.dtype}; expected a floating dtype")
@@ -205,7 +201,7 @@ def check_initial_cls_loss_bounded(subject, ctx):
     """
     head = subject.build_head()
     feats = features(subject, batch=2, seed=ctx.seed)
-    preds = train_preds(head, feats)
+    preds = train_preds(subject, head, feats)
     loss = subject.build_loss(head)
     batch = ordinary_targets(subject, 2, seed=ctx.seed)
     with torch.no_grad():
@@ -238,9 +234,7 @@ def check_initial_predictions_sane(subject, ctx):
     """Initial boxes centred near their anchors; initial polygons near their anchors with non-zero spread (R2)."""
     head = subject.build_head()
     feats = features(subject, batch=2, seed=ctx.seed)
-    head.eval()
-    with torch.no_grad():
-        y, _ = call("the head's eval forward", head, list(feats))
+    y, _ = eval_outputs(subject, head, feats)
     y = y.double()
     centres, strides = _anchor_pixels(subject, feats)
     # Boxes: at init the left/right (top/bottom) distances come from the same distribution, so the centre sits at
@@ -307,7 +301,7 @@ def _per_level_targets(subject, head) -> dict[str, torch.Tensor]:
 def _backward_at_init(subject, ctx):
     head = subject.build_head()
     feats = features(subject, batch=1, image_size=(LEVEL_IMAGE, LEVEL_IMAGE), seed=ctx.seed)
-    preds = train_preds(head, feats)
+    preds = train_preds(subject, head, feats)
     batch = _per_level_targets(subject, head)
     vector, _ = call("the loss", subject.build_loss(head), preds, batch)
     call("backward of the loss", vector.sum().backward)

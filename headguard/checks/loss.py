@@ -41,7 +41,7 @@ def _setup(subject, ctx, *, batch: int = 2, image_size=(64, 64), seed_offset: in
     """(head, loss, preds detached) for seeded features."""
     head = subject.build_head()
     feats = features(subject, batch=batch, image_size=image_size, seed=ctx.seed + seed_offset)
-    preds = detached_preds(train_preds(head, feats))
+    preds = detached_preds(train_preds(subject, head, feats))
     return head, subject.build_loss(head), preds
 
 
@@ -332,7 +332,7 @@ def check_gradients_finite_when_loss_finite(subject, ctx):
 
     def inner(feats, init, data):
         h = init(subject.build_head())
-        preds = detached_preds(call("the head's training forward", h.train(), list(feats)))
+        preds = detached_preds(train_preds(subject, h, feats))
         assume(all_finite({k: preds[k] for k in _pred_keys(preds)}))
         batch = data.draw(bound.targets(batch_size=feats[0].shape[0], max_objects=5), label="batch")
         vector, _, grads = _grad_run(loss, preds, batch, torch.float32)
@@ -397,7 +397,8 @@ def _detection_loss(head):
 def check_polygon_detection_terms_match(subject, ctx):
     """The box/cls/dfl items of the polygon loss equal the detection loss's on the same inputs (R3)."""
     head = subject.build_head()
-    preds = detached_preds(train_preds(head, features(subject, batch=2, image_size=(64, 64), seed=ctx.seed)))
+    feats = features(subject, batch=2, image_size=(64, 64), seed=ctx.seed)
+    preds = detached_preds(train_preds(subject, head, feats))
     shape_loss, detection_loss = subject.build_loss(head), _detection_loss(head)
     bound = hs.from_head(subject)
 
@@ -428,7 +429,8 @@ def check_polygon_detection_terms_match(subject, ctx):
 def check_polygon_gradient_at_init(subject, ctx):
     """The polygon loss's gradient w.r.t. the head's initial vertex output is finite and non-zero (R2)."""
     head = subject.build_head()
-    preds = detached_preds(train_preds(head, features(subject, batch=2, image_size=(64, 64), seed=ctx.seed)))
+    feats = features(subject, batch=2, image_size=(64, 64), seed=ctx.seed)
+    preds = detached_preds(train_preds(subject, head, feats))
     preds["polygons"].requires_grad_(True)
     batch = ordinary_targets(subject, 2, per_image=2, seed=ctx.seed)
     vector, items = call("the polygon loss", subject.build_loss(head), preds, batch)

@@ -7,7 +7,9 @@ import math
 
 import torch
 
-from headguard.checks._common import all_finite, call, check, features, ordinary_targets, where_nonfinite
+from headguard.checks._common import (
+    all_finite, call, check, eval_outputs, features, ordinary_targets, where_nonfinite,
+)
 from headguard.registry import CheckFailure
 
 CANARY_STEPS = 30
@@ -90,7 +92,8 @@ def _check_nonfinite_gradient_skipped(subject, feats, batch):
     def poisoned(preds, batch_):
         vector, items = loss(preds, batch_)
         # sqrt at 0 has an infinite derivative, times the 0 from `* 0.0`: NaN gradients with a finite loss value.
-        return vector + torch.sqrt(preds["scores"].sum() * 0.0), items
+        scores = subject.train_outputs(preds)["scores"]
+        return vector + torch.sqrt(scores.sum() * 0.0), items
 
     opt = torch.optim.SGD(head.parameters(), lr=0.01)
     before = _snapshot(head)
@@ -142,9 +145,7 @@ def check_skipped_step_leaves_model_finite(subject, ctx):
             "forward and copy it back when the step is skipped (gradient clipping or a zero bias does not help)"
         )
     fixed = features(subject, batch=2, image_size=(64, 64), seed=ctx.seed + 7)
-    head.eval()
-    with torch.no_grad():
-        y, _ = call("the head's eval forward", head, list(fixed))
+    y, _ = eval_outputs(subject, head, fixed)
     if not all_finite(y):
         where = where_nonfinite(head, lambda m: m(list(fixed)), backward=False)
         raise CheckFailure(

@@ -19,6 +19,10 @@ from . import _fakes
 pytestmark = pytest.mark.usefixtures("fake_catalogue", "target_dir")
 
 
+NOT_A_SUBJECT = ("not a subject: expected a head (an nn.Module subclass or a headguard.HeadSpec) or a shape loss "
+                 "(fn(pred, target, ...) or a headguard.ShapeLossSpec)")
+
+
 def run(capsys, *argv):
     code = main(["check", *argv])
     out, err = capsys.readouterr()
@@ -121,14 +125,11 @@ USAGE_ERRORS = [
                                 "not_a_module_xyz:Head): ModuleNotFoundError: No module named 'not_a_module_xyz'"),
     (["tinyheads:Missing"], "headguard: error: module 'tinyheads' has no attribute 'Missing' "
                             "(TARGET tinyheads:Missing)"),
-    (["tinyheads:NOT_A_HEAD"], "headguard: error: tinyheads:NOT_A_HEAD is an int, not a head: expected an nn.Module "
-                               "subclass or a headguard.HeadSpec"),
+    (["tinyheads:NOT_A_HEAD"], f"headguard: error: tinyheads:NOT_A_HEAD is an int, {NOT_A_SUBJECT}"),
     (["tinyheads:A_MODULE_INSTANCE"], "headguard: error: tinyheads:A_MODULE_INSTANCE is an instance of Linear (pass "
-                                      "the class, or a HeadSpec whose head builds it), not a head: expected an "
-                                      "nn.Module subclass or a headguard.HeadSpec"),
+                                      f"the class, or a HeadSpec whose head builds it), {NOT_A_SUBJECT}"),
     (["tinyheads:NOT_A_MODULE_CLASS"], "headguard: error: tinyheads:NOT_A_MODULE_CLASS is the class dict, which is "
-                                       "not an nn.Module subclass, not a head: expected an nn.Module subclass or a "
-                                       "headguard.HeadSpec"),
+                                       f"not an nn.Module subclass, {NOT_A_SUBJECT}"),
     (["tinyheads:NeedsDepth"], "headguard: error: tinyheads:NeedsDepth(nc=2, ch=(16, 32, 64)) raised TypeError: "
                                "NeedsDepth.__init__() got an unexpected keyword argument 'nc'; a head must accept nc "
                                "and ch, or use HeadSpec(head_kwargs=...)"),
