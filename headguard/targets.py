@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import inspect
 import io
 import os
 import pathlib
@@ -247,8 +248,8 @@ def _construct(spec: HeadSpec, name: str, changed: list[str]) -> Subject:
         return build_subject(dataclasses.replace(spec, head=construct), name)
     except _ConstructorFailed as failed:
         call = f"{_head_label(spec, name)}({', '.join(f'{k}={v!r}' for k, v in failed.kwargs.items())})"
-        hint = ""
-        if isinstance(failed.error, TypeError):
+        hint = _ultralytics_parent_hint(spec.head) or ""
+        if isinstance(failed.error, TypeError) and not hint:
             hint = "; a head must accept nc and ch, or use HeadSpec(head_kwargs=...)"
         raise TargetError(f"{call} raised {_one_line(failed.error)}{hint}") from None
     except Exception as exc:  # noqa: BLE001
@@ -256,6 +257,18 @@ def _construct(spec: HeadSpec, name: str, changed: list[str]) -> Subject:
             f"{name}: setting up the subject (bias_init(), one forward pass with nc={DEFAULT_NC}, "
             f"ch={DEFAULT_CHANNELS} unless head_kwargs say otherwise, choosing the loss) raised {_one_line(exc)}"
         ) from None
+
+
+def _ultralytics_parent_hint(head: Any) -> str | None:
+    """For a subclass of an Ultralytics head: the installed version and its parent's signature, since the parents'
+    signatures changed between releases (8.4's Detect takes reg_max and end2end before ch, 8.3's did not)."""
+    parent = next((c for c in getattr(head, "__mro__", ())[1:] if c.__module__.startswith("ultralytics.")), None)
+    if parent is None:
+        return None
+    version = getattr(sys.modules.get("ultralytics"), "__version__", "?")
+    return (f"; its parent {parent.__module__}.{parent.__qualname__} in the installed Ultralytics {version} has "
+            f"the signature {parent.__qualname__}{inspect.signature(parent.__init__)}: a head written for another "
+            "release may pass its arguments in the wrong places (call super().__init__ with keywords)")
 
 
 def _head_label(spec: HeadSpec, name: str) -> str:

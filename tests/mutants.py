@@ -24,7 +24,7 @@ from headguard.registry import CheckContext
 from headguard.subject import DEFAULT_CHANNELS as CHANNELS  # re-exported: the subject's default head widths
 from headguard.subject import DEFAULT_STRIDES as STRIDES
 from heads._blocks import DFL
-from heads._decode import make_anchors
+from heads._decode import dist2bbox, make_anchors
 
 
 # ================================================================================================== training steps
@@ -350,6 +350,20 @@ REFERENCE_DETECT = _reference_spec(heads.Detect)
 REFERENCE_MGIOU = HeadSpec(heads.Polygon, loss=_loss(mode="mgiou"))
 REFERENCE_COVERAGE = covering_spec(heads.Polygon)  # the R11 remedy: AssignerConfig(ensure_coverage=True)
 
+
+class DetectGridsFor640(heads.Detect):
+    """Anchor columns precomputed for images up to 640 px (80 cells at stride 8) and sliced per call: right for
+    every small image, wrong for 672 px (one of the 30 bugs: "precomputed grids")."""
+
+    def decode(self, preds):
+        limit = [int(640 // float(s)) for s in self.stride]
+        feats = [f[..., : min(f.shape[-2], n), : min(f.shape[-1], n)] for f, n in zip(preds["feats"], limit)]
+        anchors, strides = make_anchors(feats, self.stride)
+        dist = self.dfl(preds["boxes"])[..., : anchors.shape[0]]
+        boxes = dist2bbox(dist, anchors.t().unsqueeze(0), xywh=True, dim=1) * strides.t()
+        return torch.cat((boxes, preds["scores"][..., : anchors.shape[0]].sigmoid()), 1)
+
+
 R0_SPEC = HeadSpec(heads.Polygon, train_step=step_skips_without_restoring_buffers)
 R1_SPEC = HeadSpec(PolygonDroppedPriors)
 R2_SPEC = HeadSpec(PolygonZeroedVertexWeights, loss=_loss(mode="mgiou"))
@@ -372,6 +386,7 @@ PIXELS_SPEC = HeadSpec(heads.Polygon, loss=_loss(PolygonLossInPixels))
 ORDER_SPEC = HeadSpec(heads.Polygon, loss=_loss(PolygonLossCapsObjectsPerImage))
 DTYPE_SPEC = HeadSpec(heads.Polygon, loss=_loss(PolygonLossFloat32Buffer))
 STATEFUL_SPEC = HeadSpec(heads.Polygon, loss=_loss(PolygonLossCountsCalls, mode="hybrid"))
+GRIDS_SPEC = HeadSpec(DetectGridsFor640)
 CONTRACT_SPEC = HeadSpec(DetectScoresWithoutSigmoid)
 EXTREME_SPEC = HeadSpec(DetectNaiveSoftmax)
 DROPOUT_SPEC = HeadSpec(DetectFunctionalDropout)
@@ -390,6 +405,7 @@ MUTANTS: dict[str, HeadSpec] = {
     "check_gradient_norm_bounded": PIXELS_SPEC,
     "check_finite_outputs_extreme_inputs": EXTREME_SPEC,
     "check_decode_consistency": R9_SPEC,
+    "check_realistic_image_sizes": GRIDS_SPEC,
     "check_inference_deterministic": DROPOUT_SPEC,
     "check_forward_does_not_mutate_inputs": INPLACE_SPEC,
     "check_loss_rejects_nonfinite": R8_SPEC,
@@ -418,6 +434,7 @@ MESSAGES: dict[str, str] = {
     "check_gradient_norm_bounded": "initial total gradient norm",
     "check_finite_outputs_extreme_inputs": "output is non-finite",
     "check_decode_consistency": "disagrees with the training decode",
+    "check_realistic_image_sizes": "on a 672x704 px image",
     "check_inference_deterministic": "eval output changed on a repeated call",
     "check_forward_does_not_mutate_inputs": "in place",
     "check_loss_rejects_nonfinite": "a non-finite prediction must raise",

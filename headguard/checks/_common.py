@@ -199,8 +199,22 @@ def call(what: str, fn: Callable, *args, **kwargs):
 
 
 def first_bad_gradient(grads: Mapping[str, torch.Tensor | None]) -> str | None:
-    """The key of the first gradient that is missing (None) or holds a non-finite value, else None."""
-    return next((k for k, g in grads.items() if g is None or not bool(torch.isfinite(g).all())), None)
+    """The key of the first gradient that holds a non-finite value, else None (a missing gradient is not
+    non-finite: see `missing_gradient`)."""
+    return next((k for k, g in grads.items() if g is not None and not bool(torch.isfinite(g).all())), None)
+
+
+def missing_gradient(grads: Mapping[str, torch.Tensor | None], *, situation: str) -> CheckFailure | None:
+    """The finding for the first prediction the loss left without a gradient (None), else None. Its own finding,
+    not a non-finite one: the value is fine, the branch is simply unused in that step."""
+    key = next((k for k, g in grads.items() if g is None), None)
+    if key is None:
+        return None
+    return CheckFailure(
+        f"the loss leaves preds[{key!r}] without a gradient (None) {situation}: that branch is unused in such a "
+        "step, and under DistributedDataParallel without find_unused_parameters=True the step fails; keep the "
+        "term in the graph (multiply it by zero instead of skipping it)"
+    )
 
 
 def count_nonfinite(t: torch.Tensor | None) -> str:
@@ -334,6 +348,7 @@ __all__ = [
     "features",
     "final_convs",
     "first_bad_gradient",
+    "missing_gradient",
     "items_close",
     "ordinary_targets",
     "run_property",

@@ -60,6 +60,31 @@ def check_finite_outputs_extreme_inputs(subject, ctx):
     run_property(ctx, inner, bound.feature_maps(max_batch=3, image_sizes=hs.image_sizes(min_size=side, max_size=80)))
 
 
+# The size heads are trained and validated at, and a larger one that is not a multiple of it (nor of 64).
+REALISTIC_IMAGE_SIZES = ((640, 640), (672, 704))
+
+
+@check(area="forward")
+def check_realistic_image_sizes(subject, ctx):
+    """Eval at realistic image sizes (640 px, and 672 x 704) works: finite y with one column per anchor.
+
+    The other checks use images of 64-96 px so that they run in milliseconds; a head whose grids or anchors were
+    precomputed for 640 px passes all of them and crashes at 672. Drawing cannot find more here: the sizes are the
+    property, so this probe is one eval forward per size, batch 1."""
+    head = subject.build_head()
+    for height, width in REALISTIC_IMAGE_SIZES:
+        feats = features(subject, batch=1, image_size=(height, width), seed=ctx.seed)
+        y, _ = eval_outputs(subject, head, feats, what=f"the head's eval forward on a {height}x{width} px image")
+        anchors = sum(f.shape[-2] * f.shape[-1] for f in feats)
+        if y.shape[-1] != anchors:
+            raise CheckFailure(
+                f"on a {height}x{width} px image eval y has {y.shape[-1]} anchor columns; expected {anchors}, one per "
+                "cell of every level: anchors or grids must be made from the feature maps of each call, not cached"
+            )
+        if not all_finite(y):
+            raise CheckFailure(f"on a {height}x{width} px image eval y has {count_nonfinite(y)}")
+
+
 def _min_side(subject) -> int:
     """Smallest image side giving >= 2 cells at the coarsest level: train-mode BatchNorm needs > 1 value per channel."""
     return int(max(subject.strides)) + 1

@@ -20,6 +20,7 @@ from headguard.checks._common import (
     check,
     count_nonfinite,
     first_bad_gradient,
+    missing_gradient,
     detached_preds,
     features,
     fit_boxes_to_first_object,
@@ -246,6 +247,9 @@ def check_loss_finite_degenerate_targets(subject, ctx):
                 f"the loss is non-finite ({vector.detach().tolist()}) on degenerate targets in {dtype}: guard every "
                 "division (select with a mask BEFORE dividing) and use an epsilon representable in the compute dtype"
             )
+        unused = missing_gradient(grads, situation=f"on degenerate targets in {dtype}")
+        if unused is not None:
+            raise unused
         k = first_bad_gradient(grads)
         if k is not None:
             raise CheckFailure(
@@ -338,6 +342,9 @@ def check_gradients_finite_when_loss_finite(subject, ctx):
         vector, _, grads = _grad_run(loss, preds, batch, torch.float32)
         if not all_finite(vector):
             return
+        unused = missing_gradient(grads, situation="on this batch")
+        if unused is not None:
+            raise unused
         k = first_bad_gradient(grads)
         if k is not None:
             raise CheckFailure(

@@ -6,6 +6,8 @@ per-level maps)."""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -81,3 +83,22 @@ def test_pack_is_the_inverse_of_parse(layout):
     again = layout.parse_train(raw, geometry)
     assert set(again) == set(named) and all(
         torch.equal(again[k], named[k]) for k in named if k != "feats")
+
+
+def test_an_8_3_subclass_under_8_4_is_told_the_installed_parent_signature(tmp_path, monkeypatch, capsys):
+    """8.3's Detect took (nc, ch); 8.4's takes (nc, reg_max, end2end, ch): a subclass passing ch positionally breaks."""
+    from ultralytics.nn.modules.head import Detect
+
+    from headguard.cli import main
+
+    (tmp_path / "oldfork.py").write_text(
+        "from ultralytics.nn.modules.head import Detect\n\n"
+        "class OldHead(Detect):\n"
+        "    def __init__(self, nc=80, ch=()):\n"
+        "        super().__init__(nc, ch)\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["check", "oldfork:OldHead"]) == 2
+    err = capsys.readouterr().err
+    assert "in the installed Ultralytics 8.4" in err and f"Detect{inspect.signature(Detect.__init__)}" in err
