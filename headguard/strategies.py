@@ -8,10 +8,16 @@ keyword-only `min_*`/`max_*` pairs, `None` means "derive from the other argument
 `targets` only produces batches that are VALID input for the reference losses (every box inside the image, positive
 or zero extent, classes in range); `invalid_targets` produces batches a loss must reject with a clear error. Keep the
 two apart: a check that feeds `targets` expects a finite loss; one that feeds `invalid_targets` expects an error.
+
+Targets of every task, in the layout Ultralytics' collate gives its losses (and `task_targets` for boxes chosen by
+hand): polygons `(N, np, 2)`, keypoints `(N, nk, 3)` with COCO visibility flags, rotated boxes as `bboxes (N, 5)`
+normalised xywhr, instance masks at the prototypes' resolution, either one index mask per image (Ultralytics'
+`overlap_mask=True`, its default) or one boolean mask per object (`overlap_mask=False`).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from collections.abc import Sequence
@@ -21,6 +27,8 @@ import torch
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 from torch import nn
+
+from headguard.layouts import Geometry, detect_layout
 
 __all__ = [
     "CONVEX_FAMILIES",
@@ -40,12 +48,15 @@ __all__ = [
     "image_sizes",
     "initialisations",
     "invalid_targets",
+    "is_per_image",
     "magnitudes",
     "polygon_pairs",
     "polygon_samples",
     "polygons",
+    "reorder_objects",
     "similarity",
     "targets",
+    "task_targets",
 ]
 
 LAYOUTS = ("contiguous", "channels_last", "non_contiguous")
@@ -54,6 +65,15 @@ BOX_KINDS = ("normal", "tiny", "zero_width", "zero_height", "image_covering", "e
 # Valid for detection losses but not drawn by default: a polygon inside such a box would leave the image.
 EXTRA_BOX_KINDS = ("out_of_image",)
 POLYGON_KINDS = ("convex", "all_equal", "collinear", "repeated_vertex", "padded")
+# visible: every keypoint labelled and visible; mixed: each flag drawn; unlabelled: every flag 0 (coordinates 0, as
+# COCO writes them); coincident: every keypoint visible at the box centre.
+KEYPOINT_KINDS = ("visible", "mixed", "unlabelled", "coincident")
+# COCO's flags, as Ultralytics' pose datasets carry them: 0 not labelled, 1 labelled but occluded, 2 visible.
+VISIBILITY_FLAGS = (0.0, 1.0, 2.0)
+# An object's mask: the ellipse inscribed in its box, the box itself, or no pixel at all (an object cropped away).
+MASK_KINDS = ("ellipse", "box", "empty")
+# The image the task shapes are measured at (the prototypes' resolution): the size the loss and training checks use.
+TASK_IMAGE = (64, 64)
 INVALID_KINDS = (
     "nan_box", "inf_box", "negative_size", "class_out_of_range", "batch_idx_out_of_range", "fractional_class"
 )
@@ -216,10 +236,10 @@ class TargetBatch(dict):
 
     def __repr__(self) -> str:
         rows = [
-            f"(img={int(i)}, cls={int(c)}, xywh={[round(float(v), 4) for v in b]})"
+            f"(img={int(i)}, cls={int(c)}, {'xywhr' if len(b) == 5 else 'xywh'}={[round(float(v), 4) for v in b]})"
             for i, c, b in zip(self["batch_idx"], self["cls"][:, 0], self["bboxes"])
         ]
-        extra = f", polygons {tuple(self['polygons'].shape)}" if "polygons" in self else ""
+        extra = "".join(f", {k} {tuple(self[k].shape)}" for k in ("polygons", "keypoints", "masks") if k in self)
         return f"TargetBatch([{', '.join(rows)}]{extra})"
 
 
@@ -295,10 +315,161 @@ def _polygon_in_box(draw, kind: str, box, num_vertices: int) -> tuple[list[list[
     return [[min(max(x, 0.0), 1.0), min(max(y, 0.0), 1.0)] for x, y in pts], mask
 
 
+def _keypoints_in(box, num_keypoints: int, kind: str, seed: int) -> torch.Tensor:
+    """(nk, 3) keypoints of one family inside `box` (normalised xywh), with visibility flags; unlabelled keypoints
+    sit at (0, 0), as in COCO."""
+    gen = torch.Generator().manual_seed(seed)
+    cx, cy, w, h = (float(v) for v in box[:4])
+    where = torch.full((num_keypoints, 2), 0.5, dtype=torch.float64)
+    if kind != "coincident":
+        where = torch.rand(num_keypoints, 2, generator=gen, dtype=torch.float64)
+    xy = torch.stack((cx - w / 2 + w * where[:, 0], cy - h / 2 + h * where[:, 1]), 1)
+    flags = torch.full((num_keypoints,), 2.0, dtype=torch.float64)
+    if kind == "mixed":
+        drawn = torch.randint(0, len(VISIBILITY_FLAGS), (num_keypoints,), generator=gen)
+        flags = torch.tensor(VISIBILITY_FLAGS, dtype=torch.float64)[drawn]
+    elif kind == "unlabelled":
+        flags = torch.zeros(num_keypoints, dtype=torch.float64)
+    xy = xy * (flags != 0).unsqueeze(1)
+    return torch.cat((xy.clamp(0.0, 1.0), flags.unsqueeze(1)), 1).float()
+
+
+def _rotated_in(box, theta: float) -> tuple[float, float, float, float, float]:
+    """xywhr of the rectangle of `box`'s aspect turned by `theta` and shrunk to fit inside `box`, in Ultralytics'
+    canonical form (w the longer side, theta in [-pi/4, 3pi/4), as `ops.xyxyxyxy2xywhr` writes dataset labels). A box
+    of zero width or height stays axis-aligned: no turned rectangle of it fits inside."""
+    cx, cy, w, h = (float(v) for v in box[:4])
+    if w <= 0 or h <= 0:
+        theta = 0.0
+    else:
+        c, s = abs(math.cos(theta)), abs(math.sin(theta))
+        fit = min(1.0, w / (w * c + h * s), h / (w * s + h * c))
+        w, h = w * fit, h * fit
+    if w < h:
+        w, h, theta = h, w, theta + math.pi / 2
+    theta = (theta + math.pi / 4) % math.pi - math.pi / 4
+    return cx, cy, w, h, theta
+
+
+def _object_mask(box, kind: str, size: tuple[int, int]) -> torch.Tensor:
+    """(H, W) bool mask of one object of `box` (normalised xywh), sampled at pixel centres."""
+    height, width = size
+    cx, cy, w, h = (float(v) for v in box[:4])
+    y = ((torch.arange(height, dtype=torch.float64) + 0.5) / height).view(-1, 1)
+    x = ((torch.arange(width, dtype=torch.float64) + 0.5) / width).view(1, -1)
+    if kind == "empty" or w <= 0 or h <= 0:
+        return torch.zeros(height, width, dtype=torch.bool)
+    if kind == "box":
+        return ((x - cx).abs() <= w / 2) & ((y - cy).abs() <= h / 2)
+    return ((x - cx) / (w / 2)) ** 2 + ((y - cy) / (h / 2)) ** 2 <= 1
+
+
+def _instance_masks(boxes, batch_idx, kinds, batch_size: int, size: tuple[int, int], overlap: bool) -> torch.Tensor:
+    """Masks of the objects (rows grouped by image) as Ultralytics' collate delivers them.
+
+    overlap=False: (N, H, W) bool, one per object. overlap=True: (B, H, W) integer index masks, pixel value k + 1 for
+    the image's k-th object (its row order), 0 for background; larger objects are drawn first, so a smaller one
+    covers them where they overlap (`data.utils.polygons2masks_overlap`)."""
+    objects = [_object_mask(b, k, size) for b, k in zip(boxes, kinds)]
+    if not overlap:
+        return torch.stack(objects) if objects else torch.zeros(0, *size, dtype=torch.bool)
+    per_image = [[r for r, i in enumerate(batch_idx) if int(i) == img] for img in range(batch_size)]
+    dtype = torch.uint8 if max((len(rows) for rows in per_image), default=0) < 255 else torch.int32
+    index = torch.zeros(batch_size, *size, dtype=dtype)
+    for img, rows in enumerate(per_image):
+        by_area = sorted(range(len(rows)), key=lambda k: -float(boxes[rows[k]][2] * boxes[rows[k]][3]))
+        for k in by_area:
+            index[img][objects[rows[k]]] = k + 1
+    return index
+
+
+def is_per_image(key: str, value: torch.Tensor) -> bool:
+    """Whether a batch entry holds one item per image, not one per object: Ultralytics' overlapping index masks
+    (a "masks" entry that is not boolean). Every other entry but batch_idx has one row per object."""
+    return key == "masks" and value.dtype != torch.bool
+
+
+def reorder_objects(batch, order) -> dict[str, torch.Tensor]:
+    """`batch` with its objects in `order` (row indices that keep rows grouped by image, each image's own rows
+    permuted): every per-object entry is indexed, per-image index masks are relabelled to the new order."""
+    order = torch.as_tensor(order, dtype=torch.long)
+    out = {k: v if is_per_image(k, v) else v[order] for k, v in batch.items()}
+    if "masks" in batch and is_per_image("masks", batch["masks"]):
+        idx = batch["batch_idx"].long()
+        within = _within_image_index(idx)
+        relabel = torch.zeros(batch["masks"].shape[0], len(idx) + 1, dtype=torch.long)
+        relabel[idx[order], within[order] + 1] = _within_image_index(idx[order]) + 1
+        masks = batch["masks"].long()
+        out["masks"] = relabel.gather(1, masks.flatten(1)).view_as(masks).to(batch["masks"].dtype)
+    return type(batch)(out) if isinstance(batch, TargetBatch) else out
+
+
+def _within_image_index(batch_idx: torch.Tensor) -> torch.Tensor:
+    """Each row's index among the rows of its own image, in row order."""
+    return torch.tensor([int((batch_idx[:r] == i).sum()) for r, i in enumerate(batch_idx.tolist())], dtype=torch.long)
+
+
+def task_targets(
+    batch,
+    *,
+    batch_size: int,
+    keypoint_shape: tuple[int, int] | None = None,
+    rotated: bool = False,
+    mask_size: tuple[int, int] | None = None,
+    mask_overlap: bool = True,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """`batch` (batch_idx, cls, bboxes xywh; rows grouped by image) with ordinary task targets for its boxes,
+    deterministic in `seed`: visible keypoints inside each box, each box turned by a random angle (bboxes become
+    xywhr), the ellipse inscribed in each box as its mask. For checks that choose their boxes by hand."""
+    _check_task_args(keypoint_shape, mask_size, batch_size)
+    gen = torch.Generator().manual_seed(seed)
+    out = dict(batch)
+    boxes = batch["bboxes"]
+    n = boxes.shape[0]
+    if keypoint_shape is not None:
+        seeds = torch.randint(0, 2**31 - 1, (n,), generator=gen).tolist()
+        kpts = [_keypoints_in(b, keypoint_shape[0], "visible", s) for b, s in zip(boxes.tolist(), seeds)]
+        out["keypoints"] = torch.stack(kpts) if kpts else torch.zeros(0, keypoint_shape[0], 3)
+    if mask_size is not None:
+        out["masks"] = _instance_masks(boxes.tolist(), batch["batch_idx"].tolist(), ["ellipse"] * n, batch_size,
+                                       mask_size, mask_overlap)
+    if rotated and boxes.shape[-1] == 4:
+        thetas = (torch.rand(n, generator=gen, dtype=torch.float64) * math.pi - math.pi / 4).tolist()
+        out["bboxes"] = torch.tensor([_rotated_in(b, t) for b, t in zip(boxes.tolist(), thetas)],
+                                     dtype=boxes.dtype).reshape(n, 5)
+    return type(batch)(out) if isinstance(batch, TargetBatch) else out
+
+
+def _check_task_args(keypoint_shape, mask_size, batch_size) -> None:
+    _check_int(batch_size, "batch_size", min_value=1)
+    for name, value, lows in (("keypoint_shape", keypoint_shape, (1, 2)), ("mask_size", mask_size, (1, 1))):
+        if value is None:
+            continue
+        if not (isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, int) for v in value)):
+            raise InvalidArgument(f"Expected None or a pair of ints for {name}, got {name}={value!r}")
+        if value[0] < lows[0] or value[1] < lows[1] or (name == "keypoint_shape" and value[1] > 3):
+            also = " with ndim 2 or 3" if name == "keypoint_shape" else ""
+            raise InvalidArgument(f"Expected {name} of at least {lows}{also}, got {name}={value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _TaskRequest:
+    """What `targets` draws beside the boxes: keypoints, rotation, masks (None/False: not drawn)."""
+
+    keypoint_shape: tuple[int, int] | None
+    keypoint_kinds: tuple[str, ...]
+    rotated: bool
+    mask_size: tuple[int, int] | None
+    mask_overlap: bool
+    mask_kinds: tuple[str, ...]
+
+
 @st.composite
-def _target_batches(draw, nc, batch_size, num_vertices, min_objects, max_objects, box_kinds, polygon_kinds):
+def _target_batches(draw, nc, batch_size, num_vertices, min_objects, max_objects, box_kinds, polygon_kinds,
+                    task: _TaskRequest):
     n = draw(st.integers(min_objects, max_objects))
-    boxes, idx, cls, polys, masks = [], [], [], [], []
+    boxes, idx, cls, polys, masks, extras = [], [], [], [], [], []
     for _ in range(n):
         kind = draw(st.sampled_from(box_kinds))
         box = _box_from_kind(draw, kind, boxes)
@@ -309,11 +480,13 @@ def _target_batches(draw, nc, batch_size, num_vertices, min_objects, max_objects
             pts, mask = _polygon_in_box(draw, draw(st.sampled_from(polygon_kinds)), box, num_vertices)
             polys.append(pts)
             masks.append(mask)
+        extras.append(_draw_task_extras(draw, box, task))
     # Rows grouped by image in ascending order, as Ultralytics' collate makes them: its losses (and forks') index
     # per-image slots by running counts and need it. Our own loss accepts any order (tests/property).
     order = sorted(range(n), key=idx.__getitem__)
     boxes, idx, cls = [boxes[i] for i in order], [idx[i] for i in order], [cls[i] for i in order]
     polys, masks = [polys[i] for i in order] if polys else polys, [masks[i] for i in order] if masks else masks
+    extras = [extras[i] for i in order]
     batch = TargetBatch({
         "batch_idx": torch.tensor(idx, dtype=torch.float32),
         "cls": torch.tensor(cls, dtype=torch.float32).reshape(n, 1),
@@ -322,7 +495,29 @@ def _target_batches(draw, nc, batch_size, num_vertices, min_objects, max_objects
     if num_vertices:
         batch["polygons"] = torch.tensor(polys, dtype=torch.float32).reshape(n, num_vertices, 2)
         batch["polygon_mask"] = torch.tensor(masks, dtype=torch.bool).reshape(n, num_vertices)
+    if task.keypoint_shape is not None:
+        kpts = [_keypoints_in(b, task.keypoint_shape[0], e["keypoints"], e["seed"]) for b, e in zip(boxes, extras)]
+        batch["keypoints"] = torch.stack(kpts) if kpts else torch.zeros(0, task.keypoint_shape[0], 3)
+    if task.mask_size is not None:
+        batch["masks"] = _instance_masks(boxes, idx, [e["mask"] for e in extras], batch_size, task.mask_size,
+                                         task.mask_overlap)
+    if task.rotated:
+        batch["bboxes"] = torch.tensor([_rotated_in(b, e["theta"]) for b, e in zip(boxes, extras)],
+                                       dtype=torch.float32).reshape(n, 5)
     return batch
+
+
+def _draw_task_extras(draw, box, task: _TaskRequest) -> dict:
+    """One object's drawn keypoint family (and the seed of its positions), rotation and mask family."""
+    extras = {}
+    if task.keypoint_shape is not None:
+        extras["keypoints"] = draw(st.sampled_from(task.keypoint_kinds))
+        extras["seed"] = draw(st.integers(0, 2**31 - 1))
+    if task.rotated:
+        extras["theta"] = draw(st.floats(-math.pi / 4, 3 * math.pi / 4, exclude_max=True))
+    if task.mask_size is not None:
+        extras["mask"] = draw(st.sampled_from(task.mask_kinds))
+    return extras
 
 
 def _check_target_args(nc, batch_size, num_vertices, min_objects, max_objects) -> None:
@@ -351,10 +546,24 @@ def targets(
     max_objects: int = 6,
     box_kinds: Sequence[str] = BOX_KINDS,
     polygon_kinds: Sequence[str] = POLYGON_KINDS,
+    keypoint_shape: tuple[int, int] | None = None,
+    keypoint_kinds: Sequence[str] = KEYPOINT_KINDS,
+    rotated: bool = False,
+    mask_size: tuple[int, int] | None = None,
+    mask_overlap: bool = True,
+    mask_kinds: Sequence[str] = MASK_KINDS,
 ) -> st.SearchStrategy[dict[str, torch.Tensor]]:
     """VALID batch dicts for `batch_size` images: `batch_idx (N,)`, `cls (N, 1)`, `bboxes (N, 4)` normalised xywh,
     plus `polygons (N, np, 2)` and `polygon_mask (N, np)` when num_vertices > 0. Rows are sorted by image, as
-    Ultralytics' collate delivers them.
+    Ultralytics' collate delivers them. For the other tasks (see the module docstring):
+
+    - keypoint_shape=(nk, ndim): `keypoints (N, nk, 3)` normalised xy inside the box and a visibility flag in
+      VISIBILITY_FLAGS (always 3 columns: Ultralytics' pose loss reads the flag whatever ndim the head predicts);
+      families `keypoint_kinds` (see KEYPOINT_KINDS);
+    - rotated=True: `bboxes (N, 5)` normalised xywhr, the drawn box's rectangle turned and shrunk to fit inside it,
+      canonical (w >= h, theta in [-pi/4, 3pi/4));
+    - mask_size=(H, W): `masks`, per image `(B, H, W)` integer index masks when mask_overlap (Ultralytics'
+      default) else per object `(N, H, W)` bool; families `mask_kinds` (see MASK_KINDS).
 
     Empty batches, one object and many; zero-width/height, tiny, image-covering, edge-touching and duplicate boxes;
     polygons convex, all-equal, collinear, with a repeated vertex, or padded (masked), in either orientation. Every
@@ -364,8 +573,15 @@ def targets(
     _check_target_args(nc, batch_size, num_vertices, min_objects, max_objects)
     _check_kinds(box_kinds, BOX_KINDS + EXTRA_BOX_KINDS, "box_kinds")
     _check_kinds(polygon_kinds, POLYGON_KINDS, "polygon_kinds")
+    _check_task_args(keypoint_shape, mask_size, batch_size)
+    _check_kinds(keypoint_kinds, KEYPOINT_KINDS, "keypoint_kinds")
+    _check_kinds(mask_kinds, MASK_KINDS, "mask_kinds")
+    for name, value in (("rotated", rotated), ("mask_overlap", mask_overlap)):
+        if not isinstance(value, bool):
+            raise InvalidArgument(f"Expected bool for {name}, got {name}={value!r} (type={type(value).__name__})")
+    task = _TaskRequest(keypoint_shape, tuple(keypoint_kinds), rotated, mask_size, mask_overlap, tuple(mask_kinds))
     return _target_batches(
-        nc, batch_size, num_vertices, min_objects, max_objects, tuple(box_kinds), tuple(polygon_kinds)
+        nc, batch_size, num_vertices, min_objects, max_objects, tuple(box_kinds), tuple(polygon_kinds), task
     )
 
 
@@ -756,12 +972,24 @@ class HeadStrategies:
     strides: tuple[float, ...]
     nc: int
     num_vertices: int = 0
+    keypoint_shape: tuple[int, int] | None = None
+    rotated: bool = False
+    mask_size: tuple[int, int] | None = None
+    mask_overlap: bool = True
 
     def feature_maps(self, **kwargs) -> st.SearchStrategy[list[torch.Tensor]]:
         return feature_maps(self.channels, self.strides, **kwargs)
 
     def targets(self, **kwargs) -> st.SearchStrategy[dict[str, torch.Tensor]]:
-        return targets(self.nc, num_vertices=self.num_vertices, **kwargs)
+        return targets(self.nc, num_vertices=self.num_vertices, **self._task(), **kwargs)
+
+    def task_targets(self, batch, *, batch_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
+        """`task_targets` for this head's tasks: `batch` with its keypoints, angles and masks added."""
+        return task_targets(batch, batch_size=batch_size, seed=seed, **self._task())
+
+    def _task(self) -> dict:
+        return {"keypoint_shape": self.keypoint_shape, "rotated": self.rotated, "mask_size": self.mask_size,
+                "mask_overlap": self.mask_overlap}
 
     def invalid_targets(self, **kwargs):
         return invalid_targets(self.nc, num_vertices=self.num_vertices, **kwargs)
@@ -792,7 +1020,9 @@ def from_head(head_or_subject) -> HeadStrategies:
     """
     if hasattr(head_or_subject, "prototype") and hasattr(head_or_subject, "channels"):
         s = head_or_subject
-        return HeadStrategies(tuple(s.channels), tuple(float(x) for x in s.strides), int(s.nc), int(s.num_vertices))
+        task = _subject_task(s) if s.capabilities & {"keypoints", "angles", "masks"} else {}
+        return HeadStrategies(tuple(s.channels), tuple(float(x) for x in s.strides), int(s.nc), int(s.num_vertices),
+                              **task)
     if not isinstance(head_or_subject, nn.Module):
         raise InvalidArgument(
             f"Expected an nn.Module or a Subject for head_or_subject, got head_or_subject={head_or_subject!r} "
@@ -806,7 +1036,61 @@ def from_head(head_or_subject) -> HeadStrategies:
     channels = _input_channels(head, len(strides))
     nc = getattr(head, "nc", None)
     _check_int(nc, "head.nc", min_value=1)
-    return HeadStrategies(channels, strides, nc, int(getattr(head, "np", 0) or 0))
+    task = _module_task(head, channels, strides, nc)
+    return HeadStrategies(channels, strides, nc, int(getattr(head, "np", 0) or 0), **task)
+
+
+def _probe_maps(channels, strides) -> list[torch.Tensor]:
+    """Seeded feature maps of one TASK_IMAGE (its own generator: the global one is left alone)."""
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(1, c, feature_size(TASK_IMAGE[0], s), feature_size(TASK_IMAGE[1], s), generator=gen)
+            for c, s in zip(channels, strides)]
+
+
+def _subject_task(subject) -> dict:
+    """The task fields of HeadStrategies for a subject, read off one training forward of a copy of its head (and
+    its loss's `overlap`, Ultralytics' overlap_mask, for masks)."""
+    head = subject.build_head()
+    with torch.no_grad():
+        preds = subject.train_outputs(head(_probe_maps(subject.channels, subject.strides)))
+    loss = subject.build_loss(head) if "masks" in subject.capabilities else None
+    return _task_fields(head, preds, loss)
+
+
+def _module_task(head: nn.Module, channels, strides, nc: int) -> dict:
+    """The task fields for a bare head module, from one training forward of a copy of it in a layout it fits."""
+    probe = copy.deepcopy(head).train()
+    with torch.no_grad():
+        out = probe(_probe_maps(channels, strides))
+    layout = detect_layout(out)
+    if layout is None:
+        return {}
+    return _task_fields(probe, layout.parse_train(out, Geometry(nc, int(getattr(head, "reg_max", 1)))), None)
+
+
+def _task_fields(head: nn.Module, preds, loss) -> dict:
+    fields = {}
+    if "keypoints" in preds:
+        fields["keypoint_shape"] = _keypoint_shape_of(head, int(preds["keypoints"].shape[1]))
+    if "angles" in preds:
+        fields["rotated"] = True
+    if "prototypes" in preds:
+        fields["mask_size"] = tuple(int(v) for v in preds["prototypes"].shape[-2:])
+        fields["mask_overlap"] = bool(getattr(loss, "overlap", True))
+    return fields
+
+
+def _keypoint_shape_of(head: nn.Module, channels: int) -> tuple[int, int]:
+    """(nk, ndim) of a keypoint output of `channels` per anchor: the head's `kpt_shape` (Ultralytics' attribute)
+    when it matches, else ndim 3 (x, y, visibility) when the channels divide by 3, else 2."""
+    declared = getattr(head, "kpt_shape", None)
+    if declared is not None and len(declared) == 2 and int(declared[0]) * int(declared[1]) == channels:
+        return int(declared[0]), int(declared[1])
+    for ndim in (3, 2):
+        if channels % ndim == 0:
+            return channels // ndim, ndim
+    raise InvalidArgument(f"a keypoint output of {channels} channels per anchor is neither nk * 3 nor nk * 2, and the "
+                          f"head declares kpt_shape={declared!r}")
 
 
 def _input_channels(head: nn.Module, levels: int) -> tuple[int, ...]:

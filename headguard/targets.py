@@ -18,6 +18,7 @@ from torch import nn
 import heads
 import losses
 from headguard.contracts import ContractError, check_loss_contract
+from headguard.errors import UsageError
 from headguard.isolation import CheckTimeout, isolated_torch_state, seeded, time_limit
 from headguard.shapes import ShapeLossError, shape_subject_from
 from headguard.subject import DEFAULT_CHANNELS, DEFAULT_NC, ExpectedFailure, HeadSpec, Subject, build_subject
@@ -36,7 +37,7 @@ SECONDS_PER_PARAMETER = 1e-6
 SETUP_TIME_LIMIT_S = 120.0
 
 
-class TargetError(Exception):
+class TargetError(UsageError):
     """A TARGET that cannot be turned into a subject. `str()` is one line, written for the user of the CLI."""
 
 
@@ -147,7 +148,10 @@ def spec_for(obj: Any, *, name: str) -> HeadSpec:
     if isinstance(obj, HeadSpec):
         return obj
     if isinstance(obj, type) and issubclass(obj, nn.Module):
-        return reference_specs().get(obj) or HeadSpec(head=obj)
+        # Ultralytics' own task heads get their own task loss; ultralytics itself is imported only for them.
+        from headguard.adapters.ultralytics import default_spec_for
+
+        return reference_specs().get(obj) or default_spec_for(obj) or HeadSpec(head=obj)
     raise TargetError(f"{name} is {_describe(obj)}, not a subject: expected a head (an nn.Module subclass or a "
                       "headguard.HeadSpec) or a shape loss (fn(pred, target, ...) or a headguard.ShapeLossSpec)")
 

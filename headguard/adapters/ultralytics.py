@@ -1,4 +1,10 @@
-"""Ultralytics' own detection loss as a headguard loss factory (also the oracle of our tests and benchmarks).
+"""Ultralytics' own losses as headguard loss factories, and the default spec of Ultralytics' own heads.
+
+`default_spec_for(head_class)` is what `headguard check ultralytics.nn.modules.head:Pose` (Detect, Segment, OBB, and
+user subclasses of them) runs with: the head's own task loss (`v8DetectionLoss`, `v8SegmentationLoss`, `v8PoseLoss`,
+`v8OBBLoss`) built by `ultralytics_loss` with Ultralytics' DEFAULT_CFG hyperparameters, and that loss's known failures
+pinned to their cause. `v8_detection_loss` / `detection_loss` are the detection loss alone (the oracle of our tests
+and benchmarks, and a loss for forks)::
 
     from headguard import HeadSpec
     from headguard.adapters.ultralytics import detection_loss
@@ -17,6 +23,10 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from headguard.layouts import ULTRALYTICS_84, Geometry
+from headguard.reference import R11
+from headguard.subject import HeadSpec, LayoutAdaptedLoss
 
 # Ultralytics' default gains; our DetectionGains default to the same values.
 DEFAULT_GAINS = {"box": 7.5, "cls": 0.5, "dfl": 1.5}
@@ -85,4 +95,59 @@ def detection_loss(head: nn.Module):
     return v8_detection_loss(int(head.nc), head.stride, int(head.reg_max), device=device)
 
 
-__all__ = ["DEFAULT_GAINS", "detection_loss", "ultralytics_loss", "v8_detection_loss"]
+# Ultralytics' task heads and the loss its trainer builds for each (ultralytics.nn.tasks: DetectionModel,
+# SegmentationModel, PoseModel, OBBModel.init_criterion), by the head's class name in ultralytics.nn.modules.head.
+TASK_LOSSES = {"Detect": "v8DetectionLoss", "Segment": "v8SegmentationLoss", "Pose": "v8PoseLoss", "OBB": "v8OBBLoss"}
+_HEAD_MODULE = "ultralytics.nn.modules.head"
+
+# What every one of these losses knowingly fails, with the cause it must fail for (a failure of another cause is
+# reported). Their assigner is the one our reference loss reproduces, so R11 is theirs as well (reported upstream).
+KNOWN_FAILURES = {"check_assigner_coverage": R11}
+
+
+def ultralytics_head_of(head_class: type) -> type | None:
+    """The Ultralytics task head `head_class` is or derives from (the nearest one in its MRO), or None when the
+    nearest Ultralytics head class is not one of TASK_LOSSES (YOLO26's Pose26, v10Detect, ...: their trainers build
+    other losses) or there is none."""
+    for cls in head_class.__mro__:
+        if cls.__module__ == _HEAD_MODULE:
+            return cls if cls.__name__ in TASK_LOSSES else None
+    return None
+
+
+def default_spec_for(head_class: type) -> HeadSpec | None:
+    """The spec an Ultralytics task head (or a subclass of one) is checked with when none is given: its own task loss
+    with DEFAULT_CFG hyperparameters and KNOWN_FAILURES. None for any other class (Ultralytics is imported only for
+    an Ultralytics head)."""
+    if not isinstance(head_class, type):
+        return None
+    task_head = ultralytics_head_of(head_class)
+    if task_head is None:
+        return None
+    from ultralytics.utils import loss as ultralytics_losses
+
+    loss_class = getattr(ultralytics_losses, TASK_LOSSES[task_head.__name__])
+    return HeadSpec(head=head_class, loss=_reading_raw_keys(ultralytics_loss(loss_class)),
+                    expected_failures=dict(KNOWN_FAILURES))
+
+
+def _reading_raw_keys(factory: Callable[[nn.Module], Any]) -> Callable[[nn.Module], Any]:
+    """`factory` with its criterion behind the 8.4 layout: checks hold named outputs ("keypoints", "angles",
+    "mask_coefficients", "prototypes"), Ultralytics' losses read the head's own keys ("kpts", "angle", ...).
+
+    Why here: `subject._layout_of` decides that a dict head needs no packing when its raw keys survive a round trip,
+    which they always do, so the subject hands named outputs to the head's own loss unrenamed. Remove this once
+    `needs_packing` compares the named outputs' keys with the head's (a raw dict passes through unchanged)."""
+
+    def build(head: nn.Module) -> Any:
+        geometry = Geometry(nc=int(head.nc), reg_max=int(head.reg_max))
+        return LayoutAdaptedLoss(factory(head), ULTRALYTICS_84, geometry, wants_named=False)
+
+    build.__qualname__ = factory.__qualname__
+    return build
+
+
+__all__ = [
+    "DEFAULT_GAINS", "KNOWN_FAILURES", "TASK_LOSSES", "default_spec_for", "detection_loss", "ultralytics_head_of",
+    "ultralytics_loss", "v8_detection_loss",
+]

@@ -17,6 +17,7 @@ from headguard.isolation import is_out_of_memory
 from headguard.layouts import LayoutMismatch
 from headguard.registry import CheckContext, CheckFailure, CheckSkipped
 from headguard.registry import check as _register
+from headguard.strategies import from_head, is_per_image
 from headguard.tracing import locate_nonfinite
 from headguard.training import all_finite
 
@@ -64,7 +65,8 @@ def features(
 
 
 def ordinary_targets(subject, batch: int, *, per_image: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Seeded, unremarkable objects: boxes 30-60 % of the image, convex polygons inscribed in them."""
+    """Seeded, unremarkable objects: boxes 30-60 % of the image, convex polygons inscribed in them, and the targets of
+    the head's other tasks for those boxes (visible keypoints, rotated boxes, masks: `strategies.task_targets`)."""
     gen = torch.Generator().manual_seed(seed)
     n = batch * per_image
     wh = 0.3 + 0.3 * torch.rand(n, 2, generator=gen)
@@ -81,18 +83,20 @@ def ordinary_targets(subject, batch: int, *, per_image: int = 2, seed: int = 0) 
             (centre[:, :1] + wh[:, :1] / 2 * angle.cos(), centre[:, 1:] + wh[:, 1:] / 2 * angle.sin()), -1
         )
         out["polygon_mask"] = torch.ones(n, npv, dtype=torch.bool)
-    return out
+    return from_head(subject).task_targets(out, batch_size=batch, seed=seed)
 
 
 def select_images(batch: Mapping[str, torch.Tensor], images: list[int]) -> dict[str, torch.Tensor]:
-    """The objects of `images` (in that order), re-indexed 0..len(images)-1."""
+    """The objects of `images` (in that order), re-indexed 0..len(images)-1; per-image entries (index masks) are
+    taken by image, their values (indices within each image) stay valid."""
     rows, idx = [], []
     for new, old in enumerate(images):
         r = (batch["batch_idx"] == old).nonzero().flatten()
         rows.append(r)
         idx.append(torch.full((len(r),), float(new)))
     rows_t = torch.cat(rows)
-    out = {k: v[rows_t] for k, v in batch.items() if k != "batch_idx"}
+    out = {k: v[torch.tensor(images)] if is_per_image(k, v) else v[rows_t] for k, v in batch.items()
+           if k != "batch_idx"}
     out["batch_idx"] = torch.cat(idx)
     return out
 
