@@ -1,4 +1,5 @@
-"""Reports of check results: a text table for people, JSON for scripts, JUnit XML for CI dashboards."""
+"""Reports of check results: a text table for people, JSON for scripts, JUnit XML for CI dashboards. Each shows
+every distinct failure of a check (`CheckResult.failures`), with its own example."""
 
 from __future__ import annotations
 
@@ -50,16 +51,25 @@ def format_table(results: Sequence[CheckResult]) -> str:
 
 
 def format_failure(result: CheckResult, *, title: bool = True) -> str:
-    """What the head's author needs: the property, what broke, on which input, and how to run it again. Without
-    `title` (pytest prints its own), the message comes first, so pytest's one-line summary shows it."""
-    lines = [f"{_LABELS[result.status]} {result.target}::{result.name}"] if title else [result.message]
+    """What the head's author needs: the property, what broke, on which input, and how to run it again; every
+    distinct failure with its own example. Without `title` (pytest prints its own), the message comes first, so
+    pytest's one-line summary shows it."""
+    several = result.failures if len(result.failures) > 1 else []
+    if title:
+        lines = [f"{_LABELS[result.status]} {result.target}::{result.name}"]
+    else:
+        lines = [f"{len(several)} distinct failures, the first: {several[0].message}" if several else result.message]
     if result.doc:
         lines.append(f"  property: {result.doc}")
-    if title:
+    if title and not several:
         lines.append(_field("message", result.message))
     if result.where:
         lines.append(f"  where:    {result.where}")
-    if result.example:
+    for i, failure in enumerate(several, 1):
+        lines.append(_field(f"failure {i} of {len(several)}", failure.message))
+        if failure.example:
+            lines.append(textwrap.indent(_field("example", failure.example), "  "))
+    if result.example and not several:
         lines.append(_field("example", result.example))
     if result.reproduce:
         lines.append(_field("reproduce", result.reproduce))
@@ -119,7 +129,8 @@ def write_json(
     setup_notes: Mapping[str, Sequence[str]] | None = None,
 ) -> None:
     """`{"version", "profile", "seed", "interrupted", "summary", "setup_notes", "results": [record, ...]}`, one
-    record per finished check; `interrupted` says the run was stopped before every check ran."""
+    record per finished check (`CheckResult.to_record`: its `failures` list each distinct failure as `{"message",
+    "example", "replay"}`); `interrupted` says the run was stopped before every check ran."""
     doc = {
         "version": JSON_SCHEMA_VERSION,
         "profile": profile,

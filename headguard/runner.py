@@ -15,6 +15,8 @@ from typing import Any
 from hypothesis import settings
 
 from headguard import profiles
+from headguard.failures import Failure, failures_of, from_group, hypothesis_example
+from headguard.errors import UsageError
 from headguard.isolation import CheckTimeout, is_out_of_memory, isolated_torch_state, seed_everything, time_limit
 from headguard.registry import CATALOGUE, Check, CheckContext, CheckFailure, CheckSkipped, load_catalogue
 from headguard.subject import ExpectedFailure, Subject
@@ -35,6 +37,9 @@ class CheckResult:
     example: str | None = None
     reproduce: str | None = None
     doc: str = ""
+    # Every distinct failure of a failed check, each with its own (shrunk) example; `message` and `example` hold
+    # the only one, or all of them as "[1] ...", "[2] ..." lines.
+    failures: list[Failure] = dataclasses.field(default_factory=list)
     where: str | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
     # Curves the check recorded (name -> series -> values), and the files a face drew from them (--plots).
@@ -46,10 +51,12 @@ class CheckResult:
 
     def to_record(self) -> dict[str, Any]:
         """A JSON-ready dict of every field but the exception."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "exception"}
+        record = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "exception"}
+        record["failures"] = [dataclasses.asdict(f) for f in self.failures]
+        return record
 
 
-class UnknownCheckError(KeyError):
+class UnknownCheckError(UsageError, KeyError):
     """A check name that is not in the catalogue; `str()` is one line with a suggestion."""
 
     def __str__(self) -> str:
@@ -246,27 +253,11 @@ def _run_one(subject: Subject, chk: Check, *, profile: str, seed: int, time_limi
 
 
 def as_check_failure(exc: BaseException) -> BaseException:
-    """Hypothesis reports several distinct failures as an ExceptionGroup; when every one is a CheckFailure, merge
-    them into one CheckFailure so that it counts as a failed property, not as an error."""
+    """Hypothesis reports several distinct failures as an ExceptionGroup; when every one is a CheckFailure, they are
+    one failed property (`DistinctFailures`, each failure with its own example), not an error."""
     if isinstance(exc, BaseExceptionGroup):
-        leaves = list(_leaves(exc))
-        if leaves and all(isinstance(e, CheckFailure) for e in leaves):
-            merged = CheckFailure(
-                "\n".join(f"[{i}] {e.message}" for i, e in enumerate(leaves, 1)),
-                example="\n".join(f"[{i}] {ex}" for i, e in enumerate(leaves, 1) if (ex := _example_of(e))) or None,
-                reproduce=next((e.reproduce for e in leaves if e.reproduce), None),
-            )
-            merged.__traceback__ = leaves[0].__traceback__
-            return merged
+        return from_group(exc) or exc
     return exc
-
-
-def _leaves(group: BaseExceptionGroup) -> Iterator[BaseException]:
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            yield from _leaves(exc)
-        else:
-            yield exc
 
 
 def _record_exception(result: CheckResult, exc: BaseException) -> None:
@@ -278,6 +269,7 @@ def _record_exception(result: CheckResult, exc: BaseException) -> None:
         return
     if isinstance(exc, CheckFailure):
         result.status = "failed"
+        result.failures = list(failures_of(exc))
         result.message = exc.message
         result.example = _example_of(exc)
         result.reproduce = _merge_reproduce(result.reproduce, exc.reproduce)
@@ -322,25 +314,6 @@ def _example_of(exc: CheckFailure) -> str | None:
     return exc.example or hypothesis_example(exc)
 
 
-def hypothesis_example(exc: BaseException) -> str | None:
-    """The "Falsifying example: ..." note Hypothesis attached to `exc` ("Failing test case: ..." in newer
-    releases), with any note() lines after it; None when Hypothesis found nothing. The explanation of covered lines
-    and the @reproduce_failure blob are left out: the reproduce command replaces them."""
-    notes = [str(n) for n in getattr(exc, "__notes__", ())]
-    start = next((i for i, n in enumerate(notes) if n.startswith(_EXAMPLE_PREFIXES)), None)
-    if start is None:
-        return None
-    kept = [notes[start]]
-    for note in notes[start + 1:]:
-        if note.startswith("Explanation:") or "reproduce this" in note or note.startswith(_EXAMPLE_PREFIXES):
-            break
-        kept.append(note)
-    return "\n".join(kept)
-
-
-_EXAMPLE_PREFIXES = ("Falsifying example", "Failing test case", "Falsifying explicit example")
-
-
 def _apply_expected_failure(result: CheckResult, declared: ExpectedFailure | str | None) -> None:
     """Strict expected failures, as pytest's xfail_strict: failing for the declared cause -> xfailed, passing ->
     failed, failing for another cause -> failed, saying so."""
@@ -348,7 +321,7 @@ def _apply_expected_failure(result: CheckResult, declared: ExpectedFailure | str
         return
     expected = ExpectedFailure.of(declared)
     reason = expected.reason
-    if expected.covers(result.status, result.message, result.exception):
+    if _covered(expected, result):
         result.status = "xfailed"
         result.message = f"expected failure: {reason}\nthe check said: {result.message}"
     elif result.status == "passed":
@@ -359,3 +332,9 @@ def _apply_expected_failure(result: CheckResult, declared: ExpectedFailure | str
                            f"match its cause {expected.match!r}: a different bug)")
     elif result.status == "error":
         result.message += f" (expected to fail because {reason}, but raised an error instead of failing)"
+
+
+def _covered(expected: ExpectedFailure, result: CheckResult) -> bool:
+    """Every distinct failure is of the declared cause: a second bug is never xfailed behind a known one."""
+    messages = [f.message for f in result.failures] or [result.message]
+    return all(expected.covers(result.status, message, result.exception) for message in messages)
