@@ -10,11 +10,17 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from hypothesis import given, seed, settings
+from hypothesis import Phase, given, reproduce_failure, seed, settings
+from hypothesis.database import ExampleDatabase
+from hypothesis.errors import DidNotReproduce, HypothesisException
 from torch import nn
 
+from headguard import engine
+from headguard.database import KeyedDatabase, open_database
+from headguard.failures import from_group, with_example
 from headguard.isolation import is_out_of_memory
 from headguard.layouts import LayoutMismatch
+from headguard.profiles import settings_for
 from headguard.registry import CheckContext, CheckFailure, CheckSkipped
 from headguard.registry import check as _register
 from headguard.strategies import from_head, is_per_image
@@ -36,7 +42,7 @@ def check(*, area: str, requires=(), gate: bool = False):
     def register(func):
         @functools.wraps(func)
         def single_threaded(subject, ctx):
-            with _threads(1):
+            with _threads(1), engine.checking(getattr(subject, "name", ""), func.__name__):
                 return func(subject, ctx)
 
         _register(area=area, requires=requires, name=func.__name__, gate=gate)(single_threaded)
@@ -304,35 +310,151 @@ def configured_prior(head: nn.Module, level: int, stride: float) -> float:
 
 # ------------------------------------------------------------------------------------------------- Hypothesis
 def run_property(ctx: CheckContext, inner: Callable, *strategies, max_examples: int | None = None, **kw) -> None:
-    """Run `inner(*drawn)` under the active profile (seeded with ctx.seed); a CheckFailure it raises comes back with
-    Hypothesis' "Falsifying example" note as `example`. `max_examples` caps the profile's count for costly checks."""
-    base = settings.get_profile(ctx.profile)
-    count = base.max_examples if max_examples is None else min(base.max_examples, max_examples)
-    # Shrinking stays on in every profile: the report promises the smallest failing input, and on the catalogue's
-    # small drawn recipes it costs seconds (benchmarks/time_to_verdict.py: every mutant's verdict under 5 s).
-    test = seed(ctx.seed)(settings(base, max_examples=max(1, count), database=None)(given(*strategies, **kw)(inner)))
+    """Run `inner(*drawn)` under the active profile (seeded with ctx.seed), with the example database and the other
+    options the faces set (`headguard.engine`). `max_examples` caps the profile's count for costly checks.
+
+    A CheckFailure comes back with Hypothesis' "Falsifying example" note as `example`; several distinct ones, each
+    shrunk on its own, as `DistinctFailures`. A crash (the subject or the check raised: an exception that is not a
+    CheckFailure, or a CheckFailure raised from one, as `call` does) ends the search at once, unshrunk: exploring
+    and shrinking an exception costs tens of seconds and says no more than the first one.
+    """
+    key = engine.next_key(inner.__name__)
+    options = engine.current()
+    if options.replay is not None and options.replay.check == key.check:
+        _replay(ctx, key, options, inner, strategies, kw)
+        return
+    search = _Search(inner, key)
     try:
-        test()
+        _hypothesis_test(ctx, key, options, search.guarded, strategies, kw, max_examples=max_examples)()
+    except _DeadlineReached:
+        return
+    except _Crashed as crash:
+        raise _crash_report(ctx, key, options, search, crash, strategies, kw, max_examples=max_examples) from None
     except CheckFailure as err:
-        raise _with_example(err) from None
-    except BaseExceptionGroup as group:  # several distinct failures: report the first property failure
-        match, _ = group.split(CheckFailure)
-        if match is None:
+        raise with_example(err) from None
+    except BaseExceptionGroup as group:  # several distinct failures, each shrunk
+        merged = from_group(group)
+        if merged is None:
             raise
-        first = match.exceptions[0]
-        while isinstance(first, BaseExceptionGroup):
-            first = first.exceptions[0]
-        raise _with_example(first) from None
+        raise merged from None
 
 
-def _with_example(err: CheckFailure) -> CheckFailure:
-    notes = list(getattr(err, "__notes__", []))
-    # Hypothesis titles the note "Falsifying example" after shrinking and "Failing test case" when a profile drops
-    # the shrink phase; report both under the contract's one name.
-    found = [n for n in notes if n.startswith(("Falsifying", "Failing test case"))]
-    example = "\n".join(n.replace("Failing test case:", "Falsifying example:", 1) for n in found) or err.example
-    reproduce = "\n".join(n.strip() for n in notes if "reproduce_failure" in n) or err.reproduce
-    return CheckFailure(err.message, example=example, reproduce=reproduce)
+def _hypothesis_test(ctx, key, options, func, strategies, kw, *, max_examples=None, **changes) -> Callable[[], None]:
+    base = settings_for(ctx.profile)
+    count = base.max_examples if max_examples is None else min(base.max_examples, max_examples)
+    # `seed` turns the database off in the settings it sees, so ours are applied over it. Shrinking stays on in
+    # every profile: the report promises the smallest failing input, and on the catalogue's small drawn recipes it
+    # costs seconds (benchmarks/time_to_verdict.py: every mutant's verdict under 5 s). The blob is printed for
+    # --save-regressions, which replays it.
+    chosen = settings(base, **{"max_examples": max(1, count), "database": _database(ctx, key, options),
+                               "print_blob": True, "report_multiple_bugs": True, **changes})
+    return chosen(seed(ctx.seed)(given(*strategies, **kw)(func)))
+
+
+def _database(ctx, key, options) -> ExampleDatabase | None:
+    db = open_database(None, profile=ctx.profile) if options.database is engine.DEFAULT else options.database
+    return None if db is None else KeyedDatabase(db, key)
+
+
+class _Crashed(BaseException):
+    """Carries the first crash out of Hypothesis (a BaseException, so it neither explores nor shrinks it)."""
+
+    def __init__(self, error: BaseException, call: str):
+        super().__init__(str(error))
+        self.error = error
+        self.call = call
+
+
+class _DeadlineReached(BaseException):
+    """The face's deadline passed before an example started (`headguard fuzz` ends the property there)."""
+
+
+def is_crash(err: BaseException) -> bool:
+    """An exception that says the subject or the check raised, rather than that a property is false."""
+    if isinstance(err, CheckFailure):
+        cause = err.__cause__
+        return isinstance(cause, Exception) and not isinstance(cause, (CheckFailure, HypothesisException))
+    return isinstance(err, Exception) and not isinstance(err, HypothesisException)
+
+
+class _Search:
+    """`inner` as the property Hypothesis searches: counts the examples, stops at the deadline unless something has
+    failed (it is shrinking), and turns the first crash into `_Crashed`."""
+
+    def __init__(self, inner: Callable, key: engine.PropertyKey):
+        self.inner, self.key = inner, key
+        self.failures_seen = 0
+        self.guarded = functools.wraps(inner)(lambda *args, **kwargs: self._run(*args, **kwargs))
+
+    def _run(self, *args, **kwargs):
+        if not self.failures_seen and engine.past_deadline():
+            raise _DeadlineReached
+        engine.count_example(self.key)
+        try:
+            return self.inner(*args, **kwargs)
+        except Exception as err:
+            if is_crash(err):
+                raise _Crashed(err, _call_text(self.inner, args, kwargs)) from err
+            if isinstance(err, CheckFailure):
+                self.failures_seen += 1
+            raise
+
+
+def _crash_report(ctx, key, options, search: _Search, crash: _Crashed, strategies, kw, *,
+                  max_examples: int | None) -> BaseException:
+    """The crash with Hypothesis' own account of the input: the same seeded search again, with no shrink phase and
+    property failures let pass, stops at the same first crash. When the rerun does not crash (a subject that is not
+    deterministic), the crash is reported with the repr of its arguments."""
+
+    def crash_only(*args, **kwargs):
+        try:
+            return search.inner(*args, **kwargs)
+        except CheckFailure as err:
+            if is_crash(err):
+                raise
+            return None
+
+    rerun = _hypothesis_test(ctx, key, options, functools.wraps(search.inner)(crash_only), strategies, kw,
+                             max_examples=max_examples, phases=(Phase.explicit, Phase.reuse, Phase.generate),
+                             report_multiple_bugs=False)
+    try:
+        rerun()
+    except Exception as err:  # noqa: BLE001  (the crash, now with Hypothesis' note of its input)
+        found = with_example(err) if isinstance(err, CheckFailure) else err
+    else:
+        found = crash.error
+        if isinstance(found, CheckFailure):
+            found = CheckFailure(found.message, example=f"Falsifying example: {crash.call}", reproduce=found.reproduce)
+        else:
+            found.add_note(f"Falsifying example: {crash.call}")
+    if search.failures_seen:
+        found.add_note(f"before this crash the property also failed on {search.failures_seen} input(s), not shrunk: "
+                       "fix the crash and run again to see them")
+    return found
+
+
+def _call_text(func: Callable, args, kwargs) -> str:
+    parts = [repr(a) for a in args] + [f"{k}={v!r}" for k, v in kwargs.items()]
+    return f"{func.__name__}({', '.join(parts)})"
+
+
+def _replay(ctx, key, options, inner, strategies, kw) -> None:
+    """Run the one input of `options.replay` (a `@reproduce_failure` blob); an input on which the property now holds
+    passes (Hypothesis would call that DidNotReproduce)."""
+    held = []
+
+    def once(*args, **kwargs):
+        inner(*args, **kwargs)
+        held.append(True)
+
+    test = _hypothesis_test(ctx, key, options, functools.wraps(inner)(once), strategies, kw)
+    try:
+        reproduce_failure(options.replay.version, options.replay.blob)(test)()
+    except DidNotReproduce:
+        if not held:
+            raise
+    except CheckFailure as err:
+        raise with_example(err) from None
 
 
 __all__ = [
@@ -355,6 +477,7 @@ __all__ = [
     "missing_gradient",
     "items_close",
     "ordinary_targets",
+    "is_crash",
     "run_property",
     "select_images",
     "train_preds",
