@@ -1,4 +1,5 @@
-"""`headguard check [TARGET ...]`: run the check catalogue on heads and report.
+"""`headguard check [TARGET ...]`: run the check catalogue on heads and report; `headguard fuzz TARGET ...
+--minutes N`: run it round-robin with fresh seeds until the time is spent; `headguard list`.
 
 Exit status: 0 when every check that ran passed (expected failures allowed); 1 when a check failed or errored; 2 for
 usage and import errors (one line on stderr); 5 when nothing was checked (no selected check applies, everything was
@@ -15,9 +16,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from headguard import plots, report
-from headguard.profiles import PROFILES, TIME_LIMITS_S
+from headguard import engine, plots, report
+from headguard.database import DEFAULT_DIRECTORY, DatabaseError, open_database
+from headguard.fuzz import Run, format_summary, fuzz
+from headguard.profiles import CHOICES, TIME_LIMITS_S
 from headguard.progress import Progress
+from headguard.regressions import Found, write_regressions
 from headguard.runner import (
     UnknownCheckError, known_checks, not_applicable, run_checks, select_checks, validate_names,
 )
@@ -26,12 +30,12 @@ from headguard.targets import REFERENCE_TARGETS, TargetError, resolve_target
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOTHING_CHECKED, EXIT_INTERRUPTED = 0, 1, 2, 5, 130
 
 
-def add_run_options(addoption: Callable[..., Any], *, prefix: str = "") -> None:
-    """The options shared by `headguard check` (prefix "") and `pytest` (prefix "headguard-"), declared once.
-    `addoption` is `argparse.ArgumentParser.add_argument` or pytest's `OptionGroup.addoption`."""
-    addoption(f"--{prefix}profile", choices=PROFILES, default="dev",
-              help="Hypothesis profile for the checks: dev (quick), ci (derandomized), fuzz (many examples); "
-                   "default: %(default)s")
+def add_run_options(addoption: Callable[..., Any], *, prefix: str = "", profile: str = "headguard-dev") -> None:
+    """The options shared by `headguard check`/`fuzz` (prefix "") and `pytest` (prefix "headguard-"), declared
+    once. `addoption` is `argparse.ArgumentParser.add_argument` or pytest's `OptionGroup.addoption`."""
+    addoption(f"--{prefix}profile", choices=CHOICES, default=profile,
+              help="Hypothesis profile for the checks: headguard-dev (quick), headguard-ci (derandomized), "
+                   "headguard-fuzz (many examples); dev, ci and fuzz are short for them; default: %(default)s")
     addoption(f"--{prefix}seed", type=int, default=0, metavar="N",
               help="seed for building each head (its initial weights) and for the checks' generators, shown in every "
                    "reproduce command; default: %(default)s")
@@ -39,6 +43,10 @@ def add_run_options(addoption: Callable[..., Any], *, prefix: str = "") -> None:
               help="time limit of each check; a check past it fails, naming where it was stuck; default: the "
                    "HeadSpec's timeout, else the profile's (" + ", ".join(
                        f"{name} {int(limit)} s" for name, limit in TIME_LIMITS_S.items()) + ")")
+    addoption(f"--{prefix}database", default=None, metavar="DIR|URL|none",
+              help="the example database, replayed first on the next run: a directory, a Redis URL "
+                   "(redis://host:port/N, shared by CI workers) or none; default: "
+                   f"{DEFAULT_DIRECTORY} for a randomised profile, none for headguard-ci")
 
 
 def _positive_seconds(text: str) -> float:
@@ -68,10 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "heads:Detect and heads:Polygon.")
     check.add_argument("targets", nargs="*", metavar="TARGET", help="module:attr, imported from the current directory")
     add_run_options(check.add_argument)
-    check.add_argument("--select", action="extend", nargs="+", default=[], metavar="CHECK",
-                       help="run only these checks (names or comma-separated lists; put TARGETs before this option)")
-    check.add_argument("--deselect", action="extend", nargs="+", default=[], metavar="CHECK",
-                       help="skip these checks")
+    _add_selection_options(check)
     check.add_argument("--json", metavar="PATH", help="write one JSON record per check to PATH")
     check.add_argument("--junit", metavar="PATH", help="write JUnit XML (a testsuite per target) to PATH")
     check.add_argument("--plots", metavar="DIR",
@@ -79,11 +84,39 @@ def build_parser() -> argparse.ArgumentParser:
                             "BatchNorm range per step) as PNG files in DIR; the reports name them (needs matplotlib: "
                             f"{plots.INSTALL_HINT})")
     check.add_argument("-x", "--exitfirst", action="store_true", help="stop after the first failed check")
+    _add_regressions_option(check)
     check.set_defaults(func=_cmd_check)
+
+    fuzzing = sub.add_parser("fuzz", help="run the checks round-robin with fresh seeds until a time budget is spent",
+                             description="Run the checks on each TARGET round-robin, each run with a fresh seed, "
+                                         "under the fuzz profile and the example database, until the budget is "
+                                         "spent; then print a summary.")
+    fuzzing.add_argument("targets", nargs="+", metavar="TARGET", help="module:attr, imported from the current "
+                                                                       "directory")
+    budget = fuzzing.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--minutes", type=_positive_seconds, metavar="N", help="the time budget in minutes")
+    budget.add_argument("--seconds", type=_positive_seconds, metavar="N", help="the time budget in seconds")
+    add_run_options(fuzzing.add_argument, profile="headguard-fuzz")
+    _add_selection_options(fuzzing)
+    _add_regressions_option(fuzzing)
+    fuzzing.set_defaults(func=_cmd_fuzz)
 
     listing = sub.add_parser("list", help="list the checks in the catalogue")
     listing.set_defaults(func=_cmd_list)
     return parser
+
+
+def _add_selection_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--select", action="extend", nargs="+", default=[], metavar="CHECK",
+                        help="run only these checks (names or comma-separated lists; put TARGETs before this option)")
+    parser.add_argument("--deselect", action="extend", nargs="+", default=[], metavar="CHECK",
+                        help="skip these checks")
+
+
+def _add_regressions_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--save-regressions", metavar="DIR",
+                        help="write each failure as a pytest file in DIR that replays its input: it fails while the "
+                             "bug is there and passes once it is fixed")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -112,24 +145,36 @@ def _names(values: Sequence[str]) -> list[str]:
     return [name.strip() for value in values for name in value.split(",") if name.strip()]
 
 
+_USAGE_ERRORS = (TargetError, UnknownCheckError, DatabaseError, plots.PlotsUnavailableError)
+
+
+def _prepare(args: argparse.Namespace, targets: Sequence[str]) -> tuple[list, Any]:
+    """Validate the options and load the targets: (subjects, example database). Raises one of `_USAGE_ERRORS` or
+    `_UnwritableReport`, whose text is the one line the CLI prints."""
+    for name in _names(args.select):
+        if ":" in name:
+            raise TargetError(f"{name!r} after --select looks like a TARGET; put TARGETs before --select")
+    validate_names(_names(args.select), where="--select")
+    validate_names(_names(args.deselect), where="--deselect")
+    for option, path in (("--json", getattr(args, "json", None)), ("--junit", getattr(args, "junit", None))):
+        if path:
+            _check_writable(option, path)
+    if getattr(args, "plots", None):
+        _check_plots_dir(args.plots)
+    if args.save_regressions:
+        _check_directory("--save-regressions", args.save_regressions)
+    database = open_database(args.database, profile=args.profile)
+    subjects = [resolve_target(t, seed=args.seed, timeout=args.timeout) for t in targets]
+    for subject in subjects:
+        validate_names(subject.expected_failures, where=f"the expected_failures of {subject.name}")
+    return subjects, database
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
     select, deselect = _names(args.select), _names(args.deselect)
-    targets = args.targets or list(REFERENCE_TARGETS)
     try:
-        for name in select:
-            if ":" in name:
-                raise TargetError(f"{name!r} after --select looks like a TARGET; put TARGETs before --select")
-        validate_names(select, where="--select")
-        validate_names(deselect, where="--deselect")
-        for option, path in (("--json", args.json), ("--junit", args.junit)):
-            if path:
-                _check_writable(option, path)
-        if args.plots:
-            _check_plots_dir(args.plots)
-        subjects = [resolve_target(t, seed=args.seed, timeout=args.timeout) for t in targets]
-        for subject in subjects:
-            validate_names(subject.expected_failures, where=f"the expected_failures of {subject.name}")
-    except (TargetError, UnknownCheckError, _UnwritableReport, plots.PlotsUnavailableError) as exc:
+        subjects, database = _prepare(args, args.targets or list(REFERENCE_TARGETS))
+    except (*_USAGE_ERRORS, _UnwritableReport) as exc:
         return _usage_error(str(exc))
     except KeyboardInterrupt:
         print("headguard: interrupted while loading the targets; nothing was checked", file=sys.stderr)
@@ -150,8 +195,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
             progress.on_target(subject, len(checks))
             for result in not_applicable(subject, select=select):
                 finished(result)
-            run_checks(subject, checks, profile=args.profile, seed=args.seed, timeout=args.timeout,
-                       exitfirst=args.exitfirst, on_start=progress.on_start, on_finish=finished)
+            with engine.options(database=database):
+                run_checks(subject, checks, profile=args.profile, seed=args.seed, timeout=args.timeout,
+                           exitfirst=args.exitfirst, on_start=progress.on_start, on_finish=finished)
             if args.exitfirst and any(r.status in ("failed", "error") for r in results):
                 break
     except KeyboardInterrupt:
@@ -169,7 +215,52 @@ def _cmd_check(args: argparse.Namespace) -> int:
         report.write_json(args.json, results, interrupted=interrupted, setup_notes=notes, **run)
     if args.junit:
         report.write_junit(args.junit, results, **run)
+    if args.save_regressions:
+        _save_regressions(args, [Found(r, args.seed, args.seed, args.profile) for r in results])
     return _exit_status(results, interrupted=interrupted)
+
+
+def _save_regressions(args: argparse.Namespace, found: Sequence[Found]) -> None:
+    for path in write_regressions(args.save_regressions, found):
+        print(f"headguard: wrote regression test {path}", file=sys.stderr)
+
+
+def _cmd_fuzz(args: argparse.Namespace) -> int:
+    budget_s = args.seconds if args.seconds is not None else args.minutes * 60.0
+    if args.database is None:  # the fuzz run's memory is the point: on even under a derandomized profile
+        args.database = DEFAULT_DIRECTORY
+    try:
+        subjects, database = _prepare(args, args.targets)
+    except (*_USAGE_ERRORS, _UnwritableReport) as exc:
+        return _usage_error(str(exc))
+    except KeyboardInterrupt:
+        print("headguard: interrupted while loading the targets; nothing was fuzzed", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    plan = [(s, select_checks(s, select=_names(args.select), deselect=_names(args.deselect))) for s in subjects]
+    print(f"headguard fuzz: {sum(len(c) for _, c in plan)} checks for {budget_s:g}s, profile {args.profile}, seeds "
+          f"from {args.seed}, database {database!r}", file=sys.stderr)
+    summary = fuzz(plan, budget_s=budget_s, profile=args.profile, seed=args.seed, timeout=args.timeout,
+                   database=database, on_finish=_fuzz_progress(time.monotonic()))
+    failed = [run.result for run in summary.failed]
+    if failed:
+        sys.stdout.write("=" * 30 + " failures " + "=" * 30 + "\n")
+        sys.stdout.write("".join(report.format_failure(r) + "\n\n" for r in failed))
+    sys.stdout.write(format_summary(summary))
+    if args.save_regressions:
+        _save_regressions(args, [Found(run.result, run.seed, args.seed, args.profile) for run in summary.failed])
+    if summary.interrupted:
+        print("headguard: fuzzing interrupted: summarised the runs that finished", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _fuzz_progress(start: float) -> Callable[[Run], None]:
+    def show(run: Run) -> None:
+        r = run.result
+        print(f"[{time.monotonic() - start:7.1f}s] round {run.round} seed {run.seed} {r.target}::{r.name}: "
+              f"{r.status}, {run.examples} examples, {r.duration_s:.1f}s", file=sys.stderr, flush=True)
+
+    return show
 
 
 def _exit_status(results: Sequence, *, interrupted: bool) -> int:
@@ -192,15 +283,19 @@ class _UnwritableReport(Exception):
 def _check_plots_dir(directory: str) -> None:
     """--plots needs matplotlib and a directory it can write: refuse before the run, not after it."""
     plots.require_matplotlib()
+    _check_directory("--plots", directory)
+
+
+def _check_directory(option: str, directory: str) -> None:
     target = pathlib.Path(directory)
     if target.exists() and not target.is_dir():
-        raise _UnwritableReport(f"cannot write --plots {directory}: not a directory")
+        raise _UnwritableReport(f"cannot write {option} {directory}: not a directory")
     try:
         target.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise _UnwritableReport(f"cannot write --plots {directory}: {exc.strerror or exc}") from None
+        raise _UnwritableReport(f"cannot write {option} {directory}: {exc.strerror or exc}") from None
     if not os.access(target, os.W_OK):
-        raise _UnwritableReport(f"cannot write --plots {directory}: Permission denied")
+        raise _UnwritableReport(f"cannot write {option} {directory}: Permission denied")
 
 
 def _check_writable(option: str, path: str) -> None:

@@ -19,8 +19,10 @@ from typing import Any
 import pytest
 from hypothesis import settings
 
-import headguard.profiles  # (registers dev, ci and fuzz before Hypothesis reads --hypothesis-profile)
+import headguard.profiles  # (registers headguard-dev/-ci/-fuzz before Hypothesis reads --hypothesis-profile)
+from headguard import engine
 from headguard.cli import add_run_options
+from headguard.database import DatabaseError, open_database
 from headguard.registry import Check
 from headguard.report import format_failure
 from headguard.runner import CheckResult, UnknownCheckError, reproduce_command, run_check, select_checks, validate_names
@@ -34,6 +36,7 @@ class _Options:
     profile: str
     seed: int
     timeout: float | None
+    database: Any
 
 
 _OPTIONS = pytest.StashKey[_Options]()
@@ -50,11 +53,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "cuda: needs a CUDA device; skipped (not passed) without one")
     config.addinivalue_line("markers", "slow: takes more than a few seconds on a 2-core CPU")
+    profile = config.getoption("headguard_profile")
+    targets = tuple(config.getoption("headguard"))
+    try:  # opened only for a --headguard run: a Redis URL is reached once per process (each xdist worker)
+        database = (open_database(config.getoption("headguard_database"), profile=profile,
+                                  option="--headguard-database") if targets else None)
+    except DatabaseError as exc:
+        raise pytest.UsageError(str(exc)) from None
     config.stash[_OPTIONS] = _Options(
-        targets=tuple(config.getoption("headguard")),
-        profile=config.getoption("headguard_profile"),
+        targets=targets,
+        profile=profile,
         seed=config.getoption("headguard_seed"),
         timeout=config.getoption("headguard_timeout"),
+        database=database,
     )
 
 
@@ -146,8 +157,9 @@ class HeadguardItem(pytest.Item):
 
     def runtest(self) -> None:
         opts = self.config.stash[_OPTIONS]
-        self.result = result = run_check(self.parent.subject, self.check, profile=opts.profile, seed=opts.seed,
-                                         timeout=opts.timeout)
+        with engine.options(database=opts.database):
+            self.result = result = run_check(self.parent.subject, self.check, profile=opts.profile, seed=opts.seed,
+                                             timeout=opts.timeout)
         self.user_properties.append(("reproduce", result.reproduce or ""))
         _raise_outcome(result, self.parent.subject)
 
@@ -184,7 +196,8 @@ class BoundCheck:
     def __call__(self, subject: Subject) -> None:
         __tracebackhide__ = True
         current = settings.get_current_profile_name()
-        profile = current if current in headguard.profiles.PROFILES else "dev"
+        # A short name means ours here even where it is registered as another profile (Hypothesis' own `ci`).
+        profile = current if current in headguard.profiles.CHOICES else "headguard-dev"
         result = run_check(subject, self.check, profile=profile, seed=self.seed)
         result.reproduce = self.reproduce(profile)
         _raise_outcome(result, subject)
