@@ -131,7 +131,7 @@ def check_loss_batch_replication(subject, ctx):
     def inner(batch, k):
         # Boxes fitted to the first object keep the sum of target scores >= 1, so max(1, .) does not clamp; that
         # needs anchors inside it (>= 16 px at stride 8 in a 64 px image).
-        assume(float(batch["bboxes"][0, 2:].min()) >= 0.25)
+        assume(float(batch["bboxes"][0, 2:4].min()) >= 0.25)  # w, h (a rotated box's angle is no size)
         preds = fit_boxes_to_first_object(raw_preds, batch, subject.strides)
         _, one = _loss(loss, preds, batch)
         many_preds, many_batch = _replicate(preds, batch, k)
@@ -200,7 +200,7 @@ def check_loss_target_order_invariant(subject, ctx):
         # Keep rows grouped by image (the Ultralytics batch convention); shuffle within each image.
         perm = perm[batch["batch_idx"][perm].argsort(stable=True)]
         _, before = _loss(loss, preds, batch)
-        _, after = _loss(loss, preds, {k: v[perm] for k, v in batch.items()})
+        _, after = _loss(loss, preds, hs.reorder_objects(batch, perm))
         bad = items_close(before, after, rtol=RTOL, atol=ATOL)
         if bad:
             raise CheckFailure(
@@ -367,6 +367,7 @@ def check_assigner_coverage(subject, ctx):
     """
     _, loss, preds = _setup(subject, ctx, batch=1, image_size=(64, 64))
     reg_max = preds["boxes"].shape[1] // 4
+    bound = hs.from_head(subject)
 
     def inner(cx, cy, side, score_logit, box_mode):
         wild = detached_preds(preds)
@@ -380,7 +381,7 @@ def check_assigner_coverage(subject, ctx):
             angle = torch.arange(subject.num_vertices) * (2 * math.pi / subject.num_vertices)
             batch["polygons"] = torch.stack((cx + side / 2 * angle.cos(), cy + side / 2 * angle.sin()), -1).unsqueeze(0)
             batch["polygon_mask"] = torch.ones(1, subject.num_vertices, dtype=torch.bool)
-        _, items = _loss(loss, wild, batch)
+        _, items = _loss(loss, wild, bound.task_targets(batch, batch_size=1))
         if not items["box_loss"] > 0:
             raise CheckFailure(
                 f"an object ({cx:.3g}, {cy:.3g}, side {side:.3g}, normalised) with anchors inside it got no positive "
