@@ -1,12 +1,13 @@
 """headguard: property-based and fuzz tests for object-detector heads."""
 
+from headguard.errors import UsageError
 from headguard.registry import CheckFailure, CheckSkipped, check
-from headguard.subject import HeadSpec, Subject, build_subject
+from headguard.subject import ExpectedFailure, HeadSpec, Subject, build_subject
 
 __all__ = [
-    "CATALOGUE", "CheckFailure", "CheckResult", "CheckSkipped", "HeadSpec", "NonFiniteOrigin", "ShapeLossSpec",
-    "Subject",
-    "build_subject", "check", "locate_nonfinite", "parametrize_with_checks", "run_checks",
+    "CATALOGUE", "CheckFailure", "CheckResult", "CheckSkipped", "ExpectedFailure", "HeadSpec", "NonFiniteOrigin",
+    "ShapeLossSpec", "Subject", "UsageError", "build_subject", "check", "check_head", "locate_nonfinite",
+    "parametrize_with_checks", "run_checks",
 ]
 __version__ = "0.1.0"
 
@@ -18,6 +19,7 @@ _LAZY = {
     "NonFiniteOrigin": "headguard.tracing",
     "parametrize_with_checks": "headguard.plugin",
     "ShapeLossSpec": "headguard.shapes",
+    "check_head": "headguard.api",
 }
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from headguard.checks._common import features, ordinary_targets
+from headguard.errors import UsageError
 from headguard.subject import Subject
 
 LOSS_CONTRACT = (
@@ -17,7 +18,7 @@ LOSS_CONTRACT = (
 )
 
 
-class ContractError(Exception):
+class ContractError(UsageError):
     """A subject whose loss does not keep the loss contract; `str()` says what it returned and what is expected."""
 
 

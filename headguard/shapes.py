@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from headguard.errors import UsageError
 from headguard.subject import ExpectedFailure
 
 CLAIMS: Mapping[str, str] = {
@@ -36,7 +37,7 @@ CLAIMS: Mapping[str, str] = {
 DEFAULT_CLAIMS = frozenset(CLAIMS) - {"approximates_iou"}
 
 
-class ShapeLossError(ValueError):
+class ShapeLossError(UsageError, ValueError):
     """A shape loss that cannot be checked (it returns the wrong shape, raises on an ordinary pair); one line."""
 
 
