@@ -16,6 +16,8 @@ import subprocess
 import sys
 import time
 
+from headguard import profiles
+
 TARGET_S = 60.0
 
 
@@ -28,7 +30,7 @@ def command(profile: str, extra: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", "--runs", type=int, default=3)
-    parser.add_argument("--profile", default="ci", choices=("dev", "ci", "fuzz"))
+    parser.add_argument("--profile", default="headguard-ci", choices=profiles.CHOICES)
     parser.add_argument("extra", nargs="*", help="passed to headguard check (after --)")
     args = parser.parse_args(argv)
 

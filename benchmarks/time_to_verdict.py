@@ -18,6 +18,8 @@ import pathlib
 import sys
 import time
 
+from headguard import profiles
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BUGS = ("R0", "R1", "R2", "R4", "R5", "R7", "R8", "R9", "R10")
 TARGET_S = 10.0
@@ -76,7 +78,7 @@ def time_one(spec, name: str, *, baseline: set[str], profile: str, seed: int) ->
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", default="ci", choices=("dev", "ci", "fuzz"))
+    parser.add_argument("--profile", default="headguard-ci", choices=profiles.CHOICES)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 

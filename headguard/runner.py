@@ -14,9 +14,9 @@ from typing import Any
 
 from hypothesis import settings
 
-from headguard import profiles
-from headguard.failures import Failure, failures_of, from_group, hypothesis_example
+from headguard import engine, profiles
 from headguard.errors import UsageError
+from headguard.failures import Failure, failures_of, from_group, hypothesis_example
 from headguard.isolation import CheckTimeout, is_out_of_memory, isolated_torch_state, seed_everything, time_limit
 from headguard.registry import CATALOGUE, Check, CheckContext, CheckFailure, CheckSkipped, load_catalogue
 from headguard.subject import ExpectedFailure, Subject
@@ -228,7 +228,9 @@ def _run_one(subject: Subject, chk: Check, *, profile: str, seed: int, time_limi
         result.started_at = time.perf_counter()
         ctx = CheckContext(profile=profile, seed=seed)
         try:
-            with time_limit(time_limit_s):
+            # Keyed per subject and check, so that the example database never mixes two subjects' examples (the
+            # catalogue's decorator does the same for direct calls; a user's own check gets it only here).
+            with time_limit(time_limit_s), engine.checking(subject.name, chk.name):
                 chk.func(subject, ctx)
         except CheckSkipped as exc:
             result.status, result.message = "skipped", str(exc)
@@ -236,6 +238,7 @@ def _run_one(subject: Subject, chk: Check, *, profile: str, seed: int, time_limi
             result.status, result.where = "failed", exc.where
             result.message = (f"{chk.name} {exc}: the head or loss hangs or is far slower than expected (if it is "
                               "only slow, raise --timeout or HeadSpec(timeout=...))")
+            result.failures = [Failure(result.message)]
         except SystemExit as exc:
             result.status = "error"
             result.message = (f"the subject called sys.exit({exc.code!r}) during the check; a head or loss must "

@@ -209,8 +209,7 @@ def _layout_of(spec: HeadSpec, head: nn.Module, channels, strides, nc: int):
         preds = layout.parse_train(out, geometry)
     except LayoutMismatch:
         return layout, detected, {}, False
-    packed = layout.pack_train(preds, geometry)
-    same = isinstance(out, Mapping) and isinstance(packed, Mapping) and list(packed) == list(out)
+    same = isinstance(out, Mapping) and list(preds) == list(out)  # the named outputs are the head's own dict
     return layout, detected, preds, not same
 
 

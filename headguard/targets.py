@@ -17,6 +17,7 @@ from torch import nn
 
 import heads
 import losses
+from headguard.adapters.ultralytics import default_spec_for
 from headguard.contracts import ContractError, check_loss_contract
 from headguard.errors import UsageError
 from headguard.isolation import CheckTimeout, isolated_torch_state, seeded, time_limit
@@ -149,8 +150,6 @@ def spec_for(obj: Any, *, name: str) -> HeadSpec:
         return obj
     if isinstance(obj, type) and issubclass(obj, nn.Module):
         # Ultralytics' own task heads get their own task loss; ultralytics itself is imported only for them.
-        from headguard.adapters.ultralytics import default_spec_for
-
         return reference_specs().get(obj) or default_spec_for(obj) or HeadSpec(head=obj)
     raise TargetError(f"{name} is {_describe(obj)}, not a subject: expected a head (an nn.Module subclass or a "
                       "headguard.HeadSpec) or a shape loss (fn(pred, target, ...) or a headguard.ShapeLossSpec)")

@@ -24,9 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from headguard.layouts import ULTRALYTICS_84, Geometry
 from headguard.reference import R11
-from headguard.subject import HeadSpec, LayoutAdaptedLoss
+from headguard.subject import HeadSpec
 
 # Ultralytics' default gains; our DetectionGains default to the same values.
 DEFAULT_GAINS = {"box": 7.5, "cls": 0.5, "dfl": 1.5}
@@ -127,24 +126,8 @@ def default_spec_for(head_class: type) -> HeadSpec | None:
     from ultralytics.utils import loss as ultralytics_losses
 
     loss_class = getattr(ultralytics_losses, TASK_LOSSES[task_head.__name__])
-    return HeadSpec(head=head_class, loss=_reading_raw_keys(ultralytics_loss(loss_class)),
+    return HeadSpec(head=head_class, loss=ultralytics_loss(loss_class),
                     expected_failures=dict(KNOWN_FAILURES))
-
-
-def _reading_raw_keys(factory: Callable[[nn.Module], Any]) -> Callable[[nn.Module], Any]:
-    """`factory` with its criterion behind the 8.4 layout: checks hold named outputs ("keypoints", "angles",
-    "mask_coefficients", "prototypes"), Ultralytics' losses read the head's own keys ("kpts", "angle", ...).
-
-    Why here: `subject._layout_of` decides that a dict head needs no packing when its raw keys survive a round trip,
-    which they always do, so the subject hands named outputs to the head's own loss unrenamed. Remove this once
-    `needs_packing` compares the named outputs' keys with the head's (a raw dict passes through unchanged)."""
-
-    def build(head: nn.Module) -> Any:
-        geometry = Geometry(nc=int(head.nc), reg_max=int(head.reg_max))
-        return LayoutAdaptedLoss(factory(head), ULTRALYTICS_84, geometry, wants_named=False)
-
-    build.__qualname__ = factory.__qualname__
-    return build
 
 
 __all__ = [

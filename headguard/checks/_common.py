@@ -159,7 +159,7 @@ def fit_boxes_to_first_object(preds: Mapping[str, Any], batch: Mapping[str, torc
         rows = (batch["batch_idx"] == i).nonzero().flatten()
         if len(rows) == 0:
             continue
-        cx, cy, w, h = batch["bboxes"][rows[0]].double().tolist()
+        cx, cy, w, h = batch["bboxes"][rows[0], :4].double().tolist()  # xywh (an OBB's angle column follows)
         x1, y1, x2, y2 = (cx - w / 2) * img_w, (cy - h / 2) * img_h, (cx + w / 2) * img_w, (cy + h / 2) * img_h
         px, py = anchor[:, 0] * stride, anchor[:, 1] * stride
         ltrb = torch.stack((px - x1, py - y1, x2 - px, y2 - py)) / stride  # (4, A) in cells

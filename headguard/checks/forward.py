@@ -90,9 +90,11 @@ def _min_side(subject) -> int:
     return int(max(subject.strides)) + 1
 
 
-def _reference_decode(subject, head, preds, feats) -> torch.Tensor:
-    """The documented decode, in float64, from the raw training dict: DFL expectation -> ltrb distances -> xywh
-    pixels; sigmoid scores; vertices (2 * raw + anchor - 0.5) * stride."""
+def _reference_decode(subject, head, preds, feats) -> tuple[torch.Tensor, list[int]]:
+    """(the documented decode in float64, the rows of eval y it gives) from the raw training outputs: DFL
+    expectation -> ltrb distances -> xywh pixels; sigmoid scores; vertices (2 * raw + anchor - 0.5) * stride.
+    Rows with no documented decode here are left out: rotated boxes (their xywh depend on the angle), keypoints,
+    angles and mask coefficients."""
     points, strides = anchor_grid(feats, subject.strides)
     anchor, stride = points.T.unsqueeze(0), strides.view(1, 1, -1)  # (1, 2, A), (1, 1, A)
     raw = preds["boxes"].double()
@@ -105,13 +107,17 @@ def _reference_decode(subject, head, preds, feats) -> torch.Tensor:
         dist = raw
     lt, rb = dist[:, :2], dist[:, 2:]
     xywh = torch.cat(((anchor + (rb - lt) / 2), lt + rb), 1) * stride
-    parts = [xywh, preds["scores"].double().sigmoid()]
+    nc = preds["scores"].shape[1]
+    parts, rows = [preds["scores"].double().sigmoid()], list(range(4, 4 + nc))
+    if "angles" not in preds:
+        parts, rows = [xywh, *parts], [0, 1, 2, 3, *rows]
     if "polygons" in preds:
         poly = preds["polygons"].double()
         npv = poly.shape[1] // 2
         xy = poly.view(b, npv, 2, a)
         parts.append(((2 * xy + anchor.unsqueeze(1) - 0.5) * stride.unsqueeze(1)).view(b, 2 * npv, a))
-    return torch.cat(parts, 1)
+        rows += list(range(4 + nc, 4 + nc + 2 * npv))
+    return torch.cat(parts, 1), rows
 
 
 @check(area="forward")
@@ -150,17 +156,18 @@ def check_decode_consistency(subject, ctx):
             )
         if not raw_finite:
             return
-        expected = _reference_decode(subject, head, preds, feats)
+        expected, rows = _reference_decode(subject, head, preds, feats)
+        got = y.double()[:, rows]
         # fp32: agreement to float rounding. bf16/fp16 keep 8/11 mantissa bits, so allow 2^-5 relative and 1 px;
         # a clamp (R9: raw clamped to +-50 at inference only) is off by whole strides.
         rtol, atol = (1e-5, 1e-3) if precision == "float32" else (2.0**-5, 1.0)
-        bad = (y.double() - expected).abs() > atol + rtol * expected.abs()
+        bad = (got - expected).abs() > atol + rtol * expected.abs()
         if bool(bad.any()):
-            row = int(bad.nonzero()[0, 1])
+            row = rows[int(bad.nonzero()[0, 1])]
             where = "boxes" if row < 4 else "scores" if row < 4 + subject.nc else "vertices"
             raise CheckFailure(
                 f"the inference decode disagrees with the training decode of the same raw outputs in y row {row} "
-                f"({where}): max |difference| {float((y.double() - expected).abs().max()):.4g} ({precision}, final "
+                f"({where}): max |difference| {float((got - expected).abs().max()):.4g} ({precision}, final "
                 f"vertex bias {raw_bias:g}); inference must decode exactly as the loss does, with nothing clamped"
             )
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from headguard import strategies as hs
 from headguard.checks._common import (
     IMAGE_SIZE,
     branch_by_out_channels,
@@ -102,7 +103,7 @@ def _reinit_finals(head, feats, seed) -> nn.Module:
 
 @check(area="head")
 def check_final_convs_initialised(subject, ctx):
-    """Every final conv of every branch is deliberately initialised (R1, R2).
+    """The box and class branches' final convs are deliberately initialised; no final weight is all zero (R1, R2).
 
     Rule: reset every final conv with PyTorch's default (random) init under two different seeds, run the head's own
     `bias_init()` on each copy, and compare. A bias that `bias_init()` sets deliberately comes out identical in both;
@@ -123,9 +124,13 @@ def check_final_convs_initialised(subject, ctx):
             "PyTorch's default uniform init: give the head a bias_init() that sets each one deliberately"
         )
     twins = [_reinit_finals(head, feats, ctx.seed + s) for s in (1, 2)]
+    # The box and class biases have one right value (the box prior, log of the class prior): judged strictly.
+    # Offset branches (vertices, keypoints, angles, mask coefficients) may keep a default bias: their init is judged
+    # by its effect (check_initial_predictions_sane), and any of their final weights must still be non-zero (R2).
+    strict = {*branch_by_out_channels(finals, 4 * _reg_max(head)), *branch_by_out_channels(finals, head.nc)}
     untouched, zero = [], []
-    for (_, _, name, conv) in finals:
-        if conv.bias is not None:
+    for (bname, _, name, conv) in finals:
+        if conv.bias is not None and bname in strict:
             a, b = (dict(t.named_modules())[name].bias for t in twins)
             if not torch.equal(a, b):
                 untouched.append(name)
@@ -295,7 +300,7 @@ def _per_level_targets(subject, head) -> dict[str, torch.Tensor]:
         ring = torch.stack((angle.cos(), angle.sin()), -1)  # (np, 2)
         out["polygons"] = 0.5 + ring.unsqueeze(0) * boxes[:, 2:].unsqueeze(1) / 2
         out["polygon_mask"] = torch.ones(n, npv, dtype=torch.bool)
-    return out
+    return hs.from_head(subject).task_targets(out, batch_size=1)  # keypoints, angles, masks for task heads
 
 
 def _backward_at_init(subject, ctx):

@@ -147,7 +147,8 @@ USAGE_ERRORS = [
     (["--select", "check_fails", "tinyheads:TINY"], "headguard: error: 'tinyheads:TINY' after --select looks like a "
                                                     "TARGET; put TARGETs before --select"),
     (["--profile", "slow"], "headguard check: error: argument --profile: invalid choice: 'slow' (choose from "
-                            "'dev', 'ci', 'fuzz') (see headguard check --help)"),
+                            "'headguard-dev', 'headguard-ci', 'headguard-fuzz', 'dev', 'ci', 'fuzz') (see headguard "
+                            "check --help)"),
 ]
 
 

@@ -12,7 +12,7 @@ from headguard import report
 from headguard.runner import STATUSES, CheckResult
 
 RECORD_KEYS = {"target", "name", "status", "duration_s", "message", "example", "reproduce", "doc", "where",
-               "notes", "series", "artifacts", "started_at", "finished_at"}
+               "notes", "series", "artifacts", "failures", "started_at", "finished_at"}
 
 texts = st.text(st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), max_size=40)
 results_strategy = st.lists(

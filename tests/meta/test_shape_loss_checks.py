@@ -23,8 +23,8 @@ from headguard.targets import subject_from
 
 PROFILE = "ci-without-explain"
 settings.register_profile(
-    PROFILE, parent=settings.get_profile("ci"),
-    phases=[p for p in settings.get_profile("ci").phases if p is not Phase.explain],
+    PROFILE, parent=settings.get_profile("headguard-ci"),
+    phases=[p for p in settings.get_profile("headguard-ci").phases if p is not Phase.explain],
 )
 SHAPE_CHECKS = sorted(name for name, chk in CATALOGUE.items() if chk.kind == "shape_loss")
 REFERENCE = subject_from(losses.mgiou, name="losses.mgiou:mgiou")
