@@ -208,8 +208,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
     if args.plots:
         report.write_plots(args.plots, results)
-    notes = {s.name: s.setup_notes for s in subjects if getattr(s, "setup_notes", ())}
-    run = dict(profile=args.profile, seed=args.seed)
+    notes = {s.name: s.setup_notes for s in subjects if s.setup_notes}
+    run = dict(profile=args.profile, seed=args.seed, subjects={s.name: s.description for s in subjects})
     sys.stdout.write(report.format_report(results, elapsed_s=elapsed, setup_notes=notes, **run))
     if args.json:
         report.write_json(args.json, results, interrupted=interrupted, setup_notes=notes, **run)

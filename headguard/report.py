@@ -39,12 +39,14 @@ def summary_line(results: Sequence[CheckResult], *, elapsed_s: float | None = No
     return (", ".join(parts) or "no checks ran") + tail
 
 
-def format_table(results: Sequence[CheckResult]) -> str:
-    """One block per target: status, check name and duration of each check."""
+def format_table(results: Sequence[CheckResult], subjects: Mapping[str, str] | None = None) -> str:
+    """One block per target, headed by what it was checked with (`subjects`: target -> description, such as its
+    layout and loss): status, check name and duration of each check."""
     lines = []
     for target, rows in by_target(results).items():
         width = max(len(r.name) for r in rows)
-        lines.append(f"{target}  ({len(rows)} check{'' if len(rows) == 1 else 's'})")
+        described = f"; {subjects[target]}" if subjects and target in subjects else ""
+        lines.append(f"{target}  ({len(rows)} check{'' if len(rows) == 1 else 's'}{described})")
         lines.extend(f"  {_LABELS[r.status]:<8} {r.name:<{width}}  {r.duration_s:7.2f}s" for r in rows)
         lines.append("")
     return "\n".join(lines)
@@ -94,10 +96,11 @@ def format_report(
     seed: int,
     elapsed_s: float | None = None,
     setup_notes: Mapping[str, Sequence[str]] | None = None,
+    subjects: Mapping[str, str] | None = None,
 ) -> str:
     """Table, then warnings (from setting the targets up, and checks that changed global state), every failure and
     error in full, then the summary line."""
-    parts = [f"headguard: profile {profile}, seed {seed}", "", format_table(results)]
+    parts = [f"headguard: profile {profile}, seed {seed}", "", format_table(results, subjects)]
     warnings = [f"  {target}: {note}" for target, notes in (setup_notes or {}).items() for note in notes]
     warnings += [f"  {r.target}::{r.name}: {note}" for r in results if r.status not in ("failed", "error")
                  for note in r.notes]
@@ -127,8 +130,9 @@ def write_json(
     seed: int,
     interrupted: bool = False,
     setup_notes: Mapping[str, Sequence[str]] | None = None,
+    subjects: Mapping[str, str] | None = None,
 ) -> None:
-    """`{"version", "profile", "seed", "interrupted", "summary", "setup_notes", "results": [record, ...]}`, one
+    """`{"version", "profile", "seed", "interrupted", "summary", "subjects", "setup_notes", "results": [...]}`, one
     record per finished check (`CheckResult.to_record`: its `failures` list each distinct failure as `{"message",
     "example", "replay"}`); `interrupted` says the run was stopped before every check ran."""
     doc = {
@@ -137,6 +141,7 @@ def write_json(
         "seed": seed,
         "interrupted": interrupted,
         "summary": counts(results),
+        "subjects": dict(subjects or {}),
         "setup_notes": {target: list(notes) for target, notes in (setup_notes or {}).items()},
         "results": [r.to_record() for r in results],
     }
@@ -146,7 +151,9 @@ def write_json(
         fh.write("\n")
 
 
-def junit_tree(results: Sequence[CheckResult], *, profile: str, seed: int) -> ET.ElementTree:
+def junit_tree(
+    results: Sequence[CheckResult], *, profile: str, seed: int, subjects: Mapping[str, str] | None = None
+) -> ET.ElementTree:
     """JUnit XML: a testsuite per target, a testcase per check; xfailed and skipped become <skipped>."""
     root = ET.Element("testsuites", name="headguard")
     for target, rows in by_target(results).items():
@@ -160,8 +167,9 @@ def junit_tree(results: Sequence[CheckResult], *, profile: str, seed: int) -> ET
             "time": f"{sum(r.duration_s for r in rows):.3f}",
         })
         props = ET.SubElement(suite, "properties")
-        for key, value in (("profile", profile), ("seed", str(seed))):
-            ET.SubElement(props, "property", name=key, value=value)
+        for key, value in (("profile", profile), ("seed", str(seed)), ("subject", (subjects or {}).get(target))):
+            if value is not None:
+                ET.SubElement(props, "property", name=key, value=value)
         for r in rows:
             case = ET.SubElement(suite, "testcase", classname=target, name=r.name, time=f"{r.duration_s:.3f}")
             if r.artifacts:
@@ -180,9 +188,13 @@ def junit_tree(results: Sequence[CheckResult], *, profile: str, seed: int) -> ET
     return ET.ElementTree(root)
 
 
-def write_junit(path: str | os.PathLike, results: Sequence[CheckResult], *, profile: str, seed: int) -> None:
+def write_junit(
+    path: str | os.PathLike, results: Sequence[CheckResult], *, profile: str, seed: int,
+    subjects: Mapping[str, str] | None = None,
+) -> None:
     prepare_path(path)
-    junit_tree(results, profile=profile, seed=seed).write(path, encoding="utf-8", xml_declaration=True)
+    tree = junit_tree(results, profile=profile, seed=seed, subjects=subjects)
+    tree.write(path, encoding="utf-8", xml_declaration=True)
 
 
 def write_plots(directory: str | os.PathLike, results: Sequence[CheckResult]) -> list[str]:

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 
 from headguard.errors import UsageError
-from headguard.subject import ExpectedFailure
+from headguard.subject import ExpectedFailure, callable_name
 
 CLAIMS: Mapping[str, str] = {
     "zero_at_match": "loss(p, p) = 0 for every polygon p",
@@ -104,6 +104,11 @@ class ShapeLossSubject:
     @property
     def claims(self) -> frozenset[str]:
         return self.capabilities
+
+    @property
+    def description(self) -> str:
+        """What the report says the subject is: a shape loss and the claims it is checked against."""
+        return f"shape loss {callable_name(self.fn)}, claims {', '.join(sorted(self.claims)) or 'none'}"
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor, pred_mask: torch.Tensor | None = None,
              target_mask: torch.Tensor | None = None) -> Any:

@@ -113,6 +113,12 @@ class Subject:
         self.expected_failures = {k: ExpectedFailure.of(v) for k, v in self.expected_failures.items()}
 
     @property
+    def description(self) -> str:
+        """What the report says the subject was checked with: its layout and its loss."""
+        how = "detected" if self.layout_detected else "declared" if self.layout is not ULTRALYTICS_84 else "assumed"
+        return f"layout {self.layout.name} ({how}), loss {callable_name(self.loss_factory)}"
+
+    @property
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.prototype.parameters())
 
@@ -187,6 +193,13 @@ def build_subject(spec: HeadSpec, name: str) -> Subject:
         loss_is_reference=spec.loss is None,
         num_vertices=int(preds["polygons"].shape[1]) // 2 if "polygons" in preds else 0,
     )
+
+
+def callable_name(fn: Any) -> str:
+    """`module.qualname` of a function, method or class (`losses.detection.DetectionLoss.for_head`)."""
+    qualname = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    module = getattr(fn, "__module__", None)
+    return f"{module}.{qualname}" if module else qualname
 
 
 def geometry_of(head: nn.Module, nc: int) -> Geometry:

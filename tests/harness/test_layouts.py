@@ -102,3 +102,28 @@ def test_an_8_3_subclass_under_8_4_is_told_the_installed_parent_signature(tmp_pa
     assert main(["check", "oldfork:OldHead"]) == 2
     err = capsys.readouterr().err
     assert "in the installed Ultralytics 8.4" in err and f"Detect{inspect.signature(Detect.__init__)}" in err
+
+
+def test_the_report_names_the_layout_and_loss_of_every_target(tmp_path, monkeypatch, capsys):
+    import json
+
+    from headguard.cli import main
+
+    (tmp_path / "forkspec.py").write_text(
+        "from headguard import HeadSpec\n"
+        "from headguard.adapters.ultralytics import ultralytics_loss\n"
+        "from tests.harness._forkheads import Polygon83, v8PolygonLoss\n"
+        "SPEC = HeadSpec(head=Polygon83, loss=ultralytics_loss(v8PolygonLoss, polygon=12.0))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = tmp_path / "r.json"
+    assert main(["check", "forkspec:SPEC", "heads:Detect", "--select", "check_output_contract", "--json",
+                 str(path)]) == 0
+    out = capsys.readouterr().out
+    subjects = json.loads(path.read_text())["subjects"]
+    assert subjects == {
+        "forkspec:SPEC": "layout fork-tuple (detected), loss "
+                         "headguard.adapters.ultralytics.ultralytics_loss(v8PolygonLoss)",
+        "heads:Detect": "layout ultralytics-8.4 (detected), loss losses.detection.DetectionLoss.for_head",
+    }
+    assert all(f"; {text})" in out for text in subjects.values())
