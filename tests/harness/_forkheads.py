@@ -8,6 +8,13 @@ import heads
 import losses
 
 
+def level_maps(out, x):
+    """8.3's per-level (B, 4*reg_max + nc, H, W) maps from the branches' flattened boxes and scores."""
+    sizes = [f.shape[-2:] for f in x]
+    joined = torch.cat((out["boxes"], out["scores"]), 1)
+    return [part.reshape(*part.shape[:2], *hw) for part, hw in zip(joined.split([h * w for h, w in sizes], 2), sizes)]
+
+
 class Polygon83(heads.Polygon):
     """The reference Polygon's branches, arranged as an 8.3 fork arranges its outputs."""
 
@@ -16,11 +23,8 @@ class Polygon83(heads.Polygon):
         self.poly_shape = tuple(poly_shape)
 
     def forward(self, x):
-        sizes = [f.shape[-2:] for f in x]
         out = self._branch_outputs(x)
-        joined = torch.cat((out["boxes"], out["scores"]), 1)
-        maps = [part.reshape(*part.shape[:2], *hw)
-                for part, hw in zip(joined.split([h * w for h, w in sizes], 2), sizes)]
+        maps = level_maps(out, x)
         if self.training:
             return maps, out["polygons"]
         y = self.decode({"boxes": out["boxes"], "scores": out["scores"], "polygons": out["polygons"],
@@ -50,11 +54,8 @@ class Detect83(heads.Detect):
     """Detect in the 8.3 layout: training returns the per-level (B, 4*reg_max + nc, H, W) maps, eval (y, maps)."""
 
     def forward(self, x):
-        sizes = [f.shape[-2:] for f in x]
         out = self._branch_outputs(x)
-        joined = torch.cat((out["boxes"], out["scores"]), 1)
-        maps = [part.reshape(*part.shape[:2], *hw)
-                for part, hw in zip(joined.split([h * w for h, w in sizes], 2), sizes)]
+        maps = level_maps(out, x)
         if self.training:
             return maps
         return self.decode({"boxes": out["boxes"], "scores": out["scores"], "feats": list(x)}), maps
