@@ -25,6 +25,7 @@ from headguard.subject import DEFAULT_CHANNELS as CHANNELS  # re-exported: the s
 from headguard.subject import DEFAULT_STRIDES as STRIDES
 from heads._blocks import DFL
 from heads._decode import dist2bbox, make_anchors
+from losses._vertex import l2_vertex_loss, vertex_term
 
 
 # ================================================================================================== training steps
@@ -303,6 +304,91 @@ class PolygonLossCleanedAfterDivision(losses.PolygonLoss):
         super().__init__(*args, vertex_loss=l2_cleaned_after_division, **kwargs)
 
 
+def _positive_areas(det) -> torch.Tensor:
+    """(P,) each positive's matched box area in its own stride units (what the l2 vertex term divides by)."""
+    image, anchor = det.fg_mask.nonzero(as_tuple=True)
+    box = det.target_bboxes[image, anchor] / det.stride_tensor[anchor]
+    return (box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1])
+
+
+def _vertex_term_of(loss, t, per_anchor):
+    """PolygonTerms `t` with its polygon term recomputed from `per_anchor` (P,) under the reference reduction."""
+    det = t.detection
+    return _with_polygon_term(t, (per_anchor * t.weight).sum() / det.target_scores_sum * loss.gains.polygon)
+
+
+class PolygonLossWrongLevelStride(losses.PolygonLoss):
+    """The measured fork bug: the polygon targets of the coarsest level converted to stride units with the previous
+    level's stride, so they are twice too large there and even predictions that decode exactly onto the targets have
+    a polygon loss."""
+
+    def terms(self, preds, batch, progress=0.0):
+        t = super().terms(preds, batch, progress)
+        det = t.detection
+        stride = det.stride_tensor[det.fg_mask.nonzero(as_tuple=True)[1]].to(t.target.dtype)  # (P, 1)
+        coarsest, previous = self.detection.strides[-1], self.detection.strides[-2]
+        used = torch.where(stride == coarsest, torch.full_like(stride, previous), stride)
+        target = t.target * (stride / used)[:, :, None]
+        per_anchor = vertex_term(t.pred, target, t.mask, _positive_areas(det), self.term, progress, self.shape_loss,
+                                 t.mask)
+        return _vertex_term_of(self, t, per_anchor)
+
+
+class PolygonLossAreaOfFirstObject(losses.PolygonLoss):
+    """A per-object term that mixes objects: each positive's vertex L2 divided by the area of its image's FIRST object,
+    broadcast across the image's instances, instead of by its own object's area."""
+
+    def terms(self, preds, batch, progress=0.0):
+        t = super().terms(preds, batch, progress)
+        det = t.detection
+        image, anchor = det.fg_mask.nonzero(as_tuple=True)
+        first = det.gt_bboxes[image, 0] / det.stride_tensor[anchor]  # the image's first slot, in this anchor's units
+        area = (first[:, 2] - first[:, 0]) * (first[:, 3] - first[:, 1])
+        return _vertex_term_of(self, t, l2_vertex_loss(t.pred, t.target, t.mask, area))
+
+
+class DetectionLossBoxOffset(losses.DetectionLoss):
+    """A box term consistently wrong by a constant: 1 - CIoU + 0.02 per positive (an epsilon in the wrong place)."""
+
+    offset = 0.02
+
+    def detection_terms(self, preds, batch):
+        terms, det = super().detection_terms(preds, batch)
+        shift = self.gains.box * self.offset * det.target_scores.sum() / det.target_scores_sum
+        return terms + torch.stack((shift, torch.zeros_like(shift), torch.zeros_like(shift))).to(terms.dtype), det
+
+
+class PolygonLossBoxOffset(_PolygonLossOver):
+    """A polygon loss declared of the reference "polygon" family whose box term is off by a constant per positive."""
+
+    detection_cls = DetectionLossBoxOffset
+    loss_family = "polygon"
+
+
+def _inside_any_object(preds, batch, strides) -> torch.Tensor:
+    """(B, A) bool: the anchor's centre lies inside one of its image's target boxes."""
+    anchors, stride = make_anchors(preds["feats"], strides)
+    h, w = (torch.tensor(preds["feats"][0].shape[-2:]) * strides[0]).tolist()
+    points = anchors * stride  # (A, 2) pixels
+    boxes = torch.cat((batch["bboxes"][:, :2] - batch["bboxes"][:, 2:] / 2,
+                       batch["bboxes"][:, :2] + batch["bboxes"][:, 2:] / 2), 1) * torch.tensor([w, h, w, h])
+    inside = ((points[None] > boxes[:, None, :2]) & (points[None] < boxes[:, None, 2:])).all(-1)  # (N, A)
+    image = torch.nn.functional.one_hot(batch["batch_idx"].long(), preds["scores"].shape[0]).T.float()  # (B, N)
+    return (image @ inside.float()) > 0
+
+
+class PolygonLossCleansBackgroundNonfinite(losses.PolygonLoss):
+    """R8 at background anchors only: non-finite class logits of anchors inside no object become -10 before the loss
+    (a NaN at a positive still raises), so a corrupt background branch trains on quietly."""
+
+    def loss(self, preds, batch, progress=0.0):
+        preds = dict(losses.DetectionLoss.parse_output(preds))
+        background = ~_inside_any_object(preds, batch, self.detection.strides)[:, None]
+        scores = preds["scores"]
+        preds["scores"] = torch.where(background & ~torch.isfinite(scores), torch.full_like(scores, -10.0), scores)
+        return super().loss(preds, batch, progress)
+
+
 # =========================================================================================================== MGIoU
 def _unguarded_mgiou(pred: torch.Tensor, target: torch.Tensor, eps: float) -> torch.Tensor:
     """MGIoU loss (N,) as first written: computed in the input dtype, `overlap / (hull + eps)` on every axis, and
@@ -392,6 +478,10 @@ EXTREME_SPEC = HeadSpec(DetectNaiveSoftmax)
 DROPOUT_SPEC = HeadSpec(DetectFunctionalDropout)
 INPLACE_SPEC = HeadSpec(DetectInplacePreActivation)
 UNUSED_SPEC = HeadSpec(DetectUnusedBranch)
+WRONG_STRIDE_SPEC = HeadSpec(heads.Polygon, loss=_loss(PolygonLossWrongLevelStride))
+AREA_BROADCAST_SPEC = HeadSpec(heads.Polygon, loss=_loss(PolygonLossAreaOfFirstObject))
+BOX_OFFSET_SPEC = HeadSpec(heads.Polygon, loss=_loss(PolygonLossBoxOffset))
+BACKGROUND_CLEANING_SPEC = HeadSpec(heads.Polygon, loss=_loss(PolygonLossCleansBackgroundNonfinite))
 
 
 # Every catalogue check -> the mutant it must fail on, and a fragment of the message it must give there.
@@ -423,6 +513,9 @@ MUTANTS: dict[str, HeadSpec] = {
     "check_clipping_bounds_update": CLIP_SPEC,
     "check_skipped_step_leaves_model_finite": R0_SPEC,
     "check_training_canary": LR_SPEC,
+    "check_loss_minimum_at_exact_fit": WRONG_STRIDE_SPEC,
+    "check_loss_per_object_decomposition": AREA_BROADCAST_SPEC,
+    "check_loss_matches_reference_family": BOX_OFFSET_SPEC,
 }
 MESSAGES: dict[str, str] = {
     "check_output_contract": "expected sigmoid probabilities",
@@ -452,6 +545,9 @@ MESSAGES: dict[str, str] = {
     "check_clipping_bounds_update": "clip_grad_norm_ over",
     "check_skipped_step_leaves_model_finite": "parameters/buffers are non-finite",
     "check_training_canary": "diverged",
+    "check_loss_minimum_at_exact_fit": "at predictions that decode exactly onto the targets",
+    "check_loss_per_object_decomposition": "differ from the mean of its",
+    "check_loss_matches_reference_family": "differ from that family's reference loss",
 }
 # Checks that do not (yet) catch their mutant although the mutant shows the bug: check name -> what the check misses.
 # The meta-test marks those cases xfail(strict=True), so a fixed check turns CI red until its entry is removed.

@@ -1,11 +1,14 @@
 """Loss properties: rejecting non-finite predictions (R8), background-only batches (R10), batch replication (R4)
 and decomposition (R5), target order, degenerate targets (R6), dtypes, purity, finite gradients (R7), assigner
 coverage (R11); for polygon heads, detection terms equal to the detection loss's (R3) and a usable vertex gradient at
-init (R2)."""
+init (R2). Absolute properties, on predictions built from the documented decode: every term at its minimum at an
+exact fit, per-object terms that decompose over objects, and a declared loss family's reference values."""
 
 from __future__ import annotations
 
 import math
+from functools import partial
+from typing import NamedTuple
 
 import torch
 from hypothesis import assume
@@ -14,8 +17,10 @@ from hypothesis import strategies as st
 import losses
 
 from headguard import strategies as hs
+from headguard.adapters.ultralytics import detection_loss as ultralytics_detection_loss
 from headguard.checks._common import (
     all_finite,
+    anchor_grid,
     call,
     check,
     count_nonfinite,
@@ -57,32 +62,117 @@ def _loss(loss, preds, batch, what="the loss"):
 
 @check(area="loss")
 def check_loss_rejects_nonfinite(subject, ctx):
-    """A NaN/Inf prediction makes the loss raise a clear error; never a quiet finite scalar (R8)."""
-    _, loss, preds = _setup(subject, ctx)
-    batch = ordinary_targets(subject, 2, seed=ctx.seed)
-    keys = _pred_keys(preds)
+    """A NaN/Inf prediction makes the loss raise a clear error; never a quiet finite scalar (R8).
 
-    def inner(key, value, where):
-        bad = detached_preds(preds)
-        flat = bad[key].view(-1)
-        flat[int(where * (flat.numel() - 1))] = value
-        try:
-            vector, _ = loss(bad, batch)
-        except Exception as err:  # noqa: BLE001  (any raised error is the wanted outcome, if it says something)
-            if not str(err).strip():
-                raise CheckFailure(
-                    f"the loss raised {type(err).__name__} with no message for preds[{key!r}] = {value}"
-                ) from err
-            return
-        quiet = "a finite" if all_finite(vector) else "a non-finite"
-        raise CheckFailure(
-            f"the loss returned {quiet} value ({vector.detach().tolist()}) for preds[{key!r}] holding {value}; a "
-            "non-finite prediction must raise an error naming the tensor (never replace it by a constant, never "
-            "return a number that an optimizer will step on)"
-        )
+    Contrasting controls, so the message names the behaviour: in each output, the value at a positive anchor (an
+    object's fitted, confident representative, see the absolute properties below) against the same value at an
+    anchor inside no object. Raising on both is right. A finite loss with it at a positive means the value was
+    replaced (R8). A finite and unchanged loss with it only inside no object means the loss never reads that
+    prediction there: right for the box and vertex branches (scored at positives only, as in Ultralytics' loss),
+    wrong for class logits (every anchor's logits are scored: that is how background is learnt)."""
+    setting = _absolute_setup(subject, ctx, exact=False)
 
-    run_property(ctx, inner, st.sampled_from(keys), st.sampled_from((math.nan, math.inf, -math.inf)),
-                 st.floats(0.0, 1.0))
+    def inner(scene, value, level):
+        feats, anchors = _scene_inputs(subject, setting, scene)
+        reps = anchors.representative
+        batch, preds = _with_tasks(subject, setting, scene, feats,
+                                   _constructed_preds(setting.outputs, scene, anchors, feats, reps, reps), ctx.seed)
+        original, _ = _loss(setting.loss, preds, batch, "the loss on finite predictions")
+        row = scene.boxes.shape[0] - 1  # the last object (in image 1 when there are two images)
+        image = int(scene.batch["batch_idx"][row])
+        on_level = anchors.level == level
+        places = {"a positive anchor": int((reps[image] & (anchors.owner[image] == row) & on_level).nonzero()[0]),
+                  "an anchor inside no object": int(((anchors.owner[image] < 0) & on_level).nonzero()[0])}
+        # A channel every loss reads at a positive: the first DFL bin (log-softmax reads them all), the object's class
+        # logit, the x of the first vertex (always real).
+        channel = {"boxes": 0, "scores": int(scene.batch["cls"][row, 0]), "polygons": 0}
+        for key in _pred_keys(preds):
+
+            def outcome(place, key=key):
+                bad = detached_preds(preds)
+                bad[key][image, channel[key], places[place]] = value
+                return _outcome(setting.loss, bad, batch)
+
+            verdict = _nonfinite_verdict(key, value, f"stride {float(subject.strides[level]):g}", outcome,
+                                         lambda: original.detach())
+            if verdict is not None:
+                raise CheckFailure(verdict)
+
+    # Where the value sits and what it is decide the outcome; the scene only has to offer positives and background,
+    # so it is one of a few (a drawn scene's many choices cost the shrinker tens of seconds on a failing loss).
+    scenes = st.sampled_from(_contrast_scenes(subject, setting.cell, setting.max_cells))
+    run_property(ctx, inner, scenes, st.sampled_from((math.nan, math.inf, -math.inf)),
+                 st.integers(0, len(subject.strides) - 1))
+
+
+def _contrast_scenes(subject, cell: float, max_cells: int) -> list[_Scene]:
+    """One small object alone; two of different sizes and classes (the larger one's polygon padded when np > 3);
+    two images."""
+    nv, last, big = subject.num_vertices, subject.nc - 1, min(max_cells, 2) - 1
+    first = _Object(0, (0, 0, 0, 0), 0, 0.3, nv, False)
+    larger = _Object(0, (0, 1, big, 1 + big), last, 1.1, max(3, nv - 2) if nv else 0, True)
+    return [_scene_of([first], (2, 2), cell, nv), _scene_of([first, larger], (2, 3), cell, nv),
+            _scene_of([first, larger._replace(image=1)], (2, 3), cell, nv)]
+
+
+def _outcome(loss, preds, batch):
+    """("raised", error) or ("finite" / "non-finite", the loss vector)."""
+    try:
+        vector, _ = loss(preds, batch)
+    except Exception as err:  # noqa: BLE001  (any raised error is the wanted outcome, if it says something)
+        return "raised", err
+    return ("finite" if all_finite(vector) else "non-finite"), vector.detach()
+
+
+def _nonfinite_verdict(key, value, level: str, outcome, original) -> str | None:
+    """The finding for a non-finite preds[key] at a positive anchor, then (only when that is right) at one inside no
+    object, both on `level` ("stride 8"), or None. `outcome(place)` runs the loss with the value there, `original()`
+    without it."""
+    found = {}
+
+    def at(place):
+        found[place] = outcome(place)
+        kind, result = found[place]
+        if kind == "raised" and not str(result).strip():
+            return (f"the loss raised {type(result).__name__} with no message for preds[{key!r}] = {value} at "
+                    f"{place} ({level})")
+        return None
+
+    rule = ("a non-finite prediction must raise an error naming the tensor (never replace it by a constant, never "
+            "return a number that an optimizer will step on)")
+    how = ("replaced it by a finite value" if math.isnan(value) else
+           "replaced it, or computed through it (an infinite logit saturates a sigmoid or softmax to a finite number)")
+    unclear = at("a positive anchor")
+    if unclear:
+        return unclear
+    kind, result = found["a positive anchor"]
+    if kind == "finite":
+        return (f"the loss returned a finite value ({result.tolist()}) for preds[{key!r}] holding {value} at a "
+                f"positive anchor ({level}): it {how}, or never reads it there (R8); {rule}")
+    if kind == "non-finite":
+        return (f"the loss returned a non-finite value ({result.tolist()}) for preds[{key!r}] holding {value} at a "
+                f"positive anchor ({level}) without raising; {rule}")
+    unclear = at("an anchor inside no object")
+    if unclear:
+        return unclear
+    kind, result = found["an anchor inside no object"]
+    if kind == "raised":
+        return None
+    if kind == "non-finite":
+        return (f"the loss returned a non-finite value ({result.tolist()}) for preds[{key!r}] holding {value} at an "
+                f"anchor inside no object ({level}) without raising; {rule}")
+    without = original()
+    if not torch.allclose(result, without):
+        return (f"the loss returned a finite value ({result.tolist()}, {without.tolist()} without it) for "
+                f"preds[{key!r}] holding {value} at an anchor inside no object ({level}), while at a positive anchor "
+                f"it raises: at background anchors it {how} (R8); {rule}")
+    if key == "scores":
+        return (f"the loss ignores preds['scores'] at anchors inside no object: {value} at one ({level}) leaves the "
+                f"loss unchanged ({result.tolist()}) while at a positive anchor it raises. The class term must score "
+                f"every anchor's logits (background anchors are how a head learns 'no object'), so a non-finite "
+                f"class logit anywhere must raise; {rule}")
+    # The box and vertex predictions of an anchor inside no object are never scored: not reading them is right.
+    return None
 
 
 @check(area="loss")
@@ -460,3 +550,460 @@ def check_polygon_gradient_at_init(subject, ctx):
         )
 
 
+
+# ================================================================================= absolute properties (issue 10)
+# The properties above are relative (swap, replicate, permute, purity): a loss that is wrong the same way every time
+# passes them. The ones below build predictions from the documented decode, so the right answer is known:
+#   boxes: softmax expectation over DFL bins 0..reg_max-1 = (left, top, right, bottom) in stride units, box = anchor
+#   -/+ those distances (reg_max = 1: the distances themselves); vertices: (2 * raw + anchor - 0.5) * stride; anchors
+#   at cell centres in grid units. Written here, not imported from heads._decode, so a check never inherits the
+#   reference's own decode bug.
+# Objects are rectangles of whole cells of the coarsest stride (32 px at strides 8/16/32, images of 2-3 cells a side,
+# 64-96 px) that never overlap. Why those sizes: an open interval longer than a stride s contains a cell centre
+# (k + 0.5) * s of every level with s <= the cell, so every level has anchors inside every object, and no anchor lies
+# on an edge or inside two objects. Each object's nearest-to-centre anchor on each level is its representative.
+
+POSITIVE_LOGIT, BACKGROUND_LOGIT = 8.0, -8.0  # sigmoid 0.99966 and 0.00034: a confident positive, a clear background
+ABSENT_BIN_LOGIT = -50.0  # the logit of a DFL bin a distribution leaves empty: softmax weight ~2e-22
+PER_OBJECT_ITEMS = ("box_loss", "polygon_loss", "dfl_loss")
+# An exact fit reproduces the targets to float32 rounding (decoded boxes and vertices within ~1e-6 of a stride): the
+# gain-scaled CIoU and vertex terms come out below 1e-5; a wrong term is off by orders more (the fork: 4.8-11.5).
+ZERO_ATOL = 1e-4
+FLOOR_RTOL = 1e-3
+
+
+class _Scene(NamedTuple):
+    """Separated objects on the coarsest stride's grid, and per-object moves away from the exact fit."""
+
+    image_size: tuple[int, int]  # (h, w) pixels
+    batch: dict  # the loss's batch: batch_idx, cls, normalised xywh bboxes (polygons, polygon_mask)
+    boxes: torch.Tensor  # (N, 4) xyxy pixels, float64
+    polygons: torch.Tensor | None  # (N, np, 2) pixels, float64
+    moves: torch.Tensor  # (N, 4): vertex scale about the box centre, vertex dx, dy (pixels), box scale
+    spreads: torch.Tensor  # (N,): mean-preserving DFL spread (0: the two-bin target itself)
+
+    def __repr__(self) -> str:
+        h, w = self.image_size
+        rows = []
+        for i, (image, cls, box, move, spread) in enumerate(zip(
+                self.batch["batch_idx"].tolist(), self.batch["cls"][:, 0].tolist(), self.boxes.tolist(),
+                self.moves.tolist(), self.spreads.tolist())):
+            moved = "" if move == [1.0, 0.0, 0.0, 1.0] and spread == 0 else (
+                f", vertices x{move[0]:.3g} +({move[1]:.3g}, {move[2]:.3g}) px, box x{move[3]:.3g}, "
+                f"DFL spread {spread:.3g}")
+            rows.append(f"(img={int(image)}, cls={int(cls)}, xyxy px={[round(v) for v in box]}{moved})")
+        return f"Scene({h}x{w} px, [{', '.join(rows)}])"
+
+    def alone(self, row: int) -> dict:
+        """The batch with object `row` only (same image index)."""
+        return {k: v[row:row + 1] for k, v in self.batch.items()}
+
+
+class _Object(NamedTuple):
+    """One object of a scene: its cells, class and polygon (a regular polygon inscribed in the box's ellipse)."""
+
+    image: int
+    cells: tuple[int, int, int, int]  # first row, first col, last row, last col (inclusive)
+    cls: int
+    phase: float  # the first vertex's angle
+    real: int  # real vertices; the rest are padding (masked)
+    clockwise: bool
+
+
+IDENTITY_MOVE = (1.0, 0.0, 0.0, 1.0)
+
+
+def _scene_of(objects, grid: tuple[int, int], cell: float, num_vertices: int, moves=None, spreads=None) -> _Scene:
+    """The scene of `objects` on a (rows, cols) grid of `cell`-pixel cells, with the loss's batch."""
+    rows, cols = grid
+    boxes = torch.tensor([(c0 * cell, r0 * cell, (c1 + 1) * cell, (r1 + 1) * cell)
+                          for _, (r0, c0, r1, c1), *_ in objects], dtype=torch.float64).reshape(-1, 4)
+    size = torch.tensor([cols * cell, rows * cell], dtype=torch.float64)
+    xywh = torch.cat(((boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]), 1) / size.repeat(2)
+    batch = {"batch_idx": torch.tensor([o.image for o in objects], dtype=torch.float32),
+             "cls": torch.tensor([[float(o.cls)] for o in objects]).reshape(-1, 1), "bboxes": xywh.float()}
+    polygons = None
+    if num_vertices:
+        vertices, masks = [], []
+        for o, box in zip(objects, boxes):
+            angle = o.phase + 2 * math.pi * torch.arange(o.real, dtype=torch.float64) / o.real
+            if o.clockwise:
+                angle = -angle
+            centre, half = (box[:2] + box[2:]) / 2, (box[2:] - box[:2]) / 2
+            ring = centre + half * torch.stack((angle.cos(), angle.sin()), -1)
+            vertices.append(torch.cat((ring, ring[-1:].expand(num_vertices - o.real, 2))))
+            masks.append(torch.arange(num_vertices) < o.real)
+        polygons = torch.stack(vertices).reshape(-1, num_vertices, 2)
+        batch["polygons"] = (polygons / size).float()
+        batch["polygon_mask"] = torch.stack(masks).reshape(-1, num_vertices)
+    n = len(objects)
+    moves = torch.tensor(moves or [IDENTITY_MOVE] * n, dtype=torch.float64).reshape(n, 4)
+    spreads = torch.tensor(spreads or [0.0] * n, dtype=torch.float64)
+    return _Scene((rows * int(cell), cols * int(cell)), batch, boxes, polygons, moves, spreads)
+
+
+@st.composite
+def _scenes(draw, subject, cell: float, *, batch_size: int, min_objects: int, max_objects: int, max_cells: int,
+            moved: bool) -> _Scene:
+    """Scenes of `batch_size` images of 2-3 cells a side, each with objects of up to `max_cells` cells a side that
+    never overlap and leave at least one cell free (so every image has anchors inside no object); classes drawn,
+    polygons convex or padded, either orientation; with `moved`, a move of each object's fit."""
+    grid = rows, cols = draw(st.sampled_from(((2, 2), (2, 3), (3, 2), (3, 3))), label="cells (rows, cols)")
+    nv, objects = subject.num_vertices, []
+    for image in range(batch_size):
+        taken: set = set()
+        for _ in range(draw(st.integers(min_objects, max_objects), label="objects")):
+            free = [(r, c) for r in range(rows) for c in range(cols) if (r, c) not in taken]
+            if len(free) < 2:
+                break
+            r0, c0 = draw(st.sampled_from(free), label="top-left cell")
+            h, w = draw(st.integers(1, max_cells), label="height"), draw(st.integers(1, max_cells), label="width")
+            cells = {(r, c) for r in range(r0, min(r0 + h, rows)) for c in range(c0, min(c0 + w, cols))}
+            if cells & taken or len(cells | taken) == rows * cols:
+                cells = {(r0, c0)}  # never overlap another object, never cover the whole image
+            taken |= cells
+            rs, cs = [r for r, _ in cells], [c for _, c in cells]
+            real = draw(st.integers(3, nv), label="real vertices") if nv else 0
+            objects.append(_Object(image, (min(rs), min(cs), max(rs), max(cs)),
+                                   draw(st.integers(0, subject.nc - 1), label="class"),
+                                   draw(st.floats(0.0, 2 * math.pi), label="phase") if nv else 0.0, real,
+                                   draw(st.booleans(), label="clockwise") if nv else False))
+    moves, spreads = None, None
+    if moved:
+        floats = st.tuples(st.floats(0.6, 1.4), st.floats(-6.0, 6.0), st.floats(-6.0, 6.0), st.floats(0.8, 1.25))
+        moves = [draw(floats, label="vertex scale, dx, dy (px), box scale") for _ in objects]
+        spreads = [draw(st.floats(0.0, 0.8), label="DFL spread") for _ in objects]
+    return _scene_of(objects, grid, cell, nv, moves, spreads)
+
+
+class _Anchors(NamedTuple):
+    """Every anchor of a scene: where it is and which object (if any) it lies in."""
+
+    grid: torch.Tensor  # (A, 2) x, y in grid units, float64
+    stride: torch.Tensor  # (A,)
+    level: torch.Tensor  # (A,) long
+    owner: torch.Tensor  # (B, A) long: the row of the object containing the anchor, -1 for none
+    representative: torch.Tensor  # (B, A) bool: per object and level, its anchor nearest the object's centre
+
+
+def _scene_anchors(scene: _Scene, feats, strides) -> _Anchors:
+    grid, stride = anchor_grid(feats, strides)
+    level = torch.cat([torch.full((f.shape[-2] * f.shape[-1],), i) for i, f in enumerate(feats)])
+    px = grid * stride[:, None]
+    owner = torch.full((feats[0].shape[0], grid.shape[0]), -1)
+    representative = torch.zeros(owner.shape, dtype=torch.bool)
+    for row, (image, box) in enumerate(zip(scene.batch["batch_idx"].long().tolist(), scene.boxes)):
+        inside = ((px > box[:2]) & (px < box[2:])).all(1)
+        owner[image, inside] = row
+        distance = (px - (box[:2] + box[2:]) / 2).pow(2).sum(1)
+        for lv in range(len(feats)):
+            candidates = (inside & (level == lv)).nonzero().flatten()
+            representative[image, candidates[distance[candidates].argmin()]] = True
+    return _Anchors(grid, stride, level, owner, representative)
+
+
+def _distribution_logits(ltrb: torch.Tensor, reg_max: int, spread: torch.Tensor) -> torch.Tensor:
+    """(B, 4, A) distances in bins -> (B, 4 * reg_max, A) logits whose softmax expectation is exactly those distances.
+
+    spread 0: the DFL's own two-bin target (1 - f, f) on bins (k, k + 1), k + f the distance, the minimiser of the
+    DFL's cross-entropy; spread a in (0, 1]: that target mixed with weight a with (1 - f/2, 0, f/2) on (k, k + 1,
+    k + 2), the same mean, a distribution further from the target. reg_max = 1: the distances themselves."""
+    if reg_max == 1:
+        return ltrb
+    b, _, a = ltrb.shape
+    low = ltrb.floor().clamp(0, reg_max - 2)
+    frac = ltrb - low
+    mix = spread[:, None, :].expand_as(ltrb)
+    probs = torch.zeros(b, 4, reg_max, a, dtype=torch.float64)
+    for offset, weight in ((0, (1 - mix) * (1 - frac) + mix * (1 - frac / 2)), (1, (1 - mix) * frac),
+                           (2, mix * frac / 2)):
+        probs.scatter_add_(2, (low.long() + offset).clamp(max=reg_max - 1).unsqueeze(2), weight.unsqueeze(2))
+    return probs.log().clamp(min=ABSENT_BIN_LOGIT).view(b, 4 * reg_max, a)
+
+
+class _Outputs(NamedTuple):
+    """What the head's outputs tell the constructions: DFL bins, classes, vertices, dtype."""
+
+    reg_max: int
+    nc: int
+    num_vertices: int
+    dtype: torch.dtype
+
+
+def _constructed_preds(outputs: _Outputs, scene: _Scene, anchors: _Anchors, feats, fitted, confident, *,
+                       spread: float | None = None, moved: bool = False, boxes_moved: bool = False) -> dict:
+    """Named outputs built from the documented decode. At `fitted` anchors (B, A) the box decodes onto the owner's
+    box (scaled about its centre by the scene's box scale when `boxes_moved`) and the vertices onto its polygon (moved
+    when `moved`), the DFL as the two-bin target mixed with `spread` (None: the scene's per-object spreads when
+    `moved`, else 0); elsewhere the box collapses onto the anchor point and the raw vertices are 0. The class logit
+    is POSITIVE_LOGIT for the owner's class at `confident` anchors and BACKGROUND_LOGIT everywhere else."""
+    b, a = anchors.owner.shape
+    rows = anchors.owner.clamp(min=0)
+    box = scene.boxes[rows]  # (B, A, 4) the owner's box
+    centre = (box[..., :2] + box[..., 2:]) / 2
+    if boxes_moved:
+        half = (box[..., 2:] - box[..., :2]) / 2 * scene.moves[rows][..., 3:]
+        box = torch.cat((centre - half, centre + half), -1)
+    px = anchors.grid * anchors.stride[:, None]
+    ltrb = torch.stack((px[:, 0] - box[..., 0], px[:, 1] - box[..., 1], box[..., 2] - px[:, 0],
+                        box[..., 3] - px[:, 1]), 1) / anchors.stride  # (B, 4, A) in bins
+    # Below reg_max - 2 bins, so the spread's third bin exists (the objects are sized for it: `_absolute_setup`).
+    top = outputs.reg_max - 2 - 1e-6 if outputs.reg_max > 1 else math.inf
+    ltrb = torch.where(fitted[:, None], ltrb.clamp(0, top), torch.zeros_like(ltrb))
+    if spread is None:
+        spread_of = scene.spreads[rows] if moved else torch.zeros(b, a, dtype=torch.float64)
+    else:
+        spread_of = torch.full((b, a), float(spread), dtype=torch.float64)
+    spread_of = torch.where(fitted, spread_of, torch.zeros_like(spread_of))
+    scores = torch.full((b, outputs.nc, a), BACKGROUND_LOGIT)
+    image, anchor = confident.nonzero(as_tuple=True)
+    classes = scene.batch["cls"][anchors.owner[image, anchor], 0].long()
+    scores[image, classes, anchor] = POSITIVE_LOGIT
+    preds = {"boxes": _distribution_logits(ltrb, outputs.reg_max, spread_of).to(outputs.dtype),
+             "scores": scores.to(outputs.dtype), "feats": feats}
+    if outputs.num_vertices:
+        vertices = scene.polygons[rows]  # (B, A, np, 2) pixels
+        if moved:
+            move = scene.moves[rows]
+            vertices = centre[:, :, None] + move[..., None, :1] * (vertices - centre[:, :, None]) + move[..., None, 1:3]
+        raw = (vertices / anchors.stride[:, None, None] - anchors.grid[:, None, :] + 0.5) / 2
+        raw = torch.where(fitted[..., None, None], raw, torch.zeros_like(raw))
+        preds["polygons"] = raw.reshape(b, a, 2 * outputs.num_vertices).transpose(1, 2).to(outputs.dtype)
+    return preds
+
+
+class _Absolute(NamedTuple):
+    """One subject's setting for the absolute properties."""
+
+    loss: object
+    outputs: _Outputs
+    cell: float
+    max_cells: int
+    halfway: bool  # every fitted DFL target lies halfway between two bins (each stride divides the coarsest)
+    head: object
+    extras: tuple[str, ...]  # the head's other outputs (keypoints, angles, masks): not constructed
+
+
+def _absolute_setup(subject, ctx, *, exact: bool = True) -> _Absolute:
+    """The loss, the head's output geometry and the largest object (in cells) whose fit the DFL bins can express.
+
+    `exact`: the property needs the fit itself (CheckSkipped where reg_max cannot express a one-cell object)."""
+    head = subject.build_head()
+    template = train_preds(subject, head, features(subject, batch=1, image_size=(64, 64), seed=ctx.seed))
+    reg_max = template["boxes"].shape[1] // 4
+    num_vertices = template["polygons"].shape[1] // 2 if "polygons" in template else 0
+    outputs = _Outputs(reg_max, template["scores"].shape[1], num_vertices, template["boxes"].dtype)
+    extras = tuple(k for k in template if k not in ("boxes", "scores", "feats", "polygons"))
+    if exact and extras:
+        raise CheckSkipped(
+            f"the head also predicts {list(extras)}: the exact-fit constructions build boxes, class logits and "
+            "polygons only (rotated boxes, keypoints and masks have decodes of their own, not built yet)"
+        )
+    strides = [float(s) for s in subject.strides]
+    cell, finest = max(strides), min(strides)
+    # The farthest fitted distance, (cells * cell - finest / 2) / finest bins, must stay below reg_max - 2, so the
+    # spread's third bin above it exists: cells < (reg_max - 1.5) * finest / cell.
+    max_cells = 3 if reg_max == 1 else min(3, math.ceil((reg_max - 1.5) * finest / cell) - 1)
+    if max_cells < 1:
+        if exact:
+            raise CheckSkipped(
+                f"reg_max={reg_max} bins cannot express a {cell:g} px object at stride {finest:g} (that needs "
+                f"reg_max > {cell / finest + 1.5:g}); the exact-fit construction does not apply"
+            )
+        max_cells = 1
+    halfway = all((cell / s).is_integer() for s in strides)
+    return _Absolute(subject.build_loss(head), outputs, cell, max_cells, halfway, head, extras)
+
+
+def _scene_inputs(subject, setting: _Absolute, scene: _Scene):
+    """(zero feature maps of the scene's size, its anchors): the losses read only the maps' shapes."""
+    feats = [torch.zeros(shape, dtype=setting.outputs.dtype)
+             for shape in subject.feature_shapes(scene.image_size, int(scene.batch["batch_idx"].max()) + 1)]
+    return feats, _scene_anchors(scene, feats, subject.strides)
+
+
+def _with_tasks(subject, setting: _Absolute, scene: _Scene, feats, preds: dict, seed: int):
+    """(batch, preds) with the head's other tasks: the batch's ordinary task targets for the scene's boxes
+    (`task_targets`), the head's own outputs on `feats` for its other outputs. Unchanged for a box/polygon head."""
+    if not setting.extras:
+        return scene.batch, preds
+    batch = hs.from_head(subject).task_targets(scene.batch, batch_size=feats[0].shape[0], seed=seed)
+    own = detached_preds(train_preds(subject, setting.head, feats))
+    return batch, {**preds, **{k: own[k] for k in setting.extras}}
+
+
+def _per_level_items(setting: _Absolute, scene: _Scene, feats, anchors: _Anchors, strides, keys) -> str:
+    """'stride 8: polygon_loss 0; ...' with only that level's representatives fitted and confident: which level's
+    conversion is wrong."""
+    parts = []
+    for lv, stride in enumerate(strides):
+        only = anchors.representative & (anchors.level == lv)[None]
+        preds = _constructed_preds(setting.outputs, scene, anchors, feats, only, only)
+        _, items = _loss(setting.loss, preds, scene.batch, "the loss at an exact fit on one level")
+        parts.append(f"stride {float(stride):g}: " + ", ".join(f"{k} {items[k]:.4g}" for k in keys if k in items))
+    return "; ".join(parts)
+
+
+def _spread_cross_entropy(spread: float) -> float:
+    """The DFL's cross-entropy per side of the spread (1/2 + a/4, 1/2 - a/2, a/4) against the halfway target (1/2,
+    1/2)."""
+    return -(math.log(0.5 + spread / 4) + math.log(0.5 - spread / 2)) / 2
+
+
+@check(area="loss")
+def check_loss_minimum_at_exact_fit(subject, ctx):
+    """Predictions that decode exactly onto the targets give each term its minimum: box (1 - CIoU) and polygon 0, DFL
+    its floor, the entropy of the two-bin target (ln 2 per side: every box edge lies on the coarsest grid, so each
+    target distance is halfway between two bins).
+
+    Every anchor inside each object predicts the object's box and polygon exactly (documented decode), each object's
+    nearest-to-centre anchor on each level has a confident class logit, so a task-aligned assigner picks positives
+    on every level. Minimum: 0 within ZERO_ATOL where the answer is 0 (box, polygon); the DFL's gain and normaliser
+    are the loss's own, so its floor is checked as a ratio: the DFL at the fit over the DFL at a distribution with
+    the same expectation (same decoded boxes, same assignment) but further from the target equals ln 2 over that
+    distribution's cross-entropy (and is below 1)."""
+    setting = _absolute_setup(subject, ctx)
+
+    def inner(scene, spread):
+        feats, anchors = _scene_inputs(subject, setting, scene)
+        inside = anchors.owner >= 0
+        preds = _constructed_preds(setting.outputs, scene, anchors, feats, inside, anchors.representative)
+        _, items = _loss(setting.loss, preds, scene.batch, "the loss at an exact fit")
+        terms = [k for k in PER_OBJECT_ITEMS if k in items]
+        if not terms:
+            raise CheckSkipped(f"the loss reports none of the items {PER_OBJECT_ITEMS} (items: {sorted(items)})")
+        wrong = {k: items[k] for k in ("box_loss", "polygon_loss") if k in items and not abs(items[k]) <= ZERO_ATOL}
+        if wrong:
+            levels = _per_level_items(setting, scene, feats, anchors, subject.strides, list(wrong))
+            raise CheckFailure(
+                f"at predictions that decode exactly onto the targets, {_format_items(wrong)}; expected 0 (a box or "
+                f"polygon compared with itself). Per level, with only that level's anchor of each object fitted: "
+                f"{levels}. A term wrong the same way every time: convert each positive's targets with its OWN "
+                "level's stride, and add no constant to the term"
+            )
+        if "dfl_loss" in items and setting.outputs.reg_max > 1 and setting.halfway:
+            probe = _constructed_preds(setting.outputs, scene, anchors, feats, inside, anchors.representative,
+                                       spread=spread)
+            _, spread_items = _loss(setting.loss, probe, scene.batch, "the loss at a spread fit")
+            floor, further = math.log(2), _spread_cross_entropy(spread)
+            at_fit, at_spread = items["dfl_loss"], spread_items["dfl_loss"]
+            ratio = at_fit / at_spread if at_spread > 0 else math.nan
+            if not math.isclose(ratio, floor / further, rel_tol=FLOOR_RTOL):
+                raise CheckFailure(
+                    f"the DFL term is not at its floor at an exact fit: dfl_loss = {at_fit:.6g} at the two-bin "
+                    f"target distribution, {at_spread:.6g} at a distribution with the same expectation (same boxes, "
+                    f"same positives) but spread by {spread:.3g}; their ratio is {ratio:.6g}, expected ln 2 / "
+                    f"{further:.6g} = {floor / further:.6g}: the floor is the entropy of the two-bin target (ln 2 "
+                    "per side here, every target halfway between two bins), so the DFL must be the cross-entropy "
+                    "against that target, times a gain, over the same normaliser (targets in the positive's own "
+                    "stride units, bins left/right of the target distance)"
+                )
+
+    scenes = _scenes(subject, setting.cell, batch_size=2, min_objects=1, max_objects=2, max_cells=setting.max_cells,
+                     moved=False)
+    run_property(ctx, inner, scenes, st.floats(0.1, 0.8))
+
+
+def _format_items(items) -> str:
+    return ", ".join(f"{k} = {v:.6g}" for k, v in items.items())
+
+
+@check(area="loss")
+def check_loss_per_object_decomposition(subject, ctx):
+    """Each per-object term (box, polygon, DFL) of an image equals the combination of its objects' terms alone.
+
+    The reduction (ours and Ultralytics'): T = gain * sum_k w_k l_k / max(1, sum_k w_k) over positives k, w_k the
+    anchor's summed target score. With separated objects each object's positives and weights are the same alone as
+    together, so with S_i = the sum of object i's weights (>= 1): T = sum_i S_i T_i / sum_i S_i. Here each object has
+    exactly one fitted, confident anchor per level (alignment 1, target score 1) and its other anchors predict
+    collapsed boxes with background logits (alignment 0, weight 0), so S_i = the number of levels for every object
+    and T = the plain mean of the T_i. Vertices and DFL distributions are moved away from the fit by a different
+    amount per object (the boxes stay exact: a box scale would change the weights)."""
+    setting = _absolute_setup(subject, ctx)
+
+    def inner(scene):
+        n = scene.boxes.shape[0]
+        assume(n >= 2)
+        feats, anchors = _scene_inputs(subject, setting, scene)
+        reps = anchors.representative
+        preds = _constructed_preds(setting.outputs, scene, anchors, feats, reps, reps, moved=True)
+        _, together = _loss(setting.loss, preds, scene.batch, "the loss on the image")
+        alone = [_loss(setting.loss, preds, scene.alone(i), f"the loss on object {i} alone")[1] for i in range(n)]
+        keys = [k for k in PER_OBJECT_ITEMS if k in together]
+        mean = {k: sum(a[k] for a in alone) / n for k in keys}
+        bad = items_close({k: together[k] for k in keys}, mean, rtol=RTOL, atol=ATOL)
+        if bad:
+            each = "; ".join(f"object {i}: {_format_items({k: a[k] for k in keys})}" for i, a in enumerate(alone))
+            raise CheckFailure(
+                f"per-object terms of an image differ from the mean of its {n} objects' terms alone: "
+                f"{'; '.join(bad)} (together vs mean; {each}). The objects are separated and equally weighted (one "
+                "fitted anchor per level each), so each object's term must depend on that object alone: normalise "
+                "by the object's OWN box area, gather its OWN target (never a value broadcast across an image's "
+                "instances)"
+            )
+
+    scenes = _scenes(subject, setting.cell, batch_size=1, min_objects=2, max_objects=3, max_cells=setting.max_cells,
+                     moved=True)
+    run_property(ctx, inner, scenes)
+
+
+def _family_losses():
+    """Loss family name -> the reference loss factory of that family."""
+    return {
+        "detection": losses.DetectionLoss.for_head,
+        "polygon": losses.PolygonLoss.for_head,
+        "polygon-mgiou": partial(losses.PolygonLoss.for_head, mode="mgiou"),
+    }
+
+
+def _declared_family(subject, loss) -> str | None:
+    """The loss family the subject declares: `subject.loss_family` (a HeadSpec field, once it exists), else the
+    criterion's `loss_family` attribute; the reference loss is of its own family, Ultralytics' v8DetectionLoss
+    (`headguard.adapters.ultralytics.detection_loss`) of "detection"."""
+    declared = getattr(subject, "loss_family", None) or getattr(loss, "loss_family", None)
+    if declared is not None:
+        return declared
+    if subject.loss_is_reference:
+        return "polygon" if "polygons" in subject.capabilities else "detection"
+    if subject.loss_factory is ultralytics_detection_loss:
+        return "detection"
+    return None
+
+
+@check(area="loss")
+def check_loss_matches_reference_family(subject, ctx):
+    """A loss that declares a family (`loss_family`: "detection", "polygon", "polygon-mgiou") gives the items of that
+    family's reference loss on the same inputs: separated objects, one fitted confident anchor per level each, boxes
+    scaled, vertices moved and DFL distributions spread by a different amount per object (every term non-zero)."""
+    setting = _absolute_setup(subject, ctx)
+    family = _declared_family(subject, setting.loss)
+    families = _family_losses()
+    if family is None:
+        raise CheckSkipped(
+            "the subject declares no loss family (give the criterion a `loss_family` attribute, one of "
+            f"{sorted(families)}), so there is no reference loss to compare with"
+        )
+    if family not in families:
+        raise CheckFailure(f"the subject declares loss_family={family!r}; expected one of {sorted(families)}")
+    reference = families[family](subject.build_head())
+
+    def inner(scene):
+        feats, anchors = _scene_inputs(subject, setting, scene)
+        reps = anchors.representative
+        preds = _constructed_preds(setting.outputs, scene, anchors, feats, reps, reps, moved=True, boxes_moved=True)
+        _, theirs = _loss(setting.loss, preds, scene.batch)
+        _, ours = _loss(reference, preds, scene.batch, f"the reference {family!r} loss")
+        missing = sorted(set(ours) - set(theirs))
+        if missing:
+            raise CheckFailure(f"the loss lacks the items {missing} of its declared family {family!r}")
+        bad = items_close({k: theirs[k] for k in ours}, ours, rtol=RTOL, atol=ATOL)
+        if bad:
+            raise CheckFailure(
+                f"the loss declares loss_family={family!r} but its items differ from that family's reference loss "
+                f"on the same inputs: {'; '.join(bad)} (this loss vs the reference); a term wrong by a constant, a "
+                "gain or a normaliser, or a different assignment"
+            )
+
+    scenes = _scenes(subject, setting.cell, batch_size=2, min_objects=1, max_objects=3, max_cells=setting.max_cells,
+                     moved=True)
+    run_property(ctx, inner, scenes)
