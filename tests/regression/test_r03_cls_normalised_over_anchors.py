@@ -15,7 +15,8 @@ def _cls_item_and_grad(spec):
     """(cls item, cls-term gradient w.r.t. the class logits, B * A * nc, max(1, sum of target scores))."""
     subject = mutants.subject(mutants.REFERENCE)
     head = subject.build_head()
-    preds = detached_preds(train_preds(head, features(subject, batch=2, image_size=(64, 64))), requires_grad=True)
+    feats = features(subject, batch=2, image_size=(64, 64))
+    preds = detached_preds(train_preds(subject, head, feats), requires_grad=True)
     terms = mutants.build_loss(spec, head).terms(preds, ordinary_targets(subject, 2))
     (cls_term,) = terms.vector[2:3]
     cls_term.backward()

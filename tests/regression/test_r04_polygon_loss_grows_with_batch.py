@@ -18,7 +18,7 @@ def _replicated(k: int):
     """One image (predictions fitted to its first object, so max(1, .) never clamps) and its objects, k times."""
     subject = mutants.subject(mutants.REFERENCE)
     head = subject.build_head()
-    preds = detached_preds(train_preds(head, features(subject, batch=1, image_size=(64, 64))))
+    preds = detached_preds(train_preds(subject, head, features(subject, batch=1, image_size=(64, 64))))
     batch = ordinary_targets(subject, 1, per_image=1)
     preds = fit_boxes_to_first_object(preds, batch, subject.strides)
     many = {key: [f.repeat(k, 1, 1, 1) for f in v] if key == "feats" else v.repeat(k, 1, 1) for key, v in preds.items()}

@@ -15,7 +15,7 @@ def _matched_images(spec) -> tuple[torch.Tensor, torch.Tensor]:
     """(image of each positive anchor, image of the object whose polygon it is trained towards)."""
     subject = mutants.subject(mutants.REFERENCE)
     head = subject.build_head()
-    preds = detached_preds(train_preds(head, features(subject, batch=2, image_size=(64, 64))))
+    preds = detached_preds(train_preds(subject, head, features(subject, batch=2, image_size=(64, 64))))
     batch = ordinary_targets(subject, 2, per_image=2)
     terms = mutants.build_loss(spec, head).terms(preds, batch)
     positive_image = terms.detection.fg_mask.nonzero(as_tuple=True)[0]

@@ -16,7 +16,8 @@ def _zero_width_object_loss(loss_cls):
     """(loss vector, number of positives, gradient w.r.t. the raw vertices) for one zero-width (area 0) object."""
     subject = mutants.subject(mutants.REFERENCE)
     head = subject.build_head()
-    preds = detached_preds(train_preds(head, features(subject, batch=1, image_size=(64, 64))), requires_grad=True)
+    feats = features(subject, batch=1, image_size=(64, 64))
+    preds = detached_preds(train_preds(subject, head, feats), requires_grad=True)
     ys = torch.linspace(0.3, 0.7, 8)
     batch = {
         "batch_idx": torch.zeros(1),

@@ -18,7 +18,7 @@ CHECK = "check_loss_rejects_nonfinite"
 def _with_nan(key: str):
     subject = mutants.subject(mutants.REFERENCE)
     head = subject.build_head()
-    preds = detached_preds(train_preds(head, features(subject, batch=2, image_size=(64, 64))))
+    preds = detached_preds(train_preds(subject, head, features(subject, batch=2, image_size=(64, 64))))
     preds[key].view(-1)[7] = math.nan
     return head, preds, ordinary_targets(subject, 2)
 

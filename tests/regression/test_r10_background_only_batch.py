@@ -14,7 +14,8 @@ CHECK = "check_loss_all_background"
 def _empty_batch_loss(loss_cls):
     subject = mutants.subject(mutants.REFERENCE)
     head = subject.build_head()
-    preds = detached_preds(train_preds(head, features(subject, batch=2, image_size=(64, 64))), requires_grad=True)
+    feats = features(subject, batch=2, image_size=(64, 64))
+    preds = detached_preds(train_preds(subject, head, feats), requires_grad=True)
     vector, items = loss_cls.for_head(head)(preds, ordinary_targets(subject, 2, per_image=0))
     return vector, items
 

@@ -32,7 +32,7 @@ def _batch(np: int) -> dict[str, torch.Tensor]:
 def _wild_and_sane(head):
     """The head's initial predictions, and wild ones: class logits -20, every box collapsed onto its anchor."""
     subject = mutants.subject(mutants.REFERENCE)
-    sane = detached_preds(train_preds(head, features(subject, batch=1, image_size=(64, 64))))
+    sane = detached_preds(train_preds(subject, head, features(subject, batch=1, image_size=(64, 64))))
     wild = detached_preds(sane)
     wild["scores"] = torch.full_like(sane["scores"], -20.0)
     reg_max = head.reg_max
