@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from functools import partial
 from types import MappingProxyType
 
 import heads
+import losses
 from headguard.subject import ExpectedFailure, HeadSpec
 
 # The Ultralytics-compatible assigner (AssignerConfig() defaults, ensure_coverage=False) picks each object's
@@ -28,11 +30,18 @@ REFERENCE_LOSS_EXPECTED_FAILURES = MappingProxyType({"check_assigner_coverage": 
 REFERENCE_SPECS: dict[type, HeadSpec] = {heads.Detect: HeadSpec(heads.Detect), heads.Polygon: HeadSpec(heads.Polygon)}
 
 
+# Loss family -> the reference loss factory of that family: `HeadSpec(loss_family=...)` declares that a head's own loss
+# should give that family's values on the same inputs (check_loss_matches_reference_family).
+LOSS_FAMILIES = MappingProxyType({
+    "detection": losses.DetectionLoss.for_head,
+    "polygon": losses.PolygonLoss.for_head,
+    "polygon-mgiou": partial(losses.PolygonLoss.for_head, mode="mgiou"),
+})
+
+
 def covering_spec(head_cls: type) -> HeadSpec:
     """The reference spec with the R11 remedy switched on: the loss's assigner guarantees coverage, nothing expected
     to fail."""
-    import losses
-
     def loss(head):
         factory = losses.PolygonLoss if getattr(head, "np", 0) else losses.DetectionLoss
         return factory.for_head(head, assigner=losses.AssignerConfig(ensure_coverage=True))
@@ -40,4 +49,4 @@ def covering_spec(head_cls: type) -> HeadSpec:
     return HeadSpec(head_cls, loss=loss)
 
 
-__all__ = ["R11", "R11_REASON", "REFERENCE_LOSS_EXPECTED_FAILURES", "REFERENCE_SPECS", "covering_spec"]
+__all__ = ["LOSS_FAMILIES", "R11", "R11_REASON", "REFERENCE_LOSS_EXPECTED_FAILURES", "REFERENCE_SPECS", "covering_spec"]

@@ -70,6 +70,9 @@ class HeadSpec:
         (`headguard.reference.REFERENCE_LOSS_EXPECTED_FAILURES`) are added.
     strides: one per level, set as `head.stride` before `bias_init()`.
     timeout: seconds each check may run on this subject; None takes the run's limit (`--timeout`, the profile's).
+    loss_family: the reference loss family the head's own loss claims to equal ("detection", "polygon",
+        "polygon-mgiou"; `headguard.reference.LOSS_FAMILIES`), checked by check_loss_matches_reference_family; with
+        `loss=None` it is the reference loss's own.
     layout: the head's output layout (a `headguard.layouts` name such as "ultralytics-8.3", or a Layout); None
         detects it from the training output when exactly one layout fits, else assumes "ultralytics-8.4".
     """
@@ -82,6 +85,7 @@ class HeadSpec:
     strides: tuple[float, ...] = DEFAULT_STRIDES
     timeout: float | None = None
     layout: str | Layout | None = None
+    loss_family: str | None = None
 
 
 @dataclasses.dataclass
@@ -104,6 +108,7 @@ class Subject:
     layout_detected: bool = False
     needs_packing: bool = False  # the named outputs differ from what the head returns (see `build_loss`)
     loss_is_reference: bool = False  # the loss is ours (it reads named outputs), not the head's own
+    loss_family: str | None = None  # the reference family the loss claims to equal (HeadSpec.loss_family)
     num_vertices: int = 0
     # What setting the subject up revealed that the report should show: global torch state the constructor changed,
     # a size warning.
@@ -191,6 +196,7 @@ def build_subject(spec: HeadSpec, name: str) -> Subject:
         layout_detected=detected,
         needs_packing=needs_packing,
         loss_is_reference=spec.loss is None,
+        loss_family=spec.loss_family or (_reference_family(capabilities) if spec.loss is None else None),
         num_vertices=int(preds["polygons"].shape[1]) // 2 if "polygons" in preds else 0,
     )
 
@@ -247,6 +253,10 @@ class LayoutAdaptedLoss:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["criterion"], name)
+
+
+def _reference_family(capabilities: frozenset[str]) -> str:
+    return "polygon" if "polygons" in capabilities else "detection"
 
 
 def _default_loss(capabilities: frozenset[str]) -> Callable[[nn.Module], Callable]:

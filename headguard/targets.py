@@ -21,6 +21,7 @@ from headguard.adapters.ultralytics import default_spec_for
 from headguard.contracts import ContractError, check_loss_contract
 from headguard.errors import UsageError
 from headguard.isolation import CheckTimeout, isolated_torch_state, seeded, time_limit
+from headguard.reference import LOSS_FAMILIES
 from headguard.shapes import ShapeLossError, shape_subject_from
 from headguard.subject import DEFAULT_CHANNELS, DEFAULT_NC, ExpectedFailure, HeadSpec, Subject, build_subject
 
@@ -188,6 +189,8 @@ def _validate_spec(spec: HeadSpec, name: str) -> None:
     ):
         raise TargetError(f"{name} has expected_failures={failures!r}; expected a dict of check name -> reason "
                           "(a non-empty string, or a headguard.ExpectedFailure)")
+    if spec.loss_family is not None and spec.loss_family not in LOSS_FAMILIES:
+        raise TargetError(f"{name} has loss_family={spec.loss_family!r}; expected one of {sorted(LOSS_FAMILIES)}")
     if spec.timeout is not None and not (isinstance(spec.timeout, (int, float)) and spec.timeout > 0):
         raise TargetError(f"{name} has timeout={spec.timeout!r}; expected a positive number of seconds, or None")
 

@@ -126,8 +126,9 @@ def default_spec_for(head_class: type) -> HeadSpec | None:
     from ultralytics.utils import loss as ultralytics_losses
 
     loss_class = getattr(ultralytics_losses, TASK_LOSSES[task_head.__name__])
-    return HeadSpec(head=head_class, loss=ultralytics_loss(loss_class),
-                    expected_failures=dict(KNOWN_FAILURES))
+    family = "detection" if loss_class.__name__ == "v8DetectionLoss" else None  # ours equals it (tests/oracle)
+    return HeadSpec(head=head_class, loss=ultralytics_loss(loss_class), expected_failures=dict(KNOWN_FAILURES),
+                    loss_family=family)
 
 
 __all__ = [

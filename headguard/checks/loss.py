@@ -7,7 +7,6 @@ exact fit, per-object terms that decompose over objects, and a declared loss fam
 from __future__ import annotations
 
 import math
-from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -35,6 +34,7 @@ from headguard.checks._common import (
     select_images,
     train_preds,
 )
+from headguard.reference import LOSS_FAMILIES
 from headguard.registry import CheckFailure, CheckSkipped
 
 PRED_KEYS = ("boxes", "scores", "polygons")
@@ -947,27 +947,14 @@ def check_loss_per_object_decomposition(subject, ctx):
     run_property(ctx, inner, scenes)
 
 
-def _family_losses():
-    """Loss family name -> the reference loss factory of that family."""
-    return {
-        "detection": losses.DetectionLoss.for_head,
-        "polygon": losses.PolygonLoss.for_head,
-        "polygon-mgiou": partial(losses.PolygonLoss.for_head, mode="mgiou"),
-    }
-
-
 def _declared_family(subject, loss) -> str | None:
-    """The loss family the subject declares: `subject.loss_family` (a HeadSpec field, once it exists), else the
-    criterion's `loss_family` attribute; the reference loss is of its own family, Ultralytics' v8DetectionLoss
-    (`headguard.adapters.ultralytics.detection_loss`) of "detection"."""
-    declared = getattr(subject, "loss_family", None) or getattr(loss, "loss_family", None)
-    if declared is not None:
-        return declared
-    if subject.loss_is_reference:
-        return "polygon" if "polygons" in subject.capabilities else "detection"
-    if subject.loss_factory is ultralytics_detection_loss:
+    """The loss family the subject declares (`HeadSpec(loss_family=...)`, the reference loss's own), else the
+    criterion's `loss_family` attribute; Ultralytics' v8DetectionLoss (`headguard.adapters.ultralytics.detection_loss`)
+    is of "detection"."""
+    declared = subject.loss_family or getattr(loss, "loss_family", None)
+    if declared is None and subject.loss_factory is ultralytics_detection_loss:
         return "detection"
-    return None
+    return declared
 
 
 @check(area="loss")
@@ -977,15 +964,14 @@ def check_loss_matches_reference_family(subject, ctx):
     scaled, vertices moved and DFL distributions spread by a different amount per object (every term non-zero)."""
     setting = _absolute_setup(subject, ctx)
     family = _declared_family(subject, setting.loss)
-    families = _family_losses()
     if family is None:
         raise CheckSkipped(
-            "the subject declares no loss family (give the criterion a `loss_family` attribute, one of "
-            f"{sorted(families)}), so there is no reference loss to compare with"
+            "the subject declares no loss family (HeadSpec(loss_family=...), one of "
+            f"{sorted(LOSS_FAMILIES)}), so there is no reference loss to compare with"
         )
-    if family not in families:
-        raise CheckFailure(f"the subject declares loss_family={family!r}; expected one of {sorted(families)}")
-    reference = families[family](subject.build_head())
+    if family not in LOSS_FAMILIES:
+        raise CheckFailure(f"the subject declares loss_family={family!r}; expected one of {sorted(LOSS_FAMILIES)}")
+    reference = LOSS_FAMILIES[family](subject.build_head())
 
     def inner(scene):
         feats, anchors = _scene_inputs(subject, setting, scene)
