@@ -1,12 +1,12 @@
 """The fused kernels (`losses._kernels`) side by side with the torch ops they replace, at the issue's shapes (a), (b).
 
-Each workload is timed twice, impl "reference" (the torch ops the losses run today) and impl "kernel" (the entry
-point in `losses._kernels`, which runs the Triton kernel on CUDA), with `pair` = "kernel-<workload>-<shape>":
+Each workload is timed as impl "reference" (the torch ops the kernel replaces) and impl "kernel" (the entry point in
+`losses._kernels`, which runs the Triton kernel on CUDA), with `pair` = "kernel-<workload>-<shape>":
   * assign-metrics: candidate test + CIoU + metric over the dense (B, n, A) pairs;
-  * assign: the whole task-aligned assignment (the metric chain fused, top-k and conflicts in torch);
+  * assign: the whole task-aligned assignment as the losses run it on CUDA (the metric chain fused, top-k and
+    conflicts in torch), impl "kernel" only;
   * dfl: forward+backward of the DFL expectation over all anchors plus the DFL cross-entropy at the positives.
-The prototype loss path (`losses._kernels.loss_path`, fast path + kernels) is timed with `pair` = "loss-<shape>",
-so the ratio table sets it beside Ultralytics' v8DetectionLoss from test_bench_losses_cuda.py in the same run.
+The losses themselves, whose CUDA default has these kernels in its core, are timed in test_bench_losses_cuda.py.
 """
 
 from __future__ import annotations
@@ -14,15 +14,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks._inputs import DEVICES, REG_MAX, STRIDES, clear_grads, loss_shape, make_assigner_inputs, make_batch
+from benchmarks._inputs import DEVICES, REG_MAX, STRIDES, loss_shape, make_assigner_inputs
 from benchmarks._inputs import generator, make_preds
 from heads._decode import dfl_expectation as reference_expectation
 from losses._boxes import dfl_loss
 from losses._fast import gather_anchors
 from losses._kernels import assign_metrics
 from losses._kernels import dfl_expectation as fused_expectation
-from losses._kernels.assign import task_aligned_assign as fused_assign
-from losses._kernels.loss_path import KernelDetectionLoss, KernelPolygonLoss
 from losses.assigner import AssignerConfig, _anchors_in_boxes, _metrics, task_aligned_assign
 
 IMPLS = ["reference", "kernel"]
@@ -87,14 +85,13 @@ def test_assign_metrics(device_bench, device, shape_name, impl, mode):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape_name", ["a", "b"])
-@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mode", MODES)
-def test_assign(device_bench, device, shape_name, impl, mode):
+def test_assign(device_bench, device, shape_name, mode):
+    """The whole assignment as the losses run it on CUDA: the fused metric chain, top-k and conflicts in torch."""
     _, x = _assigner_args(shape_name, device)
-    fn = task_aligned_assign if impl == "reference" else fused_assign
-    device_bench(_timed(lambda: fn(*x.values(), STRIDES), mode, device), pair=f"kernel-assign-{shape_name}",
-                 impl=f"{impl}[{mode}]")
-    assert fn(*x.values(), STRIDES).fg_mask.any()
+    device_bench(_timed(lambda: task_aligned_assign(*x.values(), STRIDES), mode, device),
+                 pair=f"kernel-assign-{shape_name}", impl=f"kernel[{mode}]")
+    assert task_aligned_assign(*x.values(), STRIDES).fg_mask.any()
 
 
 def _dfl_inputs(shape_name, device):
@@ -132,27 +129,3 @@ def test_dfl_fwd_bwd(device_bench, device, shape_name, impl, mode):
     device_bench(_timed(reference if impl == "reference" else kernel, mode, device), pair=f"kernel-dfl-{shape_name}",
                  impl=f"{impl}[{mode}]", positives=int(image.numel()))
     assert torch.isfinite(kernel()).all()
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape_name", ["a", "b"])
-@pytest.mark.parametrize("kind", ["detection", "polygon-l2", "polygon-mgiou"])
-def test_kernel_loss_fwd_bwd(device_bench, device, shape_name, kind):
-    """The prototype loss path: fast path (one sync, CUDA graphs) with the fused kernels in its core."""
-    shape = loss_shape(shape_name, device)
-    polygons = kind != "detection"
-    if polygons:
-        criterion = KernelPolygonLoss(shape.nc, STRIDES, np=shape.np, reg_max=REG_MAX, mode=kind.split("-", 1)[1])
-    else:
-        criterion = KernelDetectionLoss(shape.nc, STRIDES, reg_max=REG_MAX)
-    preds = make_preds(shape, device, polygons=polygons)
-    batch = make_batch(shape, device, polygons=polygons)
-
-    def step():
-        loss, _ = criterion(preds, batch)
-        loss.sum().backward()
-        return loss
-
-    device_bench(step, setup=lambda: clear_grads(preds), pair=f"loss-{shape_name}", impl=f"{kind}[kernels]",
-                 batch=shape.batch, nc=shape.nc, objects=int(batch["cls"].shape[0]))
-    assert torch.isfinite(step()).all()

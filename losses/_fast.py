@@ -1,11 +1,14 @@
-"""The fast path of DetectionLoss and PolygonLoss (`cuda_graphs=True`): the same loss, one host sync, one static core.
+"""The fast path of DetectionLoss and PolygonLoss (the CUDA default, or `cuda_graphs=True`): the same loss, one host
+sync, one static core.
 
 Host side, eager: every input check and the largest per-image object count share one host sync (`one_sync`); targets
 are regrouped into per-image slots whose count is padded up to a multiple of `SLOT_MULTIPLE` (padding slots are
 masked, so the assignment does not change). Core: anchors' decode, assignment and every term, with the positives
 gathered through a fixed-capacity index instead of `nonzero()`: no host sync and no data-dependent shape, so
 `GraphedCore` captures it, forward and backward, as CUDA graphs and replays it. On the CPU (or when capture fails)
-the same core runs eagerly. Results equal the reference path up to summation order (tests/test_fast_paths.py).
+the same core runs eagerly. The core's hot parts are the fused kernels of `losses._kernels` (the DFL expectation with
+the positive DFL term, and through `task_aligned_assign` the assignment metric chain); where Triton does not run,
+their pure-torch specs. Results equal the reference path up to summation order (tests/test_fast_paths.py).
 
 Capacity: a real gt keeps at most `topk` positives (its top-k candidates; conflict resolution only removes, the
 coverage rescue adds one only to a gt that had none), so an image has at most n_slots * topk positives and the index
@@ -14,18 +17,39 @@ holds min(B * A, B * n_slots * topk) entries: no positive is ever dropped.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 
-from heads._decode import decode_polygons, dfl_expectation, dist2bbox, make_anchors
+from heads._decode import decode_polygons, dist2bbox, make_anchors
 
-from ._boxes import bbox2dist, bbox_ciou, dfl_loss
+from . import _kernels
+from ._boxes import bbox2dist, bbox_ciou
 from ._graphs import GraphedCore
 from ._validate import LossInputError, one_sync
 from ._vertex import vertex_term
 from .assigner import task_aligned_assign
 
 SLOT_MULTIPLE = 8  # few distinct padded shapes (few graph captures) for little padding work
+
+
+def check_cuda_graphs(cuda_graphs) -> bool | None:
+    """The losses' `cuda_graphs` argument: True, False or None (the default: decided per call, see `use_fast_path`)."""
+    if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
+        raise TypeError(f"Expected True, False or None for cuda_graphs, got cuda_graphs={cuda_graphs!r}")
+    return cuda_graphs
+
+
+def use_fast_path(cuda_graphs: bool | None, fast: FastPath | None, preds) -> bool:
+    """Whether a loss call takes the fast path: `cuda_graphs` when it is True or False; when None, yes for CUDA
+    predictions unless a CUDA-graph capture of this loss has failed (then the eager reference is the faster choice)."""
+    if cuda_graphs is not None:
+        return cuda_graphs
+    scores = preds.get("scores") if isinstance(preds, Mapping) else None
+    if not (isinstance(scores, torch.Tensor) and scores.is_cuda):
+        return False  # the CPU (or an input the checks will reject): the reference path, its errors
+    return fast is None or fast.core.disabled_reason is None
 
 
 def padded_slot_count(n: int) -> int:
@@ -193,8 +217,10 @@ class FastPath:
         """[box, cls, dfl] (3,) and what a vertex term needs; no host sync, static shapes."""
         det = self.det
         b, _, a = scores.shape
-        dist = dfl_expectation(boxes, det.reg_max)  # (B, 4, A) in bins
-        pred_bboxes = dist2bbox(dist.transpose(1, 2), anchor_points, xywh=False)  # (B, A, 4) grid units
+        # The fused DFL branch: the expectation for the decode and, below, the cross-entropy at the positives, whose
+        # gradient the expectation's backward adds in its one dense write of the logits gradient.
+        branch = _kernels.dfl_expectation(boxes, det.reg_max)
+        pred_bboxes = dist2bbox(branch.expectation.transpose(1, 2), anchor_points, xywh=False)  # (B, A, 4) grid units
         scores_t = scores.transpose(1, 2)
         assignment = task_aligned_assign(
             scores_t.detach().sigmoid(),
@@ -216,8 +242,7 @@ class FastPath:
         target_pos = torch.where(valid[:, None], target_pos, pred_pos.detach())
         box_term = ((1.0 - bbox_ciou(pred_pos, target_pos)) * weight).sum() / tss
         ltrb = bbox2dist(anchor_points[anchor], target_pos, det.reg_max - 1)
-        logits = gather_anchors(boxes, image, anchor).view(-1, 4, det.reg_max)
-        dfl_term = (dfl_loss(logits, ltrb) * weight).sum() / tss
+        dfl_term = (branch.positive_loss(image, anchor, ltrb) * weight).sum() / tss
         g = det.gains
         terms = torch.stack((box_term * g.box, cls_term * g.cls, dfl_term * g.dfl))
         return terms, (assignment, image, anchor, valid, weight, tss)

@@ -1,7 +1,8 @@
 """Task-aligned assignment (TOOD), numerically equal to Ultralytics 8.4.190's TaskAlignedAssigner.
 
 A pure function: settings come in a frozen dataclass, tensors in, an `Assignment` out; no module state.
-Fully vectorised over images, ground truths and anchors (dense (B, n, A) masks; no host sync on accelerators).
+Fully vectorised over images, ground truths and anchors (dense (B, n, A) masks; no host sync on accelerators, where
+the candidate test, CIoU and metric chain run as one fused pass: `losses._kernels.assign_metrics`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import NamedTuple
 
 import torch
 
+from . import _kernels
 from ._boxes import bbox_ciou, xywh2xyxy, xyxy2xywh
 from ._validate import LossInputError
 
@@ -68,7 +70,9 @@ def task_aligned_assign(
         return _assign(pd_scores, pd_bboxes, anchor_points, gt_labels, gt_bboxes, mask_gt.bool(), strides, config)
 
 
-def _assign(pd_scores, pd_bboxes, anchor_points, gt_labels, gt_bboxes, mask_gt, strides, cfg) -> Assignment:
+def _assign(pd_scores, pd_bboxes, anchor_points, gt_labels, gt_bboxes, mask_gt, strides, cfg,
+            dense: bool | None = None) -> Assignment:
+    """The assignment; `dense` picks the metric evaluation order (None: dense on accelerators, see `_metrics`)."""
     b, a, nc = pd_scores.shape
     n = gt_bboxes.shape[1]
     if n == 0:
@@ -85,10 +89,18 @@ def _assign(pd_scores, pd_bboxes, anchor_points, gt_labels, gt_bboxes, mask_gt, 
             "(use larger feature maps or a smaller AssignerConfig.topk)"
         )
     min_side = float(strides[1] if len(strides) > 1 else strides[0])
-    in_box = _anchors_in_boxes(anchor_points, gt_bboxes, mask_gt, min_side)  # (B, n, A)
-    candidate = in_box & mask_gt
     labels = gt_labels.long().squeeze(-1)  # (B, n)
-    overlaps, align = _metrics(pd_scores, pd_bboxes, labels, gt_bboxes, candidate, cfg)
+    if dense is None:
+        dense = pd_scores.device.type != "cpu"
+    if dense:
+        # Accelerators: one pass over the dense (B, n, A) pairs, no host sync; the fused kernel where Triton runs,
+        # else its spec (equal to _anchors_in_boxes + the dense _metrics bit for bit, tests/test_kernels.py).
+        candidate, overlaps, align = _kernels.assign_metrics(
+            pd_scores, pd_bboxes, anchor_points, labels, gt_bboxes, mask_gt.squeeze(-1), min_side, cfg.alpha, cfg.beta
+        )
+    else:
+        candidate = _anchors_in_boxes(anchor_points, gt_bboxes, mask_gt, min_side) & mask_gt  # (B, n, A)
+        overlaps, align = _metrics(pd_scores, pd_bboxes, labels, gt_bboxes, candidate, cfg, dense=False)
 
     mask_pos = _top_candidates(align, mask_gt, cfg.topk) & candidate
     mask_pos = _resolve_conflicts(mask_pos, overlaps)
@@ -132,9 +144,10 @@ def _anchors_in_boxes(anchor_points, gt_bboxes, mask_gt, min_side: float) -> tor
 def _metrics(pd_scores, pd_bboxes, labels, gt_bboxes, candidate, cfg, dense: bool | None = None):
     """CIoU (clamped at 0) and alignment metric per (image, gt, anchor); exactly 0 for non-candidates.
 
-    Two evaluation orders with identical per-pair arithmetic: dense over all (B, n, A) pairs (no host sync; the choice
-    on accelerators) or only over candidate pairs (a nonzero(), i.e. a sync, but about 40x fewer pairs; the choice on
-    CPU, where a sync is free and the dense work dominated the loss's run time).
+    Two evaluation orders with identical per-pair arithmetic: dense over all (B, n, A) pairs (no host sync) or only
+    over candidate pairs (a nonzero(), i.e. a sync, but about 40x fewer pairs; the choice on CPU, where a sync is free
+    and the dense work dominated the loss's run time). On accelerators `_assign` runs the dense order fused
+    (`losses._kernels.assign_metrics`); the dense order here is the reference its spec is held to.
     """
     b, a, _ = pd_scores.shape
     n = labels.shape[1]

@@ -30,7 +30,7 @@ from ._validate import (
     unbounded_flag,
 )
 from ._bounds import LOGIT_BOUND, LOGIT_RANGE, TARGET_HIGH, TARGET_LOW, TARGET_RANGE, pixel_hint
-from ._fast import FastPath, gather_anchors, image_size
+from ._fast import FastPath, check_cuda_graphs, gather_anchors, image_size, use_fast_path
 from .assigner import AssignerConfig, task_aligned_assign
 
 
@@ -92,10 +92,14 @@ class DetectionLoss:
     predictions, one for all value checks of the batch, the padded per-image object count (a shape) and the number of
     positives (a shape, for the box/DFL gathers).
 
-    `cuda_graphs=True` selects the fast path (`losses._fast`): one host sync for every check and the object count,
-    then a static-shape core, replayed as CUDA graphs (forward and backward) for CUDA inputs with autograd on and run
-    eagerly otherwise. Same vector and gradients up to summation order (tests/test_fast_paths.py: within 1e-5), same
-    errors. The graphs cost memory per distinct (batch, anchors, padded object count) shape; at most 8 are kept.
+    `cuda_graphs` picks the path. The fast path (`losses._fast`): one host sync for every check and the object count,
+    then a static-shape core with the fused kernels of `losses._kernels` in it, replayed as CUDA graphs (forward and
+    backward) for CUDA inputs with autograd on and run eagerly otherwise. Same vector and gradients up to summation
+    order (tests/test_fast_paths.py: within 1e-5), same errors. The graphs cost memory per distinct (batch, anchors,
+    padded object count) shape; at most 8 are kept, and each costs a few extra evaluations when first captured.
+    `None` (the default): the fast path for CUDA predictions, unless a capture fails (an op in a user's code that
+    syncs, say): from then on the eager reference; CPU predictions always take the reference path. `True`: always the
+    fast path (its core eager where graphs cannot run). `False`: always the eager reference path described above.
     """
 
     names = ("box_loss", "cls_loss", "dfl_loss")
@@ -107,7 +111,7 @@ class DetectionLoss:
         reg_max: int = 16,
         gains: DetectionGains = DetectionGains(),
         assigner: AssignerConfig = AssignerConfig(),
-        cuda_graphs: bool = False,
+        cuda_graphs: bool | None = None,
     ):
         if isinstance(nc, bool) or not isinstance(nc, int) or nc < 1:
             raise ValueError(f"Expected a positive int for nc, got nc={nc!r}")
@@ -123,7 +127,7 @@ class DetectionLoss:
         self.strides = tuple(strides)
         self.gains = gains
         self.assigner = assigner
-        self.cuda_graphs = bool(cuda_graphs)
+        self.cuda_graphs = check_cuda_graphs(cuda_graphs)
         self._fast = None  # the fast path and its CUDA-graph cache, built on first use
 
     @classmethod
@@ -136,7 +140,7 @@ class DetectionLoss:
 
     def loss(self, preds, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         preds = self.parse_output(preds)
-        if self.cuda_graphs:
+        if use_fast_path(self.cuda_graphs, self._fast, preds):
             if self._fast is None:
                 self._fast = FastPath(self)
             terms = self._fast.detection_vector(preds, batch)

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 
 from ._bounds import TARGET_HIGH, TARGET_LOW, TARGET_RANGE, VERTEX_OFFSET_BOUND, pixel_hint
-from ._fast import FastPath, positive_vertices
+from ._fast import FastPath, check_cuda_graphs, positive_vertices, use_fast_path
 from ._validate import LossInputError, check_bounded, check_flag, check_floating, check_like, check_shape, check_tensor
 from ._vertex import AREA_EPS, MODES, ShapeLoss, resolve_vertex_term, unchecked, vertex_term
 from .assigner import AssignerConfig
@@ -102,8 +102,10 @@ class PolygonLoss:
     mode="l2" with a vertex_loss, or mode="mgiou" with another one, is ambiguous and raises ValueError. After
     construction `term` is "l2", "shape" or "hybrid" and `vertex_loss` the shape loss (None for "l2").
 
-    `cuda_graphs=True` selects the fast path (see DetectionLoss and `losses._fast`): same vector and gradients up to
-    summation order, same errors.
+    `cuda_graphs` picks the path as in `DetectionLoss`: None (the default) the fast path (`losses._fast`: one sync,
+    fused kernels, CUDA graphs) for CUDA predictions while capture works, the eager reference otherwise and on the
+    CPU; True always the fast path; False always the reference. Same vector and gradients up to summation order,
+    same errors. A `vertex_loss` that syncs cannot be captured: by default that loss then runs the reference path.
     """
 
     names = ("box_loss", "polygon_loss", "cls_loss", "dfl_loss")
@@ -117,7 +119,7 @@ class PolygonLoss:
         mode: str | None = None,
         gains: PolygonGains = PolygonGains(),
         assigner: AssignerConfig = AssignerConfig(),
-        cuda_graphs: bool = False,
+        cuda_graphs: bool | None = None,
         vertex_loss: ShapeLoss | None = None,
     ):
         _check_num_vertices(np)
@@ -126,8 +128,9 @@ class PolygonLoss:
             raise TypeError(f"Expected a PolygonGains for gains, got {type(gains).__name__}")
         self.np = np
         self.gains = gains
-        self.detection = DetectionLoss(nc, strides, reg_max=reg_max, gains=gains.detection(), assigner=assigner)
-        self.cuda_graphs = bool(cuda_graphs)
+        self.cuda_graphs = check_cuda_graphs(cuda_graphs)
+        self.detection = DetectionLoss(nc, strides, reg_max=reg_max, gains=gains.detection(), assigner=assigner,
+                                       cuda_graphs=cuda_graphs)
         self._fast = None  # the fast path and its CUDA-graph cache, built on first use
 
     @property
@@ -145,7 +148,7 @@ class PolygonLoss:
 
     def loss(self, preds, batch: Mapping[str, torch.Tensor], progress: float = 0.0):
         preds = DetectionLoss.parse_output(preds)
-        if self.cuda_graphs:
+        if use_fast_path(self.cuda_graphs, self._fast, preds):
             if self._fast is None:
                 self._fast = FastPath(self.detection, self)
             vector = self._fast.polygon_vector(preds, batch, self._check_progress(progress))

@@ -1,7 +1,9 @@
-"""The losses' fast path (`cuda_graphs=True`) computes the reference loss: same vector, same gradients, same errors.
+"""The losses' fast path (the CUDA default; `cuda_graphs=True` anywhere) computes the reference loss
+(`cuda_graphs=False`): same vector, same gradients, same errors.
 
-On the CPU the fast path runs its static core eagerly, which is exactly what a CUDA graph replays; the CUDA-marked
-tests at the end check capture and replay themselves where a GPU exists.
+On the CPU the fast path runs its static core eagerly (with the fused kernels' pure-torch specs), which is exactly what
+a CUDA graph replays; the CUDA-marked tests at the end check capture, replay and the default's choice where a GPU
+exists.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ TOL = 1e-5
 def _criteria(mode: str):
     """(reference, fast) criteria of one mode."""
     if mode == "detection":
-        return DetectionLoss(NC, STRIDES), DetectionLoss(NC, STRIDES, cuda_graphs=True)
-    return PolygonLoss(NC, STRIDES, np=NP, mode=mode), PolygonLoss(NC, STRIDES, np=NP, mode=mode, cuda_graphs=True)
+        return DetectionLoss(NC, STRIDES, cuda_graphs=False), DetectionLoss(NC, STRIDES, cuda_graphs=True)
+    return (PolygonLoss(NC, STRIDES, np=NP, mode=mode, cuda_graphs=False),
+            PolygonLoss(NC, STRIDES, np=NP, mode=mode, cuda_graphs=True))
 
 
 @functools.cache
@@ -200,6 +203,26 @@ def test_one_sync_reads_requested_values():
     assert sync.values[at] == 42
 
 
+@pytest.mark.parametrize("loss_class", [DetectionLoss, PolygonLoss])
+def test_default_takes_the_reference_path_on_the_cpu(loss_class):
+    """cuda_graphs=None (the default) never builds the fast path for CPU predictions: the CPU path is the reference."""
+    criterion = loss_class(NC, STRIDES, np=NP) if loss_class is PolygonLoss else loss_class(NC, STRIDES)
+    assert criterion.cuda_graphs is None
+    feats = [torch.randn(2, c, 64 // int(s), 64 // int(s)) for c, s in zip(CHANNELS, STRIDES)]
+    batch = {"batch_idx": torch.tensor([0.0, 1.0]), "cls": torch.tensor([[0.0], [2.0]]),
+             "bboxes": torch.tensor([[0.5, 0.5, 0.4, 0.3], [0.3, 0.6, 0.2, 0.2]]),
+             "polygons": torch.rand(2, NP, 2) * 0.2 + 0.4}
+    criterion(_head_outputs(feats, 0, 1.0), batch)
+    assert criterion._fast is None
+
+
+@pytest.mark.parametrize("value", [1, 0, "yes"])
+@pytest.mark.parametrize("loss_class", [DetectionLoss, PolygonLoss])
+def test_cuda_graphs_takes_only_a_bool_or_none(loss_class, value):
+    with pytest.raises(TypeError, match=f"Expected True, False or None for cuda_graphs, got cuda_graphs={value!r}"):
+        loss_class(NC, STRIDES, cuda_graphs=value)
+
+
 def test_graphed_core_runs_eagerly_off_cuda():
     calls = []
 
@@ -245,6 +268,16 @@ def test_cuda_graph_replay_matches_reference(mode):
     _replayed_equals_reference(*_criteria(mode), mode, captured=True)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_default_is_the_captured_fast_path(mode):
+    """No flag: CUDA predictions take the fast path and its graphs are captured, with the reference's results."""
+    reference, _ = _criteria(mode)
+    default = DetectionLoss(NC, STRIDES) if mode == "detection" else PolygonLoss(NC, STRIDES, np=NP, mode=mode)
+    _replayed_equals_reference(reference, default, mode, captured=True)
+    assert default._fast.core._cache, "the default replayed no CUDA graph"
+
+
 def _capturable_shape_loss(pred, target, pred_mask=None, target_mask=None):
     # No mask reaches it (the batch has no polygon_mask) and check_finite=False: mgiou then reads nothing on the host.
     return 2 * mgiou(pred, target, pred_mask, target_mask, check_finite=False)
@@ -256,11 +289,13 @@ def _syncing_shape_loss(pred, target, pred_mask=None, target_mask=None):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("cuda_graphs", [True, None], ids=["explicit", "default"])
 @pytest.mark.parametrize("shape_loss", [_capturable_shape_loss, _syncing_shape_loss], ids=["captured", "eager"])
 @pytest.mark.parametrize("mode", [None, "hybrid"])
-def test_cuda_user_vertex_loss_equals_the_reference_captured_or_eager(mode, shape_loss):
-    reference = PolygonLoss(NC, STRIDES, np=NP, mode=mode, vertex_loss=shape_loss)
-    fast = PolygonLoss(NC, STRIDES, np=NP, mode=mode, vertex_loss=shape_loss, cuda_graphs=True)
+def test_cuda_user_vertex_loss_equals_the_reference_captured_or_eager(mode, shape_loss, cuda_graphs):
+    """A vertex loss that syncs is not captured: True runs the fast core eagerly, the default the reference."""
+    reference = PolygonLoss(NC, STRIDES, np=NP, mode=mode, vertex_loss=shape_loss, cuda_graphs=False)
+    fast = PolygonLoss(NC, STRIDES, np=NP, mode=mode, vertex_loss=shape_loss, cuda_graphs=cuda_graphs)
     _replayed_equals_reference(reference, fast, "polygon", captured=shape_loss is _capturable_shape_loss)
 
 

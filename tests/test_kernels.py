@@ -2,8 +2,10 @@
 
 CPU (CI): each spec against the reference it replaces (`losses.assigner`, `heads._decode.dfl_expectation`,
 `losses._boxes.dfl_loss`), bit for bit where the operation order is the same, else within 1e-6 relative; the
-assignment and the prototype loss path built on them against the reference assignment and loss.
-GPU (`cuda` marker, skipped without CUDA or Triton): each Triton kernel against its spec on the same inputs.
+assigner's dense path (the metric spec, as accelerators run it) against its CPU path. The fast path that carries the
+DFL kernels is held to the reference loss in tests/test_fast_paths.py.
+GPU (`cuda` marker, skipped without CUDA or Triton): each Triton kernel against its spec on the same inputs; the
+default loss (fast path, graphs, kernels) against the eager reference (`cuda_graphs=False`).
 """
 
 from __future__ import annotations
@@ -21,9 +23,7 @@ from losses import DetectionLoss, PolygonLoss
 from losses._boxes import dfl_loss
 from losses._kernels import available, spec
 from losses._kernels import dfl_expectation as fused_expectation
-from losses._kernels.assign import task_aligned_assign as fused_assign
-from losses._kernels.loss_path import KernelDetectionLoss, KernelPolygonLoss
-from losses.assigner import AssignerConfig, _anchors_in_boxes, _metrics, task_aligned_assign
+from losses.assigner import AssignerConfig, _anchors_in_boxes, _assign, _metrics
 
 EXPONENTS = [0.0, 0.3, 0.5, 1.0, 2.0, 3.0, 6.0]  # torch special-cases 0, 1, 0.5, 2, 3 in pow; the kernel must too
 GPU_EXPONENTS = [0.5, 1.0, 3.0, 6.0]  # each (alpha, beta) pair is a kernel compilation: a few cover every branch
@@ -104,26 +104,32 @@ def test_assign_metrics_spec_equals_reference(inputs):
         assert torch.equal(actual, expected), f"{name}: spec differs from the reference by {_rel(actual, expected)}"
 
 
+def _assign_both_ways(tensors, config):
+    """(dense, sparse) assignments of the same inputs: the accelerators' fused-metric order and the CPU's nonzero."""
+    pd_scores, pd_bboxes, anchors, gt_labels, gt_bboxes, mask_gt = tensors
+    args = (pd_scores, pd_bboxes, anchors, gt_labels, gt_bboxes, mask_gt.bool(), STRIDES, config)
+    return _assign(*args, dense=True), _assign(*args, dense=False)
+
+
 @given(assigner_inputs())
-def test_fused_assignment_equals_reference(inputs):
-    """The assignment over the fused metric is the reference assignment (all five outputs equal)."""
+def test_dense_assignment_equals_the_cpu_assignment(inputs):
+    """The assignment over the fused metric (its spec here) is the CPU path's assignment (all five outputs equal)."""
     *tensors, config = inputs
-    expected = task_aligned_assign(*tensors, STRIDES, config)
-    got = fused_assign(*tensors, STRIDES, config)
-    for name, actual, want in zip(expected._fields, got, expected):
-        assert torch.equal(actual, want), f"{name} differs from the reference assignment"
+    dense, sparse = _assign_both_ways(tensors, config)
+    for name, actual, want in zip(sparse._fields, dense, sparse):
+        assert torch.equal(actual, want), f"{name} differs from the CPU path's assignment"
 
 
-def test_fused_assignment_keeps_reference_edge_cases():
+def test_dense_assignment_keeps_reference_edge_cases():
     """No gt slots gives the empty assignment; fewer anchors than topk raises the reference's error."""
     pd_scores, pd_bboxes = torch.rand(2, 5, 3), torch.rand(2, 5, 4)
     anchors = torch.rand(5, 2)
-    empty = fused_assign(pd_scores, pd_bboxes, anchors, torch.zeros(2, 0, 1), torch.zeros(2, 0, 4),
-                         torch.zeros(2, 0, 1), STRIDES)
+    empty = _assign_both_ways((pd_scores, pd_bboxes, anchors, torch.zeros(2, 0, 1), torch.zeros(2, 0, 4),
+                               torch.zeros(2, 0, 1)), AssignerConfig())[0]
     assert not empty.fg_mask.any()
     with pytest.raises(ValueError, match="expected at least topk"):
-        fused_assign(pd_scores, pd_bboxes, anchors, torch.zeros(2, 1, 1), torch.ones(2, 1, 4), torch.ones(2, 1, 1),
-                     STRIDES)
+        _assign_both_ways((pd_scores, pd_bboxes, anchors, torch.zeros(2, 1, 1), torch.ones(2, 1, 4),
+                           torch.ones(2, 1, 1)), AssignerConfig())
 
 
 def _reference_dfl(logits, grad, image, anchor, target, grad_pos, reg_max):
@@ -193,10 +199,14 @@ def _loss_and_grads(criterion, preds, batch, device):
 
 
 def _check_loss_path(preds, batch, device, tol=1e-5):
+    """The fast path (the default on CUDA; asked for on the CPU, where its core runs eagerly on the kernels' specs)
+    against the eager reference (`cuda_graphs=False`)."""
+    fast = None if device == "cuda" else True
     for mode, reference, fused in (
-        ("detection", DetectionLoss(NC_LOSS, STRIDES), KernelDetectionLoss(NC_LOSS, STRIDES)),
-        ("mgiou", PolygonLoss(NC_LOSS, STRIDES, np=6, mode="mgiou"), KernelPolygonLoss(NC_LOSS, STRIDES, np=6,
-                                                                                          mode="mgiou")),
+        ("detection", DetectionLoss(NC_LOSS, STRIDES, cuda_graphs=False), DetectionLoss(NC_LOSS, STRIDES,
+                                                                                        cuda_graphs=fast)),
+        ("mgiou", PolygonLoss(NC_LOSS, STRIDES, np=6, mode="mgiou", cuda_graphs=False),
+         PolygonLoss(NC_LOSS, STRIDES, np=6, mode="mgiou", cuda_graphs=fast)),
     ):
         expected = _loss_and_grads(reference, preds, batch, device)
         got = _loss_and_grads(fused, preds, batch, device)
@@ -207,7 +217,7 @@ def _check_loss_path(preds, batch, device, tol=1e-5):
 
 @given(loss_batches())
 def test_kernel_loss_path_equals_reference(case):
-    """The prototype loss path (fast path + fused kernels; specs on the CPU) equals the reference within 1e-5."""
+    """The fast path with the fused kernels in its core (their specs on the CPU) equals the reference within 1e-5."""
     _check_loss_path(*case, "cpu")
 
 
@@ -259,6 +269,7 @@ def test_dfl_kernels_equal_spec(inputs):
 @settings(max_examples=100)
 @given(loss_batches())
 def test_kernel_loss_path_equals_reference_on_gpu(case):
+    """The default loss (fast path, graphs, Triton kernels) equals the eager reference within 1e-5."""
     _check_loss_path(*case, "cuda")
 
 
@@ -266,10 +277,11 @@ def test_kernel_loss_path_equals_reference_on_gpu(case):
 @needs_kernels
 @pytest.mark.parametrize("shape_name", ["a", "b"])
 def test_kernel_loss_path_at_benchmark_shapes(shape_name):
-    """At the benchmark shapes, with CUDA graphs and the Triton kernels: within 1e-5 of the eager reference."""
+    """At the benchmark shapes, the default (CUDA graphs, Triton kernels): within 1e-5 of the eager reference."""
     shape = loss_shape(shape_name, "cuda")
     results = []
-    for criterion in (DetectionLoss(shape.nc, STRIDES), KernelDetectionLoss(shape.nc, STRIDES)):
+    default = DetectionLoss(shape.nc, STRIDES)
+    for criterion in (DetectionLoss(shape.nc, STRIDES, cuda_graphs=False), default):
         preds, batch = make_preds(shape, "cuda"), make_batch(shape, "cuda")
         for _ in range(2):  # the second call replays the captured graphs
             for v in preds.values():
@@ -278,5 +290,6 @@ def test_kernel_loss_path_at_benchmark_shapes(shape_name):
             loss, _ = criterion(preds, batch)
             loss.sum().backward()
         results.append([loss.detach(), preds["boxes"].grad, preds["scores"].grad])
+    assert default._fast is not None and default._fast.core.disabled_reason is None, "the default did not capture"
     for i, (actual, want) in enumerate(zip(*reversed(results))):
         assert _rel(actual, want) <= 1e-5, f"output {i}: relative difference {_rel(actual, want):.2e}"

@@ -8,7 +8,12 @@ entry points (`ops`) choose per call, so callers never branch:
   `positive_dfl(...)`, the DFL cross-entropy at positives, whose gradient is added by the expectation's own backward
   (one pass writes the dense logits gradient);
 - `assign_metrics(...)`: the assigner's candidate mask, CIoU overlaps and alignment metric in one pass over the dense
-  (B, n, A) pairs; `assign.task_aligned_assign` is the assignment on top of it (top-k and conflicts in torch).
+  (B, n, A) pairs.
+
+Where they run: `losses.assigner.task_aligned_assign` takes its metric from `assign_metrics` on accelerators (top-k,
+conflicts and soft targets stay its own torch steps; the CPU keeps its exact `nonzero` order), and the losses' fast
+path (`losses._fast.FastPath._detection_core`) decodes with `dfl_expectation` and takes its DFL term from
+`.positive_loss`. There is no second loss beside the reference: the kernels are a backend of its computations.
 
 Tie-breaking contract: top-k and conflict resolution stay torch's, on the kernel's candidates (equal to the spec's)
 and metrics (bit-equal to the spec's for 99.7 % of pairs on an H200, the rest within two ulps: CUDA's atan and
