@@ -11,6 +11,7 @@ replays that forward again from its own saved inputs, so interleaved calls stay 
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -95,6 +96,10 @@ class GraphedCore:
                 torch.autograd.grad(out, [static[i] for i in diff], torch.ones_like(out), allow_unused=True)
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
+        # Graphs of losses no longer referenced sit in reference cycles until the cyclic collector frees them; freed
+        # during a capture, their reset is an illegal call that invalidates it (torch no longer collects first, see
+        # torch.compiler.config.force_cudagraph_gc). Collect now, once per captured signature.
+        gc.collect()
 
         fwd, bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         with torch.cuda.graph(fwd):
