@@ -47,7 +47,7 @@ def reference_failures(*, profile: str, seed: int) -> set[str]:
     from headguard.targets import resolve_target
 
     subject = resolve_target("heads:Polygon")
-    results = run_checks(subject, select_checks(subject.capabilities), profile=profile, seed=seed)
+    results = run_checks(subject, select_checks(subject), profile=profile, seed=seed)
     return {r.name for r in results if r.status in ("failed", "error", "xfailed")}
 
 
@@ -63,7 +63,7 @@ def time_one(spec, name: str, *, baseline: set[str], profile: str, seed: int) ->
     def caught(result) -> bool:
         return result.status in ("failed", "error") and result.name not in baseline
 
-    results = run_checks(subject, select_checks(subject.capabilities), profile=profile, seed=seed, stop_when=caught)
+    results = run_checks(subject, select_checks(subject), profile=profile, seed=seed, stop_when=caught)
     first_any = next((r for r in results if r.status in ("failed", "error")), None)
     verdict = results[-1] if results and caught(results[-1]) else None
     return {
