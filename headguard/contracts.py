@@ -10,6 +10,7 @@ import torch
 
 from headguard.checks._common import features, ordinary_targets
 from headguard.errors import UsageError
+from headguard.layouts import LayoutMismatch
 from headguard.subject import Subject
 
 LOSS_CONTRACT = (
@@ -25,12 +26,14 @@ class ContractError(UsageError):
 def check_loss_contract(subject: Subject) -> None:
     """Call the subject's criterion once, on an ordinary batch and on finite stand-in predictions shaped as the head's
     training output, and check the shape of its result. Stand-ins, not the head's own values: a head whose output is
-    NaN is a finding of the checks, not a misuse. A head whose training output is not a mapping is left to
+    NaN is a finding of the checks, not a misuse. A head whose training output does not fit its layout is left to
     `check_output_contract`, which gates every check that reads outputs."""
     head = subject.build_head()
     with torch.no_grad():
-        preds = head(features(subject, batch=2))
-    if not isinstance(preds, Mapping):
+        out = head(features(subject, batch=2))
+    try:
+        preds = subject.train_outputs(out)
+    except LayoutMismatch:
         return
     generator = torch.Generator().manual_seed(subject.seed)
     preds = {k: _stand_in(v, generator) for k, v in preds.items()}
@@ -62,7 +65,8 @@ def _loss_result_problem(result: Any) -> str | None:
     if not vector.requires_grad:
         return "a loss vector with no gradient (detached, or computed under no_grad)"
     if not isinstance(items, Mapping):
-        return f"(vector, {_describe(items)}) as its items"
+        hint = "; name them with HeadSpec(item_names=(...))" if isinstance(items, (torch.Tensor, tuple, list)) else ""
+        return f"(vector, {_describe(items)}) as its items{hint}"
     bad = [k for k, v in items.items() if not isinstance(k, str) or not _is_number(v)]
     if bad:
         return f"items whose entries {bad!r} are not name -> number"

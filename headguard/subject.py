@@ -73,6 +73,8 @@ class HeadSpec:
     loss_family: the reference loss family the head's own loss claims to equal ("detection", "polygon",
         "polygon-mgiou"; `headguard.reference.LOSS_FAMILIES`), checked by check_loss_matches_reference_family; with
         `loss=None` it is the reference loss's own.
+    item_names: names for a loss that returns its items as one tensor (Ultralytics 8.3's losses do); None takes the
+        criterion's own `loss_names` when it has them.
     layout: the head's output layout (a `headguard.layouts` name such as "ultralytics-8.3", or a Layout); None
         detects it from the training output when exactly one layout fits, else assumes "ultralytics-8.4".
     """
@@ -86,6 +88,7 @@ class HeadSpec:
     timeout: float | None = None
     layout: str | Layout | None = None
     loss_family: str | None = None
+    item_names: tuple[str, ...] | None = None
 
 
 @dataclasses.dataclass
@@ -109,6 +112,7 @@ class Subject:
     needs_packing: bool = False  # the named outputs differ from what the head returns (see `build_loss`)
     loss_is_reference: bool = False  # the loss is ours (it reads named outputs), not the head's own
     loss_family: str | None = None  # the reference family the loss claims to equal (HeadSpec.loss_family)
+    item_names: tuple[str, ...] | None = None  # HeadSpec.item_names
     num_vertices: int = 0
     # What setting the subject up revealed that the report should show: global torch state the constructor changed,
     # a size warning.
@@ -134,6 +138,9 @@ class Subject:
         """The criterion for `head`, taking the named outputs the checks hold (packed into the head's own layout
         before the loss sees them, when that layout is not the named dict itself)."""
         criterion = self.loss_factory(head)
+        names = self.item_names or getattr(criterion, "loss_names", None)
+        if names is not None:
+            criterion = NamedItems(criterion, tuple(names))
         if not self.needs_packing:
             return criterion
         return LayoutAdaptedLoss(criterion, self.layout, self.geometry, wants_named=self.loss_is_reference)
@@ -196,6 +203,7 @@ def build_subject(spec: HeadSpec, name: str) -> Subject:
         layout_detected=detected,
         needs_packing=needs_packing,
         loss_is_reference=spec.loss is None,
+        item_names=tuple(spec.item_names) if spec.item_names is not None else None,
         loss_family=spec.loss_family or (_reference_family(capabilities) if spec.loss is None else None),
         num_vertices=int(preds["polygons"].shape[1]) // 2 if "polygons" in preds else 0,
     )
@@ -230,6 +238,27 @@ def _layout_of(spec: HeadSpec, head: nn.Module, channels, strides, nc: int):
         return layout, detected, {}, False
     same = isinstance(out, Mapping) and list(preds) == list(out)  # the named outputs are the head's own dict
     return layout, detected, preds, not same
+
+
+class NamedItems:
+    """A criterion whose items come back as one tensor (or sequence), with `names` put on them: the loss contract is
+    `(vector, {name: value})`. A criterion that already returns a mapping passes through. Attributes are the wrapped
+    criterion's."""
+
+    def __init__(self, criterion: Callable, names: tuple[str, ...]):
+        self.criterion, self.names = criterion, names
+
+    def __call__(self, preds: Any, batch: Mapping[str, torch.Tensor]):
+        vector, items = self.criterion(preds, batch)
+        if isinstance(items, Mapping):
+            return vector, items
+        values = list(items.reshape(-1) if isinstance(items, torch.Tensor) else items)
+        if len(values) != len(self.names):
+            raise ValueError(f"the loss returned {len(values)} items; item_names {self.names} name {len(self.names)}")
+        return vector, dict(zip(self.names, values))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["criterion"], name)
 
 
 class LayoutAdaptedLoss:

@@ -189,6 +189,9 @@ def _validate_spec(spec: HeadSpec, name: str) -> None:
     ):
         raise TargetError(f"{name} has expected_failures={failures!r}; expected a dict of check name -> reason "
                           "(a non-empty string, or a headguard.ExpectedFailure)")
+    names = spec.item_names
+    if names is not None and not (isinstance(names, (tuple, list)) and names and all(isinstance(n, str) for n in names)):
+        raise TargetError(f"{name} has item_names={names!r}; expected a tuple of item names, or None")
     if spec.loss_family is not None and spec.loss_family not in LOSS_FAMILIES:
         raise TargetError(f"{name} has loss_family={spec.loss_family!r}; expected one of {sorted(LOSS_FAMILIES)}")
     if spec.timeout is not None and not (isinstance(spec.timeout, (int, float)) and spec.timeout > 0):

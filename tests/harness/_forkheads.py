@@ -68,3 +68,17 @@ class Polygon83ForgetsPriors(Polygon83):
         with torch.no_grad():
             for branch in self.cv4:
                 branch[-1].bias.zero_()
+
+
+class v8PolygonLossTensorItems(v8PolygonLoss):  # noqa: N801
+    """The same loss returning its items as one detached tensor, as Ultralytics 8.3's losses do."""
+
+    def __call__(self, preds, batch):
+        vector, items = super().__call__(preds, batch)
+        return vector, torch.stack([items[k] for k in ("box_loss", "polygon_loss", "cls_loss", "dfl_loss")])
+
+
+class v8PolygonLossWithNames(v8PolygonLossTensorItems):  # noqa: N801
+    """... and naming them itself, with a `loss_names` attribute."""
+
+    loss_names = ("box_loss", "polygon_loss", "cls_loss", "dfl_loss")

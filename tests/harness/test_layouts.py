@@ -11,13 +11,15 @@ import inspect
 import pytest
 import torch
 
-from headguard import HeadSpec
+from headguard import HeadSpec, UsageError
 from headguard.adapters.ultralytics import ultralytics_loss
 from headguard.layouts import FORK_TUPLE, LAYOUTS, ULTRALYTICS_83, Geometry, detect_layout
 from headguard.runner import run_checks, select_checks
 from headguard.targets import subject_from
 
-from ._forkheads import Detect83, Polygon83, Polygon83ForgetsPriors, v8PolygonLoss
+from ._forkheads import (
+    Detect83, Polygon83, Polygon83ForgetsPriors, v8PolygonLoss, v8PolygonLossTensorItems, v8PolygonLossWithNames,
+)
 
 pytest.importorskip("ultralytics")
 
@@ -127,3 +129,16 @@ def test_the_report_names_the_layout_and_loss_of_every_target(tmp_path, monkeypa
         "heads:Detect": "layout ultralytics-8.4 (detected), loss losses.detection.DetectionLoss.for_head",
     }
     assert all(f"; {text})" in out for text in subjects.values())
+
+
+def test_items_as_one_tensor_are_named_by_the_spec_or_by_the_loss():
+    """8.3's losses return their items as a tensor: named by HeadSpec(item_names=...) or the loss's loss_names."""
+    names = ("box_loss", "polygon_loss", "cls_loss", "dfl_loss")
+    tensor_items = ultralytics_loss(v8PolygonLossTensorItems, polygon=12.0)
+    with pytest.raises(UsageError, match=r"as its items; name them with HeadSpec\(item_names="):
+        subject_from(HeadSpec(head=Polygon83, loss=tensor_items), name="forkheads:unnamed")
+    for spec in (HeadSpec(head=Polygon83, loss=tensor_items, item_names=names),
+                 HeadSpec(head=Polygon83, loss=ultralytics_loss(v8PolygonLossWithNames, polygon=12.0))):
+        subject = subject_from(spec, name="forkheads:named")
+        got = verdicts(subject, ["check_loss_batch_replication", "check_polygon_detection_terms_match"])
+        assert {name: status for name, (status, _) in got.items()} == dict.fromkeys(got, "passed"), got
