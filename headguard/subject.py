@@ -112,7 +112,7 @@ class Subject:
     needs_packing: bool = False  # the named outputs differ from what the head returns (see `build_loss`)
     loss_is_reference: bool = False  # the loss is ours (it reads named outputs), not the head's own
     loss_family: str | None = None  # the reference family the loss claims to equal (HeadSpec.loss_family)
-    item_names: tuple[str, ...] | None = None  # HeadSpec.item_names
+    item_names: tuple[str, ...] | None = None  # HeadSpec.item_names, or the loss's loss_names (contracts)
     num_vertices: int = 0
     # What setting the subject up revealed that the report should show: global torch state the constructor changed,
     # a size warning.
@@ -138,9 +138,8 @@ class Subject:
         """The criterion for `head`, taking the named outputs the checks hold (packed into the head's own layout
         before the loss sees them, when that layout is not the named dict itself)."""
         criterion = self.loss_factory(head)
-        names = self.item_names or getattr(criterion, "loss_names", None)
-        if names is not None:
-            criterion = NamedItems(criterion, tuple(names))
+        if self.item_names is not None:  # HeadSpec(item_names=...), or the loss's loss_names found at setup
+            criterion = NamedItems(criterion, self.item_names)
         if not self.needs_packing:
             return criterion
         return LayoutAdaptedLoss(criterion, self.layout, self.geometry, wants_named=self.loss_is_reference)
