@@ -73,6 +73,9 @@ class HeadSpec:
     loss_family: the reference loss family the head's own loss claims to equal ("detection", "polygon",
         "polygon-mgiou"; `headguard.reference.LOSS_FAMILIES`), checked by check_loss_matches_reference_family; with
         `loss=None` it is the reference loss's own.
+    detection_loss: the detection loss of the head's own loss family (a factory like `loss`): the oracle
+        check_polygon_detection_terms_match compares a polygon loss's box/cls/dfl terms with; None uses ours for a
+        loss of our family and skips the check for another.
     item_names: names for a loss that returns its items as one tensor (Ultralytics 8.3's losses do); None takes the
         criterion's own `loss_names` when it has them.
     layout: the head's output layout (a `headguard.layouts` name such as "ultralytics-8.3", or a Layout); None
@@ -89,6 +92,7 @@ class HeadSpec:
     layout: str | Layout | None = None
     loss_family: str | None = None
     item_names: tuple[str, ...] | None = None
+    detection_loss: Callable[[nn.Module], Callable] | None = None
 
 
 @dataclasses.dataclass
@@ -113,6 +117,7 @@ class Subject:
     loss_is_reference: bool = False  # the loss is ours (it reads named outputs), not the head's own
     loss_family: str | None = None  # the reference family the loss claims to equal (HeadSpec.loss_family)
     item_names: tuple[str, ...] | None = None  # HeadSpec.item_names, or the loss's loss_names (contracts)
+    detection_loss_factory: Callable[[nn.Module], Callable] | None = None  # HeadSpec.detection_loss
     num_vertices: int = 0
     # What setting the subject up revealed that the report should show: global torch state the constructor changed,
     # a size warning.
@@ -203,6 +208,7 @@ def build_subject(spec: HeadSpec, name: str) -> Subject:
         needs_packing=needs_packing,
         loss_is_reference=spec.loss is None,
         item_names=tuple(spec.item_names) if spec.item_names is not None else None,
+        detection_loss_factory=spec.detection_loss,
         loss_family=spec.loss_family or (_reference_family(capabilities) if spec.loss is None else None),
         num_vertices=int(preds["polygons"].shape[1]) // 2 if "polygons" in preds else 0,
     )

@@ -177,7 +177,7 @@ def short_name(subject: Subject) -> str:
 
 
 def _validate_spec(spec: HeadSpec, name: str) -> None:
-    for field in ("head", "loss", "train_step"):
+    for field in ("head", "loss", "train_step", "detection_loss"):
         value = getattr(spec, field)
         if (value is not None or field == "head") and not callable(value):
             raise TargetError(f"{name} has {field}={value!r}, which is not callable; expected "
@@ -202,6 +202,7 @@ _FIELD_DOCS = {
     "head": "the head class, or a callable returning an nn.Module",
     "loss": "a callable that takes the built head and returns the criterion",
     "train_step": "a callable with the signature of headguard.training.train_step",
+    "detection_loss": "a callable that takes the built head and returns its family's detection criterion",
 }
 
 

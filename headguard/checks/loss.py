@@ -486,9 +486,17 @@ def check_assigner_coverage(subject, ctx):
 
 
 
-def _detection_loss(head):
-    """The reference detection loss for this head: the oracle for the polygon loss's detection terms."""
-    return losses.DetectionLoss.for_head(head)
+def _detection_oracle(subject, shape_loss):
+    """The detection loss whose terms the polygon loss must reproduce: the subject's own detection-loss family
+    (`HeadSpec(detection_loss=...)`), else ours for a loss of our family (our PolygonLoss, a declared polygon
+    family); a fork's loss of another family (an 8.3 assigner) is never held to our 8.4-equal terms."""
+    if subject.detection_loss_factory is not None:
+        return subject.detection_loss_factory
+    ours = isinstance(getattr(shape_loss, "criterion", shape_loss), losses.PolygonLoss)
+    if ours or subject.loss_family in ("polygon", "polygon-mgiou"):
+        return losses.DetectionLoss.for_head
+    raise CheckSkipped("the subject names no detection loss of its own family (HeadSpec(detection_loss=...)) and its "
+                       "loss is not of ours, so there is no oracle for its detection terms")
 
 
 @check(area="loss", requires=("polygons",))
@@ -497,7 +505,8 @@ def check_polygon_detection_terms_match(subject, ctx):
     head = subject.build_head()
     feats = features(subject, batch=2, image_size=(64, 64), seed=ctx.seed)
     preds = detached_preds(train_preds(subject, head, feats))
-    shape_loss, detection_loss = subject.build_loss(head), _detection_loss(head)
+    shape_loss = subject.build_loss(head)
+    detection_loss = _detection_oracle(subject, shape_loss)(head)
     bound = hs.from_head(subject)
 
     def inner(batch):

@@ -11,6 +11,8 @@ import inspect
 import pytest
 import torch
 
+import losses
+
 from headguard import HeadSpec, UsageError
 from headguard.adapters.ultralytics import ultralytics_loss
 from headguard.layouts import FORK_TUPLE, LAYOUTS, ULTRALYTICS_83, Geometry, detect_layout
@@ -24,8 +26,9 @@ from ._forkheads import (
 pytest.importorskip("ultralytics")
 
 FORK_LOSS = ultralytics_loss(v8PolygonLoss, polygon=12.0)
-# What a user writes for an 8.3 fork: one HeadSpec naming the head and its loss; the layout is detected.
-FORK = HeadSpec(head=Polygon83, loss=FORK_LOSS)
+# What a user writes for an 8.3 fork: one HeadSpec naming the head and its loss (and, for the detection-terms check,
+# its detection loss: this fork's is built on the 8.4 assigner, so ours); the layout is detected.
+FORK = HeadSpec(head=Polygon83, loss=FORK_LOSS, detection_loss=losses.DetectionLoss.for_head)
 # Checks that read every output, call the loss with named outputs and run the training step on the raw ones.
 READERS = ["check_output_contract", "check_decode_consistency", "check_class_prior", "check_initial_predictions_sane",
            "check_loss_batch_replication", "check_loss_rejects_nonfinite", "check_polygon_gradient_at_init",
@@ -137,8 +140,17 @@ def test_items_as_one_tensor_are_named_by_the_spec_or_by_the_loss():
     tensor_items = ultralytics_loss(v8PolygonLossTensorItems, polygon=12.0)
     with pytest.raises(UsageError, match=r"as its items; name them with HeadSpec\(item_names="):
         subject_from(HeadSpec(head=Polygon83, loss=tensor_items), name="forkheads:unnamed")
-    for spec in (HeadSpec(head=Polygon83, loss=tensor_items, item_names=names),
-                 HeadSpec(head=Polygon83, loss=ultralytics_loss(v8PolygonLossWithNames, polygon=12.0))):
+    oracle = losses.DetectionLoss.for_head
+    for spec in (HeadSpec(head=Polygon83, loss=tensor_items, item_names=names, detection_loss=oracle),
+                 HeadSpec(head=Polygon83, loss=ultralytics_loss(v8PolygonLossWithNames, polygon=12.0),
+                          detection_loss=oracle)):
         subject = subject_from(spec, name="forkheads:named")
         got = verdicts(subject, ["check_loss_batch_replication", "check_polygon_detection_terms_match"])
         assert {name: status for name, (status, _) in got.items()} == dict.fromkeys(got, "passed"), got
+
+
+def test_a_forks_detection_terms_are_not_held_to_our_assigner_unless_it_says_so():
+    """An 8.3 fork's assigner differs from ours: without HeadSpec(detection_loss=...) there is no oracle (skipped)."""
+    subject = subject_from(HeadSpec(head=Polygon83, loss=FORK_LOSS), name="forkheads:no_oracle")
+    status, message = verdicts(subject, ["check_polygon_detection_terms_match"])["check_polygon_detection_terms_match"]
+    assert status == "skipped" and "HeadSpec(detection_loss=...)" in message
