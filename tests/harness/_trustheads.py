@@ -5,7 +5,6 @@ import sys
 import time
 
 import torch
-from torch import nn
 
 import headguard
 import heads
