@@ -17,13 +17,19 @@ ALIASES = {"dev": "headguard-dev", "ci": "headguard-ci", "fuzz": "headguard-fuzz
 CHOICES = (*PROFILES, *ALIASES)
 _SLOW_INPUTS = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.differing_executors]
 
-settings.register_profile("headguard-dev", max_examples=20, deadline=None, suppress_health_check=_SLOW_INPUTS)
+# Built on Hypothesis' own `default` profile, not on the current one: Hypothesis makes its derandomized `ci` profile
+# current wherever a CI variable is set, and a randomised `dev` or `fuzz` run must stay randomised on a CI machine.
+_BASE = settings.get_profile("default")
 settings.register_profile(
-    "headguard-ci", max_examples=10, deadline=None, derandomize=True, database=None, print_blob=True,
+    "headguard-dev", _BASE, max_examples=20, deadline=None, derandomize=False, suppress_health_check=_SLOW_INPUTS,
+)
+settings.register_profile(
+    "headguard-ci", _BASE, max_examples=10, deadline=None, derandomize=True, database=None, print_blob=True,
     suppress_health_check=_SLOW_INPUTS,
 )
-settings.register_profile("headguard-fuzz", max_examples=1000, deadline=None, suppress_health_check=_SLOW_INPUTS)
-
+settings.register_profile(
+    "headguard-fuzz", _BASE, max_examples=1000, deadline=None, derandomize=False, suppress_health_check=_SLOW_INPUTS,
+)
 
 def canonical(profile: str) -> str:
     """The registered name of a headguard profile given by its full or short name."""

@@ -1,0 +1,32 @@
+"""headguard's Hypothesis profiles do not depend on the machine: Hypothesis makes its own derandomized `ci` profile
+current wherever a CI variable is set, and our randomised profiles must not inherit it (CI once failed on this)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+PRINT_PROFILES = """
+from hypothesis import settings
+from headguard import profiles
+from headguard.database import open_database
+for name in profiles.PROFILES:
+    s = settings.get_profile(name)
+    print(name, s.derandomize, s.max_examples, open_database(None, profile=name) is not None)
+"""
+
+
+@pytest.mark.parametrize("ci", [None, "true"])
+def test_profiles_are_the_same_with_and_without_a_ci_variable(ci):
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "TF_BUILD")}
+    if ci is not None:
+        env["CI"] = ci
+    out = subprocess.run([sys.executable, "-c", PRINT_PROFILES], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[:3] == [
+        "headguard-dev False 20 True",
+        "headguard-ci True 10 False",
+        "headguard-fuzz False 1000 True",
+    ]
