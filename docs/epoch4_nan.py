@@ -25,7 +25,7 @@ from torch import nn
 import heads
 import losses
 from headguard import CATALOGUE, HeadSpec, build_subject
-from headguard.checks._common import features, ordinary_targets
+from headguard.testing import features, ordinary_targets
 from headguard.plots import write_curves
 from headguard.runner import run_checks
 from headguard.subject import Subject

@@ -1,7 +1,7 @@
 """headguard: property-based and fuzz tests for object-detector heads."""
 
 from headguard.errors import UsageError
-from headguard.registry import CheckFailure, CheckSkipped, check
+from headguard.outcomes import CheckFailure, CheckSkipped
 from headguard.subject import ExpectedFailure, HeadSpec, Subject, build_subject
 
 __all__ = [
@@ -20,6 +20,7 @@ _LAZY = {
     "parametrize_with_checks": "headguard.plugin",
     "ShapeLossSpec": "headguard.shapes",
     "check_head": "headguard.api",
+    "check": "headguard.registry",
 }
 
 

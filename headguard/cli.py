@@ -319,6 +319,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     for c in checks:
         needs = f" [needs {', '.join(sorted(c.requires))}]" if c.requires else ""
         print(f"{c.name:<{width}}  {c.area:<10} {c.doc}{needs}")
+        print(f"{'':<{width}}  draws: {c.draws}")
     return EXIT_OK
 
 

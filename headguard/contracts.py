@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from headguard.checks._common import features, ordinary_targets
+from headguard.testing import features, ordinary_targets
 from headguard.errors import UsageError
 from headguard.layouts import LayoutMismatch
 from headguard.subject import Subject

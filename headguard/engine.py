@@ -1,4 +1,4 @@
-"""What the faces ask of every property a block of checks runs (`checks._common.run_property` reads it): the example
+"""What the faces ask of every property a block of checks runs (`properties.run_property` reads it): the example
 database, a deadline between examples, an input to replay, and a tally of the examples tried.
 
 They are context variables rather than arguments of `runner.run_checks`, so that the CLI, the pytest plugin, the

@@ -8,7 +8,7 @@ import dataclasses
 import re
 from collections.abc import Iterator, Sequence
 
-from headguard.registry import CheckFailure
+from headguard.outcomes import CheckFailure
 
 _EXAMPLE_PREFIXES = ("Falsifying example", "Failing test case", "Falsifying explicit example")
 _REPLAY = re.compile(r"@reproduce_failure\((?P<version>'[^']*'|\"[^\"]*\"), (?P<blob>b'[^']*'|b\"[^\"]*\")\)")

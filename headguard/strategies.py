@@ -20,8 +20,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from hypothesis import strategies as st
@@ -36,11 +36,18 @@ __all__ = [
     "DEGENERATE_FAMILIES",
     "HeadStrategies",
     "Initialisation",
+    "Input",
+    "MapRecipe",
+    "SHIPPED",
     "LAYOUTS",
     "PAIR_RELATIONS",
     "POLYGON_FAMILIES",
     "PolygonPair",
     "PolygonSample",
+    "drawn",
+    "drawn_feature_maps",
+    "drawn_initialisations",
+    "drawn_training_batches",
     "dtypes",
     "feature_maps",
     "format_polygon",
@@ -50,6 +57,7 @@ __all__ = [
     "invalid_targets",
     "is_per_image",
     "magnitudes",
+    "min_image_side",
     "polygon_pairs",
     "polygon_samples",
     "polygons",
@@ -57,6 +65,7 @@ __all__ = [
     "similarity",
     "targets",
     "task_targets",
+    "typical_magnitudes",
 ]
 
 LAYOUTS = ("contiguous", "channels_last", "non_contiguous")
@@ -168,7 +177,7 @@ def feature_size(pixels: int, stride: float) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class _MapRecipe:
+class MapRecipe:
     """Everything that determines one list of feature maps; shrinks and prints readably in falsifying examples."""
 
     batch: int
@@ -208,7 +217,7 @@ def feature_maps(
     _check_kinds(fills, FILLS, "fills")
     _check_kinds(layouts, LAYOUTS, "layouts")
     recipes = st.builds(
-        _MapRecipe,
+        MapRecipe,
         batch=st.integers(min_batch, max_batch),
         image_size=sizes,
         magnitude=scales,
@@ -222,7 +231,7 @@ def feature_maps(
 class FeatureMaps(list):
     """A list of feature maps that prints as the recipe that made it (falsifying examples stay readable)."""
 
-    def __init__(self, maps, recipe: _MapRecipe):
+    def __init__(self, maps, recipe: MapRecipe):
         super().__init__(maps)
         self.recipe = recipe
 
@@ -243,7 +252,7 @@ class TargetBatch(dict):
         return f"TargetBatch([{', '.join(rows)}]{extra})"
 
 
-def make_feature_maps(channels, strides, recipe: _MapRecipe, *, dtype=torch.float32) -> list[torch.Tensor]:
+def make_feature_maps(channels, strides, recipe: MapRecipe, *, dtype=torch.float32) -> list[torch.Tensor]:
     """Build the feature maps a recipe describes (deterministic in recipe.seed)."""
     gen = torch.Generator().manual_seed(recipe.seed)
     h, w = recipe.image_size
@@ -906,29 +915,54 @@ def polygon_samples(
 # ------------------------------------------------------------------------------------------ initialisations, dtypes
 @dataclasses.dataclass(frozen=True)
 class Initialisation:
-    """Applies one initialisation to a head in place: bias_init as shipped (scale 1), or every conv weight scaled."""
+    """Applies one initialisation to a head in place: as shipped (scale 1, no noise), or every trainable conv weight
+    scaled by `scale` and then perturbed by Gaussian noise of `noise` times that weight's own standard deviation
+    (seeded; the biases, where bias_init puts the priors, are left as shipped)."""
 
     scale: float = 1.0
+    noise: float = 0.0
+    seed: int = 0
 
     def __call__(self, head: nn.Module) -> nn.Module:
-        if self.scale != 1.0:
-            with torch.no_grad():
-                for m in head.modules():
-                    if isinstance(m, nn.Conv2d) and m.weight.requires_grad:
-                        m.weight.mul_(self.scale)
+        if self.scale == 1.0 and self.noise == 0.0:
+            return head
+        gen = torch.Generator().manual_seed(self.seed)
+        with torch.no_grad():
+            for m in head.modules():
+                if isinstance(m, nn.Conv2d) and m.weight.requires_grad:
+                    spread = float(m.weight.double().std()) if m.weight.numel() > 1 else 0.0
+                    m.weight.mul_(self.scale)
+                    if self.noise:
+                        jitter = torch.randn(m.weight.shape, generator=gen, dtype=torch.float64)
+                        m.weight.add_((jitter * self.noise * spread).to(m.weight.dtype))
         return head
 
     def __repr__(self) -> str:
-        return "Initialisation(as shipped)" if self.scale == 1.0 else f"Initialisation(weights x {self.scale:g})"
+        if self.scale == 1.0 and self.noise == 0.0:
+            return "Initialisation(as shipped)"
+        parts = ([f"weights x {self.scale:g}"] if self.scale != 1.0 else []) + (
+            [f"+ {self.noise:g} sd noise (seed {self.seed})"] if self.noise else [])
+        return f"Initialisation({' '.join(parts)})"
 
 
-def initialisations(*, scales: Sequence[float] = (1e-3, 1e-1, 10.0, 1e2)) -> st.SearchStrategy[Initialisation]:
-    """The shipped init (bias_init only) and trainable conv weights scaled by small and large factors."""
+SHIPPED = Initialisation()
+
+
+def initialisations(*, scales: Sequence[float] = (1e-3, 1e-1, 10.0, 1e2),
+                    noises: Sequence[float] = (0.0, 0.1, 1.0)) -> st.SearchStrategy[Initialisation]:
+    """The shipped init, and trainable conv weights scaled by small and large factors and perturbed by noise of a
+    fraction of each weight's spread. The shipped init comes first, so it is what a failure shrinks towards."""
     for i, s in enumerate(scales):
         _check_type(s, (int, float), f"scales[{i}]", "a number")
         if not (math.isfinite(s) and s > 0):
             raise InvalidArgument(f"Expected finite scales > 0, got scales[{i}]={s!r}")
-    return st.sampled_from((Initialisation(1.0),) + tuple(Initialisation(float(s)) for s in scales))
+    for i, n in enumerate(noises):
+        _check_type(n, (int, float), f"noises[{i}]", "a number")
+        if not (math.isfinite(n) and n >= 0):
+            raise InvalidArgument(f"Expected finite noises >= 0, got noises[{i}]={n!r}")
+    changed = st.builds(Initialisation, scale=st.sampled_from((1.0, *map(float, scales))),
+                        noise=st.sampled_from(tuple(map(float, noises))), seed=st.integers(0, 2**16))
+    return st.just(SHIPPED) | changed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1102,3 +1136,89 @@ def _input_channels(head: nn.Module, levels: int) -> tuple[int, ...]:
     raise InvalidArgument(f"from_head could not find a per-level nn.ModuleList of {levels} conv branches on the head")
 
 
+
+
+# ------------------------------------------------------------------------------------------------ declared inputs
+def _as_is(subject, value):
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Input:
+    """One input a check declares in its registration (`registry.check(inputs={name: Input})`): what it draws, in
+    words (`headguard list` shows it), the strategy bound to a subject, and how an explicit example given as a
+    recipe (a MapRecipe, an Initialisation, a number) becomes the value the check receives."""
+
+    describes: str
+    bind: Callable[[Any], st.SearchStrategy]
+    materialise: Callable[[Any, Any], Any] = _as_is
+
+    def strategy(self, subject) -> st.SearchStrategy:
+        return self.bind(subject)
+
+    def example(self, subject, value):
+        return self.materialise(subject, value)
+
+
+# What a head sees from a backbone that ends in BatchNorm + SiLU: per-channel values of order 1. Checks that judge
+# the *values* of the initial predictions draw from here; finiteness checks draw the extremes of `magnitudes()`.
+TYPICAL_MAGNITUDES = (0.5, 2.0)
+
+
+def typical_magnitudes() -> st.SearchStrategy[float]:
+    """Feature scales of ordinary training: 1 first, then anything in TYPICAL_MAGNITUDES."""
+    return st.just(1.0) | st.floats(*TYPICAL_MAGNITUDES)
+
+
+def min_image_side(subject) -> int:
+    """The smallest image side that gives the coarsest level 2 cells: train-mode BatchNorm needs > 1 value per
+    channel on a batch of one."""
+    return int(max(subject.strides)) + 1
+
+
+def drawn_feature_maps(*, min_batch: int = 1, max_batch: int = 3, min_size: int | None = None, max_size: int = 96,
+                       typical: bool = False, fills: Sequence[str] = FILLS, layouts: Sequence[str] = LAYOUTS) -> Input:
+    """Feature maps for the subject's levels: batch sizes, odd and non-square images from `min_size` (None: the
+    smallest that gives every level 2 cells) up to `max_size` px, layouts, fills, and magnitudes from 0 to 1e4
+    (`typical`: of order 1)."""
+    scale = f"magnitudes {TYPICAL_MAGNITUDES[0]:g}-{TYPICAL_MAGNITUDES[1]:g}" if typical else "magnitudes 0, 1e-30 .. 1e4"
+    describes = (f"feature maps (batch {min_batch}-{max_batch}, images up to {max_size} px, {scale}, "
+                 f"{'/'.join(fills)}, {'/'.join(layouts)})")
+
+    def bind(subject):
+        low = min_image_side(subject) if min_size is None else min_size
+        sizes = image_sizes(min_size=low, max_size=max(max_size, low))
+        return from_head(subject).feature_maps(
+            min_batch=min_batch, max_batch=max_batch, image_sizes=sizes,
+            magnitudes=typical_magnitudes() if typical else magnitudes(), fills=fills, layouts=layouts)
+
+    return Input(describes, bind, lambda subject, recipe: make_feature_maps(subject.channels, subject.strides, recipe))
+
+
+def drawn_initialisations(**kwargs) -> Input:
+    """`initialisations(**kwargs)`: the shipped init, scaled and perturbed conv weights."""
+    return Input("initialisations (as shipped; conv weights scaled 1e-3 .. 1e2, perturbed by 0-1 sd noise)",
+                 lambda subject: initialisations(**kwargs))
+
+
+def drawn_training_batches(*, min_batch: int = 1, max_batch: int = 3, min_objects: int = 0, max_objects: int = 4,
+                           max_size: int = 96) -> Input:
+    """(feature maps of typical magnitude, a target batch of the same batch size): empty images, one object, many,
+    tiny, at the borders, of every level's size, with the head's other tasks' targets."""
+    describes = (f"training batches (batch {min_batch}-{max_batch}, images up to {max_size} px, typical feature "
+                 f"maps, {min_objects}-{max_objects} objects per image of every box kind)")
+
+    def bind(subject):
+        sizes = image_sizes(min_size=min_image_side(subject), max_size=max(max_size, min_image_side(subject)))
+        return from_head(subject).inputs(
+            min_batch=min_batch, max_batch=max_batch, image_sizes=sizes, magnitudes=typical_magnitudes(),
+            fills=("normal",), layouts=("contiguous",),
+            targets_kwargs={"min_objects": min_objects, "max_objects": max_objects})
+
+    return Input(describes, bind)
+
+
+def drawn(strategy: st.SearchStrategy, describes: str) -> Input:
+    """A subject-independent strategy as a declared input (a learning rate, a dtype)."""
+    _check_strategy(strategy, "strategy")
+    return Input(describes, lambda subject: strategy)

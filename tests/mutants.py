@@ -142,6 +142,15 @@ class DetectInplacePreActivation(heads.Detect):
         return super().forward([F.silu(f, inplace=True) for f in x])
 
 
+class DetectPooledContextView(heads.Detect):
+    """Global context pooled from the inputs with `.view(b, c, -1)`: fine on the contiguous maps a single seeded
+    draw gives, a crash on channels-last or transposed maps (what AMP and torch.compile hand a head)."""
+
+    def forward(self, x):
+        context = [f.view(f.shape[0], f.shape[1], -1).mean(-1)[..., None, None] for f in x]
+        return super().forward([f + 0 * c for f, c in zip(x, context)])
+
+
 class DetectUnusedBranch(heads.Detect):
     """A half-finished head: a vertex branch `cv4` is built (and trainable) but never used by forward."""
 
@@ -478,6 +487,8 @@ EXTREME_SPEC = HeadSpec(DetectNaiveSoftmax)
 DROPOUT_SPEC = HeadSpec(DetectFunctionalDropout)
 INPLACE_SPEC = HeadSpec(DetectInplacePreActivation)
 UNUSED_SPEC = HeadSpec(DetectUnusedBranch)
+# A bug only drawn inputs reach (the layouts of the feature maps), not one standard-normal draw (tests/meta).
+VIEW_SPEC = HeadSpec(DetectPooledContextView)
 WRONG_STRIDE_SPEC = HeadSpec(heads.Polygon, loss=_loss(PolygonLossWrongLevelStride))
 AREA_BROADCAST_SPEC = HeadSpec(heads.Polygon, loss=_loss(PolygonLossAreaOfFirstObject))
 BOX_OFFSET_SPEC = HeadSpec(heads.Polygon, loss=_loss(PolygonLossBoxOffset))

@@ -11,18 +11,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from headguard import strategies as hs
-from headguard.checks._common import (
-    IMAGE_SIZE,
+from headguard.testing import (
     branch_by_out_channels,
     branches,
     call,
     check,
+    documented_decode,
+    variants,
     anchor_grid,
     configured_prior,
     eval_outputs,
     features,
     final_convs,
-    ordinary_targets,
     train_preds,
 )
 from headguard.layouts import EXTRAS, extra_channels
@@ -33,17 +33,16 @@ def _reg_max(head) -> int:
     return int(getattr(head, "reg_max", 1))
 
 
-def _anchor_count(subject, image_size=IMAGE_SIZE) -> int:
-    return sum(h * w for _, _, h, w in subject.feature_shapes(image_size, 1))
+def _anchor_count(feats) -> int:
+    return sum(f.shape[-2] * f.shape[-1] for f in feats)
 
 
-@check(area="head", gate=True)
-def check_output_contract(subject, ctx):
+@check(area="head", gate=True, inputs={"feats": hs.drawn_feature_maps()}, max_examples=3)
+def check_output_contract(subject, ctx, feats):
     """Training and eval outputs fit the head's layout: named outputs' shapes/dtypes and the eval y rows (a gate:
-    the other checks read these)."""
+    the other checks read these), for any batch size and image size."""
     head = subject.build_head()
-    feats = features(subject, batch=2, seed=ctx.seed)
-    b, a, nc, npv = 2, _anchor_count(subject), subject.nc, subject.num_vertices
+    b, a, nc, npv = feats[0].shape[0], _anchor_count(feats), subject.nc, subject.num_vertices
     expected = {"boxes": (b, 4 * _reg_max(head), a), "scores": (b, nc, a)}
     if npv:
         expected["polygons"] = (b, 2 * npv, a)
@@ -109,6 +108,9 @@ def check_final_convs_initialised(subject, ctx):
     `bias_init()` on each copy, and compare. A bias that `bias_init()` sets deliberately comes out identical in both;
     one it never touches keeps the two different random draws. A final conv whose weight is all zero is also
     rejected: its branch's output is then independent of the features and no layer before it gets a gradient.
+
+    Drawing cannot find more here: the property is about what bias_init() writes, which no input changes (one
+    training forward on seeded maps only finds the final convs).
     """
     head = subject.build_head()
     feats = features(subject, batch=1, seed=ctx.seed)
@@ -152,7 +154,10 @@ def check_final_convs_initialised(subject, ctx):
 
 @check(area="head")
 def check_class_prior(subject, ctx):
-    """exp of the class branch's final bias matches the configured prior per level (R1)."""
+    """exp of the class branch's final bias matches the configured prior per level (R1).
+
+    Drawing cannot find more here: the bias and the prior are fixed numbers of the built head; no input changes
+    them (check_initial_cls_loss_bounded judges their effect on drawn batches)."""
     head = subject.build_head()
     feats = features(subject, batch=1, seed=ctx.seed)
     finals = final_convs(head, feats)
@@ -193,8 +198,8 @@ def _cls_gain(loss) -> float:
     return float(getattr(gains, "cls", 0.5))
 
 
-@check(area="head")
-def check_initial_cls_loss_bounded(subject, ctx):
+@check(area="head", inputs={"batch": hs.drawn_training_batches()}, max_examples=5)
+def check_initial_cls_loss_bounded(subject, ctx, batch):
     """Initial cls loss item below a bound derived from the class prior (R1).
 
     Per element, BCE(x, t) = softplus(x) - t * x, so with T = sum of target scores,
@@ -202,15 +207,15 @@ def check_initial_cls_loss_bounded(subject, ctx):
     because sum t * (-x) <= T * max(-x) and T / max(1, T) <= 1. At init x = log(p_level) + z, where z is what the
     conv weights add to the bias (measured from the head's own output). The bound evaluates the right-hand side with
     the bias replaced by the configured prior's log(p), times 1.25 for float error; a class bias left at 0
-    (sigmoid 0.5) gives softplus(0) = 0.69 per anchor and class, hundreds of times the bound.
+    (sigmoid 0.5) gives softplus(0) = 0.69 per anchor and class, hundreds of times the bound. The bound holds for
+    any targets, so the batch (feature maps and objects) is drawn.
     """
+    feats, targets = batch
     head = subject.build_head()
-    feats = features(subject, batch=2, seed=ctx.seed)
     preds = train_preds(subject, head, feats)
     loss = subject.build_loss(head)
-    batch = ordinary_targets(subject, 2, seed=ctx.seed)
     with torch.no_grad():
-        _, items = call("the loss", loss, preds, batch)
+        _, items = call("the loss", loss, preds, targets)
     cls_item = float(items["cls_loss"])
     finals = final_convs(head, feats)
     cls_branch = _class_branch(head, finals)
@@ -218,7 +223,7 @@ def check_initial_cls_loss_bounded(subject, ctx):
     logits = preds["scores"].detach().double()  # (B, nc, A)
     ideal = []
     start = 0
-    for level, (_, _, h, w) in enumerate(subject.feature_shapes(IMAGE_SIZE, 2)):
+    for level, (h, w) in enumerate(f.shape[-2:] for f in feats):
         chunk = logits[:, :, start : start + h * w]
         start += h * w
         z = chunk - biases[level].double().view(1, -1, 1)
@@ -228,24 +233,25 @@ def check_initial_cls_loss_bounded(subject, ctx):
     if not math.isfinite(cls_item) or cls_item > bound:
         raise CheckFailure(
             f"initial cls_loss item is {cls_item:.4g}; with class logits at the configured prior it would be at most "
-            f"{bound:.4g} (batch 2, {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} px, {logits.shape[-1]} anchors, nc={head.nc}). "
+            f"{bound:.4g} (batch {logits.shape[0]}, {logits.shape[-1]} anchors, nc={head.nc}). "
             "Either bias_init() did not set the class bias to log(prior), or the loss normalises cls by something "
             "other than max(1, sum of target scores)"
         )
 
 
-@check(area="head")
-def check_initial_predictions_sane(subject, ctx):
-    """Initial boxes centred near their anchors; initial polygons near their anchors with non-zero spread (R2)."""
-    head = subject.build_head()
-    feats = features(subject, batch=2, seed=ctx.seed)
-    y, _ = eval_outputs(subject, head, feats)
-    y = y.double()
+@check(area="head", inputs={"feats": hs.drawn_feature_maps(min_batch=2, typical=True, fills=("normal", "signs"))},
+       variants=variants(mode=("eval", "train")), max_examples=5)
+def check_initial_predictions_sane(subject, ctx, feats, mode):
+    """Initial boxes centred near their anchors; initial polygons near their anchors with non-zero spread (R2).
+
+    Judged on what validation sees (the eval output, running statistics) and on what the loss sees at the first
+    step (the training outputs decoded as documented, batch statistics), for feature maps of ordinary magnitude."""
+    y, has_boxes = _initial_decode(subject, subject.build_head(), feats, mode)
     centres, strides = _anchor_pixels(subject, feats)
     # Boxes: at init the left/right (top/bottom) distances come from the same distribution, so the centre sits at
     # the anchor up to noise; a mean offset beyond one cell means an asymmetric bias in the box branch.
     offset = ((y[:, :2] - centres) / strides).abs().mean()
-    if not bool(offset <= 1.0):
+    if has_boxes and not bool(offset <= 1.0):
         raise CheckFailure(
             f"initial box centres are on average {float(offset):.3g} strides from their anchors; expected <= 1 cell: "
             "check the box branch's final bias (equal for left/right and top/bottom) and the decode"
@@ -273,6 +279,20 @@ def check_initial_predictions_sane(subject, ctx):
             f"initial polygon vertices are on average {float(distance):.3g} strides from their anchors; expected <= 4 "
             "cells (an anchor cannot see objects far beyond its receptive field): check the vertex branch's init"
         )
+
+
+def _initial_decode(subject, head, feats, mode: str) -> tuple[torch.Tensor, bool]:
+    """(the decoded predictions as eval y lays them out (B, 4 + nc + extras, A), float64; whether its box rows are
+    decoded): the eval output itself, or the training outputs decoded as documented (`documented_decode`; the rows
+    it has no decode for, rotated boxes among them, are NaN)."""
+    if mode == "eval":
+        return eval_outputs(subject, head, feats)[0].double(), True
+    with torch.no_grad():
+        preds = train_preds(subject, head, feats)
+    decoded, rows = documented_decode(preds, feats, subject.strides)
+    y = torch.full((decoded.shape[0], max(rows) + 1, decoded.shape[-1]), math.nan, dtype=torch.float64)
+    y[:, rows] = decoded
+    return y, 0 in rows
 
 
 def _anchor_pixels(subject, feats):
@@ -303,9 +323,14 @@ def _per_level_targets(subject, head) -> dict[str, torch.Tensor]:
     return hs.from_head(subject).task_targets(out, batch_size=1)  # keypoints, angles, masks for task heads
 
 
-def _backward_at_init(subject, ctx):
-    head = subject.build_head()
-    feats = features(subject, batch=1, image_size=(LEVEL_IMAGE, LEVEL_IMAGE), seed=ctx.seed)
+def _level_image_maps(**kwargs) -> hs.Input:
+    """Feature maps of one LEVEL_IMAGE-pixel image, of ordinary magnitude."""
+    return hs.drawn_feature_maps(min_batch=1, max_batch=1, min_size=LEVEL_IMAGE, max_size=LEVEL_IMAGE, typical=True,
+                                 fills=("normal", "signs"), **kwargs)
+
+
+def _backward_at_init(subject, feats, init):
+    head = init(subject.build_head())
     preds = train_preds(subject, head, feats)
     batch = _per_level_targets(subject, head)
     vector, _ = call("the loss", subject.build_loss(head), preds, batch)
@@ -313,10 +338,13 @@ def _backward_at_init(subject, ctx):
     return head
 
 
-@check(area="head")
-def check_every_parameter_gets_gradient(subject, ctx):
-    """Every trainable parameter receives a non-None, not-all-zero gradient at init."""
-    head = _backward_at_init(subject, ctx)
+@check(area="head", inputs={"feats": _level_image_maps(), "init": hs.drawn_initialisations(scales=(0.1, 10.0))},
+       max_examples=3)
+def check_every_parameter_gets_gradient(subject, ctx, feats, init):
+    """Every trainable parameter receives a non-None, not-all-zero gradient at init (as shipped, scaled, perturbed).
+
+    One object per level, sized like that level's initial box, so that every level has positives."""
+    head = _backward_at_init(subject, feats, init)
     none = [n for n, p in head.named_parameters() if p.requires_grad and p.grad is None]
     zero = [
         n for n, p in head.named_parameters()
@@ -338,16 +366,18 @@ def _total_norm(tensors) -> float:
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.double()) for t in tensors])))
 
 
-@check(area="head")
-def check_gradient_norm_bounded(subject, ctx):
+@check(area="head", inputs={"feats": _level_image_maps(), "init": hs.drawn_initialisations(scales=(), noises=(0.1,))},
+       max_examples=3)
+def check_gradient_norm_bounded(subject, ctx, feats, init):
     """Initial gradient norm is finite and bounded; no branch's gradient dwarfs another's by 1e4 or more.
 
     Bounds: the total must be at most 100 x the default clipping norm (10): a larger step-0 gradient is rescued by
     clipping, not trained. Ratio 1e4: beyond that, under one learning rate and one clip, the smaller branch does not
     move at all while the larger one dominates. Reference measured (512 px, one object per level): total 5.1-5.6,
-    largest branch ratio (cv2 / cv3) 6-8.
+    largest branch ratio (cv2 / cv3) 6-8. Drawn: the feature maps, and the shipped init perturbed by noise of a
+    fraction of each weight's spread (scaled weights are another head's init, whose gradients may rightly be large).
     """
-    head = _backward_at_init(subject, ctx)
+    head = _backward_at_init(subject, feats, init)
     total = _total_norm([p.grad for p in head.parameters() if p.grad is not None])
     if not math.isfinite(total) or total > 1e3:
         raise CheckFailure(

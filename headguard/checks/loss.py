@@ -17,7 +17,7 @@ import losses
 
 from headguard import strategies as hs
 from headguard.adapters.ultralytics import detection_loss as ultralytics_detection_loss
-from headguard.checks._common import (
+from headguard.testing import (
     all_finite,
     anchor_grid,
     call,

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from torch.autograd.gradcheck import GradcheckError
 
 from headguard._polygon_iou import polygon_iou
-from headguard.checks._common import CheckFailure, call, check, run_property
+from headguard.testing import CheckFailure, call, check, run_property
 from headguard.shapes import CLAIMS
 from headguard.strategies import (
     PolygonPair, format_polygon, polygon_pairs, polygon_samples, polygons, similarity,

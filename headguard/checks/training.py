@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from headguard.checks._common import (
+from headguard.testing import (
     all_finite, call, check, eval_outputs, features, ordinary_targets, where_nonfinite,
 )
 from headguard.registry import CheckFailure

@@ -12,7 +12,8 @@ import pytest
 
 from headguard.cli import main
 from headguard.progress import Progress
-from headguard.runner import CheckResult
+from headguard.registry import CATALOGUE, load_catalogue
+from headguard.runner import CheckResult, using_catalogue
 
 from . import _fakes
 
@@ -205,11 +206,24 @@ def test_exitfirst_stops_at_the_first_failure(capsys, tmp_path):
     assert [r["name"] for r in json.loads(path.read_text())["results"]] == ["check_passes", "check_fails"]
 
 
-def test_list_shows_every_check_with_its_property(capsys):
+def test_list_shows_every_check_with_its_property_and_what_it_draws(capsys):
     assert main(["list"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in lines] == [c.name for c in _fakes.CATALOGUE]
-    assert lines[5].split()[1:3] == ["loss", "Only"] and lines[5].endswith("[needs polygons]")
+    checks, draws = lines[0::2], lines[1::2]
+    assert [line.split()[0] for line in checks] == [c.name for c in _fakes.CATALOGUE]
+    assert checks[5].split()[1:3] == ["loss", "Only"] and checks[5].endswith("[needs polygons]")
+    assert all(line.split()[0] == "draws:" for line in draws)
+    assert draws[0].split("draws: ")[1] == "fixed inputs (its docstring says why)"
+
+
+def test_list_of_the_catalogue_names_each_checks_inputs(capsys):
+    load_catalogue()
+    with using_catalogue(CATALOGUE):
+        assert main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    row = lines.index(next(line for line in lines if line.startswith("check_finite_outputs_extreme_inputs ")))
+    assert lines[row + 1].split("draws: ")[1].startswith("feats: feature maps (batch 1-3, images up to 80 px, ")
+    assert "init: initialisations (as shipped;" in lines[row + 1] and "variants: (mode=train), (mode=eval)" in lines[row + 1]
 
 
 @pytest.mark.parametrize("option", ["--json", "--junit"])

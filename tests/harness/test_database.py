@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.database import DirectoryBasedExampleDatabase, InMemoryExampleDatabase
 
 from headguard import engine
-from headguard.checks._common import run_property
+from headguard.testing import run_property
 from headguard.database import DEFAULT_DIRECTORY, DatabaseError, KeyedDatabase, open_database
 from headguard.registry import CheckFailure
 from headguard.runner import run_check

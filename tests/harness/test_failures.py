@@ -10,7 +10,7 @@ import pytest
 from hypothesis import strategies as st
 
 from headguard import engine, report
-from headguard.checks._common import call, run_property
+from headguard.testing import call, run_property
 from headguard.registry import CheckFailure
 from headguard.runner import run_check
 from headguard.targets import subject_from

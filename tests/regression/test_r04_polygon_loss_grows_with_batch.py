@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import mutants
-from headguard.checks._common import detached_preds, features, fit_boxes_to_first_object, ordinary_targets, train_preds
+from headguard.testing import detached_preds, features, fit_boxes_to_first_object, ordinary_targets, train_preds
 
 CHECK = "check_loss_batch_replication"
 

@@ -7,7 +7,7 @@ import torch
 
 import losses
 import mutants
-from headguard.checks._common import detached_preds, features, train_preds
+from headguard.testing import detached_preds, features, train_preds
 
 CHECK = "check_gradients_finite_when_loss_finite"
 

@@ -6,7 +6,7 @@ import torch
 
 import losses
 import mutants
-from headguard.checks._common import detached_preds, features, ordinary_targets, train_preds
+from headguard.testing import detached_preds, features, ordinary_targets, train_preds
 
 CHECK = "check_loss_all_background"
 

@@ -11,7 +11,7 @@ import torch
 import losses
 import mutants
 from headguard import CATALOGUE
-from headguard.checks._common import detached_preds, features, train_preds
+from headguard.testing import detached_preds, features, train_preds
 from headguard.runner import run_check
 
 CHECK = "check_assigner_coverage"

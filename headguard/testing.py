@@ -1,64 +1,41 @@
-"""Helpers shared by the checks: seeded inputs for a subject, running head + loss, finding branches and their final
-convs, and turning a Hypothesis failure into a CheckFailure whose `example` is the falsifying example."""
+"""The kit for writing a check (the built-in ones use it too): the `check` decorator and what a check may raise,
+the declared inputs (`headguard.strategies`), seeded inputs for a subject, running head and loss with failures
+worded for the head's author, finding branches and their final convs, and `run_property` for a check that runs
+more than one property.
+
+    from headguard import strategies as hs
+    from headguard.testing import CheckFailure, check, train_preds
+
+    @check(area="forward", inputs={"feats": hs.drawn_feature_maps()})
+    def check_scores_are_finite(subject, ctx, feats):
+        "Training-mode class logits are finite."
+        preds = train_preds(subject, subject.build_head(), feats)
+        if not bool(preds["scores"].isfinite().all()):
+            raise CheckFailure("the class logits hold non-finite values")
+
+Register it before the run (import the module that defines it; `headguard check --select` names it) or call it
+directly: `check_scores_are_finite` is then a `registry.Check`, and `check_scores_are_finite(subject)` runs it.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from hypothesis import Phase, given, reproduce_failure, seed, settings
-from hypothesis.database import ExampleDatabase
-from hypothesis.errors import DidNotReproduce, HypothesisException
 from torch import nn
 
-from headguard import engine
-from headguard.database import KeyedDatabase, open_database
-from headguard.failures import from_group, with_example
 from headguard.isolation import is_out_of_memory
 from headguard.layouts import LayoutMismatch
-from headguard.profiles import canonical, settings_for
-from headguard.registry import CheckContext, CheckFailure, CheckSkipped
-from headguard.registry import check as _register
-from headguard.strategies import from_head, is_per_image
+from headguard.properties import is_crash, run_property
+from headguard.registry import Check, CheckContext, CheckFailure, CheckSkipped, Variant, check, variants
+from headguard.strategies import Input, from_head, is_per_image
 from headguard.tracing import locate_nonfinite
 from headguard.training import all_finite
 
 # Small images keep the anchor count A small (64 x 80 px -> A = 80 + 20 + 6 = 106 at strides 8/16/32).
 IMAGE_SIZE = (64, 80)
-
-
-# ------------------------------------------------------------------------------------------------- registration
-def check(*, area: str, requires=(), gate: bool = False):
-    """`headguard.registry.check`, running the check with one intra-op thread.
-
-    Checks use tiny tensors, where intra-op threading costs more than it gains; on a shared 2-core CPU it is
-    ruinous (measured: 10 train+eval forwards of Detect, batch 3, 64 px: 6.5 s with 2 threads, 0.18 s with 1).
-    """
-
-    def register(func):
-        @functools.wraps(func)
-        def single_threaded(subject, ctx):
-            with _threads(1), engine.checking(getattr(subject, "name", ""), func.__name__):
-                return func(subject, ctx)
-
-        _register(area=area, requires=requires, name=func.__name__, gate=gate)(single_threaded)
-        return func
-
-    return register
-
-
-@contextlib.contextmanager
-def _threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # -------------------------------------------------------------------------------------------------------- inputs
@@ -119,6 +96,36 @@ def anchor_grid(feats, strides) -> tuple[torch.Tensor, torch.Tensor]:
         points.append(torch.stack((gx, gy), -1).reshape(-1, 2).double())
         steps.append(torch.full((h * w,), float(s), dtype=torch.float64))
     return torch.cat(points), torch.cat(steps)
+
+
+def documented_decode(preds: Mapping[str, Any], feats, strides) -> tuple[torch.Tensor, list[int]]:
+    """(the documented decode in float64, the rows of eval y it gives) from the raw training outputs: DFL
+    expectation -> ltrb distances -> xywh pixels; sigmoid scores; vertices (2 * raw + anchor - 0.5) * stride.
+    Rows with no documented decode here are left out: rotated boxes (their xywh depend on the angle), keypoints,
+    angles and mask coefficients."""
+    points, steps = anchor_grid(feats, strides)
+    anchor, stride = points.T.unsqueeze(0), steps.view(1, 1, -1)  # (1, 2, A), (1, 1, A)
+    raw = preds["boxes"].double()
+    b, c, a = raw.shape
+    reg_max = c // 4
+    if reg_max > 1:
+        bins = torch.arange(reg_max, dtype=torch.float64).view(1, 1, reg_max, 1)
+        dist = (raw.view(b, 4, reg_max, a).softmax(2) * bins).sum(2)
+    else:
+        dist = raw
+    lt, rb = dist[:, :2], dist[:, 2:]
+    xywh = torch.cat(((anchor + (rb - lt) / 2), lt + rb), 1) * stride
+    nc = preds["scores"].shape[1]
+    parts, rows = [preds["scores"].double().sigmoid()], list(range(4, 4 + nc))
+    if "angles" not in preds:
+        parts, rows = [xywh, *parts], [0, 1, 2, 3, *rows]
+    if "polygons" in preds:
+        poly = preds["polygons"].double()
+        npv = poly.shape[1] // 2
+        xy = poly.view(b, npv, 2, a)
+        parts.append(((2 * xy + anchor.unsqueeze(1) - 0.5) * stride.unsqueeze(1)).view(b, 2 * npv, a))
+        rows += list(range(4 + nc, 4 + nc + 2 * npv))
+    return torch.cat(parts, 1), rows
 
 
 def detached_preds(preds: Mapping[str, Any], *, requires_grad: bool = False, dtype=None) -> dict[str, Any]:
@@ -308,162 +315,14 @@ def configured_prior(head: nn.Module, level: int, stride: float) -> float:
     return 5.0 / head.nc / (640.0 / stride) ** 2
 
 
-# ------------------------------------------------------------------------------------------------- Hypothesis
-def run_property(ctx: CheckContext, inner: Callable, *strategies, max_examples: int | None = None, **kw) -> None:
-    """Run `inner(*drawn)` under the active profile (seeded with ctx.seed), with the example database and the other
-    options the faces set (`headguard.engine`). `max_examples` caps the profile's count for costly checks.
-
-    A CheckFailure comes back with Hypothesis' "Falsifying example" note as `example`; several distinct ones, each
-    shrunk on its own, as `DistinctFailures`. A crash (the subject or the check raised: an exception that is not a
-    CheckFailure, or a CheckFailure raised from one, as `call` does) ends the search at once, unshrunk: exploring
-    and shrinking an exception costs tens of seconds and says no more than the first one.
-    """
-    key = engine.next_key(inner.__name__)
-    options = engine.current()
-    if options.replay is not None and options.replay.check == key.check:
-        _replay(ctx, key, options, inner, strategies, kw)
-        return
-    search = _Search(inner, key)
-    try:
-        _hypothesis_test(ctx, key, options, search.guarded, strategies, kw, max_examples=max_examples)()
-    except _DeadlineReached:
-        return
-    except _Crashed as crash:
-        raise _crash_report(ctx, key, options, search, crash, strategies, kw, max_examples=max_examples) from None
-    except CheckFailure as err:
-        raise with_example(err) from None
-    except BaseExceptionGroup as group:  # several distinct failures, each shrunk
-        merged = from_group(group)
-        if merged is None:
-            raise
-        raise merged from None
-
-
-def _hypothesis_test(ctx, key, options, func, strategies, kw, *, max_examples=None, **changes) -> Callable[[], None]:
-    base = settings_for(ctx.profile)
-    count = base.max_examples if max_examples is None else min(base.max_examples, max_examples)
-    # `seed` turns the database off in the settings it sees, so ours are applied over it. Shrinking stays on in
-    # every profile: the report promises the smallest failing input, and on the catalogue's small drawn recipes it
-    # costs seconds (benchmarks/time_to_verdict.py: every mutant's verdict under 5 s). The blob is printed for
-    # --save-regressions, which replays it.
-    # Hypothesis' explain phase (which parts of a failing example matter) took a failing check from 0.1-1.8 s to
-    # 1.5-50 s (shape-loss and absolute-loss mutants, measured); it runs only in the fuzz profile, where time is cheap.
-    phases = base.phases if canonical(ctx.profile) == "headguard-fuzz" else tuple(
-        p for p in base.phases if p is not Phase.explain)
-    chosen = settings(base, **{"max_examples": max(1, count), "database": _database(ctx, key, options),
-                               "print_blob": True, "report_multiple_bugs": True, "phases": phases, **changes})
-    return chosen(seed(ctx.seed)(given(*strategies, **kw)(func)))
-
-
-def _database(ctx, key, options) -> ExampleDatabase | None:
-    db = open_database(None, profile=ctx.profile) if options.database is engine.DEFAULT else options.database
-    return None if db is None else KeyedDatabase(db, key)
-
-
-class _Crashed(BaseException):
-    """Carries the first crash out of Hypothesis (a BaseException, so it neither explores nor shrinks it)."""
-
-    def __init__(self, error: BaseException, call: str):
-        super().__init__(str(error))
-        self.error = error
-        self.call = call
-
-
-class _DeadlineReached(BaseException):
-    """The face's deadline passed before an example started (`headguard fuzz` ends the property there)."""
-
-
-def is_crash(err: BaseException) -> bool:
-    """An exception that says the subject or the check raised, rather than that a property is false."""
-    if isinstance(err, CheckFailure):
-        cause = err.__cause__
-        return isinstance(cause, Exception) and not isinstance(cause, (CheckFailure, HypothesisException))
-    return isinstance(err, Exception) and not isinstance(err, HypothesisException)
-
-
-class _Search:
-    """`inner` as the property Hypothesis searches: counts the examples, stops at the deadline unless something has
-    failed (it is shrinking), and turns the first crash into `_Crashed`."""
-
-    def __init__(self, inner: Callable, key: engine.PropertyKey):
-        self.inner, self.key = inner, key
-        self.failures_seen = 0
-        self.guarded = functools.wraps(inner)(lambda *args, **kwargs: self._run(*args, **kwargs))
-
-    def _run(self, *args, **kwargs):
-        if not self.failures_seen and engine.past_deadline():
-            raise _DeadlineReached
-        engine.count_example(self.key)
-        try:
-            return self.inner(*args, **kwargs)
-        except Exception as err:
-            if is_crash(err):
-                raise _Crashed(err, _call_text(self.inner, args, kwargs)) from err
-            if isinstance(err, CheckFailure):
-                self.failures_seen += 1
-            raise
-
-
-def _crash_report(ctx, key, options, search: _Search, crash: _Crashed, strategies, kw, *,
-                  max_examples: int | None) -> BaseException:
-    """The crash with Hypothesis' own account of the input: the same seeded search again, with no shrink phase and
-    property failures let pass, stops at the same first crash. When the rerun does not crash (a subject that is not
-    deterministic), the crash is reported with the repr of its arguments."""
-
-    def crash_only(*args, **kwargs):
-        try:
-            return search.inner(*args, **kwargs)
-        except CheckFailure as err:
-            if is_crash(err):
-                raise
-            return None
-
-    rerun = _hypothesis_test(ctx, key, options, functools.wraps(search.inner)(crash_only), strategies, kw,
-                             max_examples=max_examples, phases=(Phase.explicit, Phase.reuse, Phase.generate),
-                             report_multiple_bugs=False)
-    try:
-        rerun()
-    except Exception as err:  # noqa: BLE001  (the crash, now with Hypothesis' note of its input)
-        found = with_example(err) if isinstance(err, CheckFailure) else err
-    else:
-        found = crash.error
-        if isinstance(found, CheckFailure):
-            found = CheckFailure(found.message, example=f"Falsifying example: {crash.call}", reproduce=found.reproduce)
-        else:
-            found.add_note(f"Falsifying example: {crash.call}")
-    if search.failures_seen:
-        found.add_note(f"before this crash the property also failed on {search.failures_seen} input(s), not shrunk: "
-                       "fix the crash and run again to see them")
-    return found
-
-
-def _call_text(func: Callable, args, kwargs) -> str:
-    parts = [repr(a) for a in args] + [f"{k}={v!r}" for k, v in kwargs.items()]
-    return f"{func.__name__}({', '.join(parts)})"
-
-
-def _replay(ctx, key, options, inner, strategies, kw) -> None:
-    """Run the one input of `options.replay` (a `@reproduce_failure` blob); an input on which the property now holds
-    passes (Hypothesis would call that DidNotReproduce)."""
-    held = []
-
-    def once(*args, **kwargs):
-        inner(*args, **kwargs)
-        held.append(True)
-
-    test = _hypothesis_test(ctx, key, options, functools.wraps(inner)(once), strategies, kw)
-    try:
-        reproduce_failure(options.replay.version, options.replay.blob)(test)()
-    except DidNotReproduce:
-        if not held:
-            raise
-    except CheckFailure as err:
-        raise with_example(err) from None
-
-
 __all__ = [
+    "Check",
+    "CheckContext",
     "CheckFailure",
     "CheckSkipped",
+    "Input",
+    "Variant",
+    "variants",
     "IMAGE_SIZE",
     "all_finite",
     "anchor_grid",
@@ -474,6 +333,7 @@ __all__ = [
     "configured_prior",
     "count_nonfinite",
     "detached_preds",
+    "documented_decode",
     "eval_outputs",
     "features",
     "final_convs",
