@@ -37,7 +37,7 @@ SLOT_MULTIPLE = 8  # few distinct padded shapes (few graph captures) for little 
 def check_cuda_graphs(cuda_graphs) -> bool | None:
     """The losses' `cuda_graphs` argument: True, False or None (the default: decided per call, see `use_fast_path`)."""
     if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
-        raise TypeError(f"Expected True, False or None for cuda_graphs, got cuda_graphs={cuda_graphs!r}")
+        raise TypeError(f"cuda_graphs is {cuda_graphs!r}; expected True, False or None")
     return cuda_graphs
 
 

@@ -36,22 +36,21 @@ def resolve_vertex_term(mode: str | None, vertex_loss: ShapeLoss | None) -> tupl
     Neither given: "l2" (the reference default). A shape loss is needed by "shape" and "hybrid" (MGIoU by default).
     """
     if mode is not None and mode not in MODES:
-        raise ValueError(f"Expected mode in {MODES} or None, got mode={mode!r}")
+        raise ValueError(f"mode is {mode!r}; expected one of {MODES} or None")
     if vertex_loss is not None and not callable(vertex_loss):
         raise TypeError(
-            "Expected a callable for vertex_loss, fn(pred (N, V, 2), target (N, V, 2), pred_mask=None, "
-            f"target_mask=None) -> (N,) like losses.mgiou, got vertex_loss={vertex_loss!r} "
-            f"(type={type(vertex_loss).__name__})"
+            f"vertex_loss is {vertex_loss!r} (type {type(vertex_loss).__name__}); expected a callable fn(pred (N, V, 2), "
+            "target (N, V, 2), pred_mask=None, target_mask=None) -> (N,) like losses.mgiou"
         )
     if mode == "l2" and vertex_loss is not None:
         raise ValueError(
-            f"mode='l2' uses no shape loss, got vertex_loss={vertex_loss!r} as well: pass vertex_loss alone (the "
+            f"vertex_loss is {vertex_loss!r} with mode='l2', which uses no shape loss; expected vertex_loss alone (the "
             "whole vertex term) or with mode='hybrid' (blended from l2 to it by progress)"
         )
     if mode == "mgiou" and vertex_loss is not None and vertex_loss is not mgiou:
         raise ValueError(
-            f"mode='mgiou' selects losses.mgiou as the shape loss, got vertex_loss={vertex_loss!r} as well: pass "
-            "vertex_loss alone, or with mode='hybrid' to blend it with l2"
+            f"vertex_loss is {vertex_loss!r} with mode='mgiou', which selects losses.mgiou; expected vertex_loss "
+            "alone, or with mode='hybrid' to blend it with l2"
         )
     shape_loss = mgiou if vertex_loss is None else vertex_loss
     if mode == "hybrid":
@@ -83,7 +82,7 @@ def vertex_term(pred, target, mask, area, term: str, progress, shape_loss: Shape
     path's cheaper, equal MGIoU). `area` is only read by "l2" and "hybrid".
     """
     if term not in TERMS:
-        raise ValueError(f"Expected a vertex term in {TERMS}, got {term!r}")
+        raise ValueError(f"term is {term!r}; expected one of {TERMS}")
     dtype = torch.promote_types(pred.dtype, torch.float32)
     pred, target, area = pred.to(dtype), target.to(dtype), area.to(dtype)
     if term == "l2":

@@ -33,9 +33,9 @@ class AssignerConfig:
 
     def __post_init__(self):
         if isinstance(self.topk, bool) or not isinstance(self.topk, int) or self.topk < 1:
-            raise ValueError(f"Expected a positive int for topk, got topk={self.topk!r}")
+            raise ValueError(f"topk is {self.topk!r}; expected a positive int")
         if self.eps <= 0:
-            raise ValueError(f"Expected eps > 0, got eps={self.eps!r}")
+            raise ValueError(f"eps is {self.eps!r}; expected a number > 0")
 
 
 class Assignment(NamedTuple):

@@ -114,13 +114,13 @@ class DetectionLoss:
         cuda_graphs: bool | None = None,
     ):
         if isinstance(nc, bool) or not isinstance(nc, int) or nc < 1:
-            raise ValueError(f"Expected a positive int for nc, got nc={nc!r}")
+            raise ValueError(f"nc is {nc!r}; expected a positive int")
         if isinstance(reg_max, bool) or not isinstance(reg_max, int) or reg_max < 2:
-            raise ValueError(f"Expected an int reg_max >= 2 (DFL box branch), got reg_max={reg_max!r}")
+            raise ValueError(f"reg_max is {reg_max!r}; expected an int >= 2 (a DFL box branch)")
         strides = [float(s) for s in (strides.tolist() if isinstance(strides, torch.Tensor) else strides)]
         if not strides or not all(s > 0 for s in strides):
             raise ValueError(
-                f"Expected one positive stride per level, got strides={strides!r}; set the head's stride first"
+                f"strides is {strides!r}; expected one positive stride per level (set the head's stride first)"
             )
         self.nc = nc
         self.reg_max = reg_max

@@ -45,11 +45,11 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 def _check_vertices(x, name: str) -> None:
     if not isinstance(x, torch.Tensor):
-        raise LossInputError(f"{name}: expected a torch.Tensor of shape (N, V, 2), got {type(x).__name__}")
+        raise LossInputError(f"{name} is a {type(x).__name__}; expected a torch.Tensor of shape (N, V, 2)")
     if x.ndim != 3 or x.shape[-1] != 2 or x.shape[1] < 1:
-        raise LossInputError(f"{name}: expected shape (N, V, 2) with V >= 1, got {tuple(x.shape)}")
+        raise LossInputError(f"{name} has shape {tuple(x.shape)}; expected (N, V, 2) with V >= 1")
     if not x.is_floating_point():
-        raise LossInputError(f"{name}: expected a floating-point dtype, got {x.dtype}")
+        raise LossInputError(f"{name} has dtype {x.dtype}; expected a floating-point tensor")
 
 
 def _check_mask(mask, name: str, vertices: torch.Tensor) -> None:
@@ -57,12 +57,12 @@ def _check_mask(mask, name: str, vertices: torch.Tensor) -> None:
         return
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         found = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise LossInputError(f"{name}: expected a bool tensor (True = real vertex), got {found}")
+        raise LossInputError(f"{name} is {found}; expected a bool tensor (True = real vertex)")
     if mask.shape != vertices.shape[:2]:
-        raise LossInputError(f"{name}: expected shape {tuple(vertices.shape[:2])} (one flag per vertex), "
-                             f"got {tuple(mask.shape)}")
+        raise LossInputError(f"{name} has shape {tuple(mask.shape)}; expected {tuple(vertices.shape[:2])} "
+                             "(one flag per vertex)")
     if mask.device != vertices.device:
-        raise LossInputError(f"{name}: expected device {vertices.device}, got {mask.device}")
+        raise LossInputError(f"{name} is on {mask.device}; expected {vertices.device}, the device of the vertices")
 
 
 def _real_finite(vertices: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -84,22 +84,22 @@ def _check_values(named: dict[str, tuple[torch.Tensor, str, torch.Tensor | None]
     for name, (vertices, mask_name, mask) in named.items():
         if check_finite and not bool(_real_finite(vertices, mask).all()):
             bad = int((~_real_finite(vertices, mask)).sum())
-            raise LossInputError(f"{name}: expected finite coordinates for every real vertex, got {bad} vertex(es) "
-                                 f"with a non-finite coordinate; non-finite predictions are never replaced silently")
+            raise LossInputError(f"{name} has {bad} real vertex(es) with a non-finite coordinate; expected finite "
+                                 "coordinates for every real vertex (non-finite predictions are never replaced silently)")
         if mask is not None and not bool(mask.any(dim=1).all()):
             rows = torch.nonzero(~mask.any(dim=1)).flatten()[:5].tolist()
-            raise LossInputError(f"{mask_name}: expected at least one real vertex per polygon, got none in rows "
-                                 f"{rows}")
+            raise LossInputError(f"{mask_name} has no real vertex in rows {rows}; expected at least one real "
+                                 "vertex per polygon")
 
 
 def _check_pair(pred, target, pred_mask, target_mask, check_finite: bool) -> None:
     _check_vertices(pred, "pred")
     _check_vertices(target, "target")
     if pred.shape[0] != target.shape[0]:
-        raise LossInputError(f"pred and target: expected the same number of shapes N, got {pred.shape[0]} and "
-                             f"{target.shape[0]}")
+        raise LossInputError(f"pred has {pred.shape[0]} shapes and target {target.shape[0]}; expected the same "
+                             "number N")
     if pred.device != target.device:
-        raise LossInputError(f"target: expected the device of pred ({pred.device}), got {target.device}")
+        raise LossInputError(f"target is on {target.device}; expected {pred.device}, the device of pred")
     _check_mask(pred_mask, "pred_mask", pred)
     _check_mask(target_mask, "target_mask", target)
     _check_values({"pred": (pred, "pred_mask", pred_mask), "target": (target, "target_mask", target_mask)},
@@ -292,13 +292,13 @@ def box_corners(boxes: torch.Tensor, fmt: str = "xyxy") -> torch.Tensor:
     gives exactly the ``xyxy`` corners. Computed and returned in float32 (float64 for float64 input).
     """
     if fmt not in BOX_FORMATS:
-        raise LossInputError(f"fmt: expected one of {sorted(BOX_FORMATS)}, got {fmt!r}")
+        raise LossInputError(f"fmt is {fmt!r}; expected one of {sorted(BOX_FORMATS)}")
     if not isinstance(boxes, torch.Tensor) or not boxes.is_floating_point():
         found = boxes.dtype if isinstance(boxes, torch.Tensor) else type(boxes).__name__
-        raise LossInputError(f"boxes: expected a floating-point torch.Tensor, got {found}")
+        raise LossInputError(f"boxes is {found}; expected a floating-point torch.Tensor")
     if boxes.ndim < 1 or boxes.shape[-1] != BOX_FORMATS[fmt]:
-        raise LossInputError(f"boxes: expected shape (..., {BOX_FORMATS[fmt]}) for fmt={fmt!r}, "
-                             f"got {tuple(boxes.shape)}")
+        raise LossInputError(f"boxes has shape {tuple(boxes.shape)}; expected (..., {BOX_FORMATS[fmt]}) for "
+                             f"fmt={fmt!r}")
     b = boxes.to(_compute_dtype(boxes))
     if fmt == "xyxy":
         x1, y1, x2, y2 = b.unbind(-1)

@@ -125,7 +125,7 @@ class PolygonLoss:
         _check_num_vertices(np)
         self.term, self.vertex_loss = resolve_vertex_term(mode, vertex_loss)
         if not isinstance(gains, PolygonGains):
-            raise TypeError(f"Expected a PolygonGains for gains, got {type(gains).__name__}")
+            raise TypeError(f"gains is a {type(gains).__name__}; expected a PolygonGains")
         self.np = np
         self.gains = gains
         self.cuda_graphs = check_cuda_graphs(cuda_graphs)

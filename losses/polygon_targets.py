@@ -25,7 +25,7 @@ MIN_VERTICES = 3  # fewer real vertices span no area: no polygon loss can score 
 
 def _check_num_vertices(np: int) -> None:
     if isinstance(np, bool) or not isinstance(np, int) or np < MIN_VERTICES:
-        raise LossInputError(f"Expected an int np >= {MIN_VERTICES} (vertices per polygon), got np={np!r}")
+        raise LossInputError(f"np is {np!r}; expected an int >= {MIN_VERTICES} (vertices per polygon)")
 
 
 def _as_vertices(vertices, name: str) -> torch.Tensor:
@@ -33,14 +33,14 @@ def _as_vertices(vertices, name: str) -> torch.Tensor:
     try:
         v = torch.as_tensor(vertices, dtype=torch.float64)
     except (TypeError, ValueError, RuntimeError) as err:
-        raise LossInputError(f"{name}: expected a (V, 2) array of vertex coordinates, got {type(vertices).__name__}"
-                             f" that does not convert to a tensor ({err})") from None
+        raise LossInputError(f"{name} is a {type(vertices).__name__} that does not convert to a tensor ({err}); "
+                             "expected a (V, 2) array of vertex coordinates") from None
     if v.ndim != 2 or v.shape[1] != 2:
-        raise LossInputError(f"{name}: expected shape (V, 2), got {tuple(v.shape)}")
+        raise LossInputError(f"{name} has shape {tuple(v.shape)}; expected (V, 2)")
     if v.shape[0] < MIN_VERTICES:
-        raise LossInputError(f"{name}: expected at least {MIN_VERTICES} vertices, got {v.shape[0]}")
+        raise LossInputError(f"{name} has {v.shape[0]} vertices; expected at least {MIN_VERTICES}")
     if not torch.isfinite(v).all():
-        raise LossInputError(f"{name}: expected finite coordinates, got {int((~torch.isfinite(v)).sum())} non-finite")
+        raise LossInputError(f"{name} has {int((~torch.isfinite(v)).sum())} non-finite coordinates; expected finite ones")
     return v
 
 
@@ -60,7 +60,7 @@ def resample_polygon(vertices: torch.Tensor, np: int) -> torch.Tensor:
     cum = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
     perimeter = cum[-1]
     if not perimeter > 0:
-        raise LossInputError("vertices: expected a polygon with a positive perimeter, got every vertex equal")
+        raise LossInputError("vertices has every vertex equal; expected a polygon with a positive perimeter")
     arc = torch.arange(np, dtype=torch.float64) * (perimeter / np)
     # right=True picks, for each arc position, the last edge starting at or before it: never a zero-length edge.
     edge = torch.searchsorted(cum, arc, right=True) - 1
@@ -83,7 +83,7 @@ def polygons_to_targets(
     if isinstance(polygons, torch.Tensor) and polygons.ndim == 3:
         polygons = list(polygons)
     if isinstance(polygons, (str, bytes)) or not isinstance(polygons, Sequence):
-        raise LossInputError(f"polygons: expected a sequence of (V, 2) vertex arrays, got {type(polygons).__name__}")
+        raise LossInputError(f"polygons is a {type(polygons).__name__}; expected a sequence of (V, 2) vertex arrays")
     out = torch.zeros(len(polygons), np, 2, dtype=torch.float64)
     mask = torch.zeros(len(polygons), np, dtype=torch.bool)
     for i, vertices in enumerate(polygons):  # data preparation, once per dataset sample: not on the loss path

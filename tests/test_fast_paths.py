@@ -219,7 +219,7 @@ def test_default_takes_the_reference_path_on_the_cpu(loss_class):
 @pytest.mark.parametrize("value", [1, 0, "yes"])
 @pytest.mark.parametrize("loss_class", [DetectionLoss, PolygonLoss])
 def test_cuda_graphs_takes_only_a_bool_or_none(loss_class, value):
-    with pytest.raises(TypeError, match=f"Expected True, False or None for cuda_graphs, got cuda_graphs={value!r}"):
+    with pytest.raises(TypeError, match=f"cuda_graphs is {value!r}; expected True, False or None"):
         loss_class(NC, STRIDES, cuda_graphs=value)
 
 

@@ -166,5 +166,5 @@ def test_config_is_frozen_and_validated():
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.topk = 3  # type: ignore[misc]
     for topk in (0, True, 2.0):
-        with pytest.raises(ValueError, match=f"positive int for topk, got topk={topk!r}"):
+        with pytest.raises(ValueError, match=f"topk is {topk!r}; expected a positive int"):
             AssignerConfig(topk=topk)

@@ -105,11 +105,11 @@ def test_preds_of_wrong_type():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(nc=0, strides=STRIDES), "positive int for nc"),
-        (dict(nc=True, strides=STRIDES), "positive int for nc, got nc=True"),
-        (dict(nc=2, strides=STRIDES, reg_max=True), r"reg_max >= 2 .*got reg_max=True"),
-        (dict(nc=2, strides=(0.0, 0.0, 0.0)), r"one positive stride per level, got strides=\[0.0, 0.0, 0.0\]"),
-        (dict(nc=2, strides=STRIDES, reg_max=1), "reg_max >= 2"),
+        (dict(nc=0, strides=STRIDES), "nc is 0; expected a positive int"),
+        (dict(nc=True, strides=STRIDES), "nc is True; expected a positive int"),
+        (dict(nc=2, strides=STRIDES, reg_max=True), r"reg_max is True; expected an int >= 2"),
+        (dict(nc=2, strides=(0.0, 0.0, 0.0)), r"strides is \[0.0, 0.0, 0.0\]; expected one positive stride per level"),
+        (dict(nc=2, strides=STRIDES, reg_max=1), "reg_max is 1; expected an int >= 2"),
     ],
 )
 def test_bad_configuration(kwargs, match):

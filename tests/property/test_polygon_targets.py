@@ -95,14 +95,14 @@ def test_polygons_to_targets_accepts_nested_lists_and_dtype():
 @pytest.mark.parametrize(
     ("polygons", "np", "match"),
     [
-        ([[[0, 0], [1, 0], [0, 1]]], 2, "np >= 3"),
-        ([[[0, 0], [1, 0], [0, 1]]], 4.0, "np >= 3"),
-        ([[[0, 0], [1, 0]]], 4, r"polygons\[0\]: expected at least 3 vertices, got 2"),
-        ([[[0, 0, 0], [1, 0, 0], [0, 1, 0]]], 4, r"polygons\[0\]: expected shape \(V, 2\), got \(3, 3\)"),
-        ([[[0, 0], [1, 0], [0, 1]], [[0, 0], [float("nan"), 0], [0, 1]]], 4, r"polygons\[1\]: .*non-finite"),
-        ([[[1, 1]] * 5], 4, "positive perimeter"),
-        ([["a", "b"], ["c", "d"], ["e", "f"]], 4, r"polygons\[0\]: expected a \(V, 2\) array"),
-        ("abc", 4, "polygons: expected a sequence"),
+        ([[[0, 0], [1, 0], [0, 1]]], 2, "np is 2; expected an int >= 3"),
+        ([[[0, 0], [1, 0], [0, 1]]], 4.0, "np is 4.0; expected an int >= 3"),
+        ([[[0, 0], [1, 0]]], 4, r"polygons\[0\] has 2 vertices; expected at least 3"),
+        ([[[0, 0, 0], [1, 0, 0], [0, 1, 0]]], 4, r"polygons\[0\] has shape \(3, 3\); expected \(V, 2\)"),
+        ([[[0, 0], [1, 0], [0, 1]], [[0, 0], [float("nan"), 0], [0, 1]]], 4, r"polygons\[1\] has 1 non-finite coordinates; expected finite ones"),
+        ([[[1, 1]] * 5], 4, "vertices has every vertex equal; expected a polygon with a positive perimeter"),
+        ([["a", "b"], ["c", "d"], ["e", "f"]], 4, r"polygons\[0\] is a list that does not convert to a tensor .*; expected a \(V, 2\) array"),
+        ("abc", 4, "polygons is a str; expected a sequence of"),
     ],
 )
 def test_polygons_to_targets_rejects_bad_input(polygons, np, match):
