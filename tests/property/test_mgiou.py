@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import losses
@@ -78,6 +78,9 @@ def _pad(x: torch.Tensor, size: int, positions: list[bool], junk: float) -> tupl
 @given(convex_polygons(), convex_polygons(), st.lists(st.booleans(), min_size=12, max_size=12),
        st.sampled_from([0.0, 1e6, -3.5, math.nan, math.inf]))
 def test_padded_vertices_change_nothing(p, t, positions, junk):
+    # Where a vertex of p lies on one of t, the min/max projections tie and any split of the gradient between the
+    # tied vertices is a valid subgradient: the property is about padding, not about which one autograd picks.
+    assume(not bool((torch.cdist(p.double(), t.double()) < 1e-9).any()))
     p32, t32 = p.float().requires_grad_(), t.float().requires_grad_()
     plain = mgiou(p32[None], t32[None])
     (plain_grad,) = torch.autograd.grad(plain.sum(), p32)
@@ -255,21 +258,21 @@ _SQ = box_corners(torch.tensor([[0.0, 0.0, 1.0, 1.0]]))
 
 
 @pytest.mark.parametrize(("call", "match"), [
-    (lambda: mgiou(_SQ[0], _SQ[0]), r"pred: expected shape \(N, V, 2\)"),
-    (lambda: mgiou(_SQ, torch.zeros(1, 4, 3)), r"target: expected shape \(N, V, 2\)"),
-    (lambda: mgiou(_SQ, _SQ.repeat(2, 1, 1)), "same number of shapes"),
-    (lambda: mgiou(_SQ, _SQ.to("meta")), r"target: expected the device of pred \(cpu\), got meta"),
+    (lambda: mgiou(_SQ[0], _SQ[0]), r"pred has shape \(4, 2\); expected \(N, V, 2\)"),
+    (lambda: mgiou(_SQ, torch.zeros(1, 4, 3)), r"target has shape \(1, 4, 3\); expected \(N, V, 2\)"),
+    (lambda: mgiou(_SQ, _SQ.repeat(2, 1, 1)), "pred has 1 shapes and target 2; expected the same number"),
+    (lambda: mgiou(_SQ, _SQ.to("meta")), r"target is on meta; expected cpu, the device of pred"),
     (lambda: mgiou(_SQ, _SQ, torch.ones(1, 4, dtype=torch.bool, device="meta")),
-     "pred_mask: expected device cpu, got meta"),
-    (lambda: mgiou(_SQ.long(), _SQ), "pred: expected a floating-point dtype"),
-    (lambda: mgiou(_SQ, _SQ, torch.ones(1, 4)), "pred_mask: expected a bool tensor"),
-    (lambda: mgiou(_SQ, _SQ, None, torch.ones(1, 3, dtype=torch.bool)), r"target_mask: expected shape \(1, 4\)"),
-    (lambda: mgiou(_SQ, _SQ, torch.zeros(1, 4, dtype=torch.bool)), "pred_mask: expected at least one real vertex"),
-    (lambda: mgiou(_SQ * math.nan, _SQ), "pred: expected finite coordinates"),
-    (lambda: mgiou(_SQ, _SQ.index_fill(1, torch.tensor([2]), math.inf)), "target: expected finite coordinates"),
-    (lambda: convexity_loss(_SQ, torch.zeros(1, 4, dtype=torch.bool)), "mask: expected at least one real vertex"),
-    (lambda: box_corners(torch.zeros(2, 4), "cxcywh"), "fmt: expected one of"),
-    (lambda: box_corners(torch.zeros(2, 4), "xywhr"), r"boxes: expected shape \(\.\.\., 5\)"),
+     "pred_mask is on meta; expected cpu"),
+    (lambda: mgiou(_SQ.long(), _SQ), "pred has dtype torch.int64; expected a floating-point tensor"),
+    (lambda: mgiou(_SQ, _SQ, torch.ones(1, 4)), "pred_mask is torch.float32; expected a bool tensor"),
+    (lambda: mgiou(_SQ, _SQ, None, torch.ones(1, 3, dtype=torch.bool)), r"target_mask has shape \(1, 3\); expected \(1, 4\)"),
+    (lambda: mgiou(_SQ, _SQ, torch.zeros(1, 4, dtype=torch.bool)), "pred_mask has no real vertex in rows"),
+    (lambda: mgiou(_SQ * math.nan, _SQ), "pred has 4 real vertex"),
+    (lambda: mgiou(_SQ, _SQ.index_fill(1, torch.tensor([2]), math.inf)), "target has 1 real vertex"),
+    (lambda: convexity_loss(_SQ, torch.zeros(1, 4, dtype=torch.bool)), "mask has no real vertex in rows"),
+    (lambda: box_corners(torch.zeros(2, 4), "cxcywh"), "fmt is 'cxcywh'; expected one of"),
+    (lambda: box_corners(torch.zeros(2, 4), "xywhr"), r"boxes has shape \(2, 4\); expected \(\.\.\., 5\)"),
 ])
 def test_bad_input_raises_a_clear_error(call, match):
     with pytest.raises(LossInputError, match=match):
