@@ -930,7 +930,7 @@ class Initialisation:
         with torch.no_grad():
             for m in head.modules():
                 if isinstance(m, nn.Conv2d) and m.weight.requires_grad:
-                    spread = float(m.weight.double().std()) if m.weight.numel() > 1 else 0.0
+                    spread = float(m.weight.detach().double().std()) if m.weight.numel() > 1 else 0.0
                     m.weight.mul_(self.scale)
                     if self.noise:
                         jitter = torch.randn(m.weight.shape, generator=gen, dtype=torch.float64)

@@ -156,16 +156,29 @@ def test_invalid_targets_are_rejected_by_the_reference_loss(polygon_subject, pai
 
 
 @given(init=hs.initialisations())
-def test_initialisations_scale_weights_and_keep_biases(polygon_subject, init):
+def test_initialisations_scale_and_perturb_weights_and_keep_biases(polygon_subject, init):
     head = polygon_subject.build_head()
-    before = {n: p.clone() for n, p in head.named_parameters()}
+    before = {n: p.detach().clone() for n, p in head.named_parameters()}
     init(head)
     for name, p in head.named_parameters():
         module = head.get_submodule(name.rsplit(".", 1)[0])
         if isinstance(module, torch.nn.Conv2d) and name.endswith("weight") and p.requires_grad:
-            torch.testing.assert_close(p, before[name] * init.scale)
+            scaled = before[name] * init.scale
+            if init.noise == 0 or p.numel() == 1:
+                torch.testing.assert_close(p, scaled)
+            else:  # the noise is `noise` times the shipped weight's own spread, per tensor
+                ratio = float((p.detach() - scaled).double().std() / before[name].double().std())
+                assert 0.5 * init.noise < ratio < 1.5 * init.noise, (name, ratio)
         else:
             assert torch.equal(p, before[name]), name
+
+
+def test_the_shipped_initialisation_changes_nothing_and_comes_first(polygon_subject):
+    head = polygon_subject.build_head()
+    before = [p.clone() for p in head.parameters()]
+    assert hs.SHIPPED(head) is head and all(torch.equal(a, b) for a, b in zip(head.parameters(), before))
+    assert repr(hs.SHIPPED) == "Initialisation(as shipped)"
+    assert _find(hs.initialisations(), lambda init: True) == hs.SHIPPED  # what a failure shrinks towards
 
 
 def test_dtypes_offer_fp16_on_cuda_only():
