@@ -33,6 +33,7 @@ from headguard.testing import (
     run_property,
     select_images,
     train_preds,
+    variants,
 )
 from headguard.reference import LOSS_FAMILIES
 from headguard.registry import CheckFailure, CheckSkipped
@@ -175,13 +176,24 @@ def _nonfinite_verdict(key, value, level: str, outcome, original) -> str | None:
     return None
 
 
-@check(area="loss")
-def check_loss_all_background(subject, ctx):
-    """An empty batch gives a finite loss with box, DFL (and polygon) terms exactly 0 (R10)."""
-    _, loss, preds = _setup(subject, ctx)
-    preds = detached_preds(preds, requires_grad=True)
-    empty = ordinary_targets(subject, 2, per_image=0, seed=ctx.seed)
-    vector, items = _loss(loss, preds, empty, "the loss on an all-background batch")
+# The fixed input this check ran on before it drew: the shipped head on seeded maps of a 64 px image, batch 2.
+SEEDED_MAPS = ({"feats": hs.MapRecipe(batch=2, image_size=(64, 64), magnitude=1.0, fill="normal", layout="contiguous",
+                                      seed=0), "init": hs.SHIPPED},)
+
+
+@check(area="loss", inputs={"feats": hs.drawn_feature_maps(max_size=80), "init": hs.drawn_initialisations()},
+       examples=SEEDED_MAPS)
+def check_loss_all_background(subject, ctx, feats, init):
+    """An empty batch gives a finite loss, box/DFL/polygon terms exactly 0 and finite gradients (R10).
+
+    Whatever the (finite) predictions: the head's outputs on drawn feature maps under drawn initialisations, with
+    an empty batch of the same batch size."""
+    head = init(subject.build_head())
+    preds = detached_preds(train_preds(subject, head, feats), requires_grad=True)
+    # Non-finite predictions are the forward checks' finding, and the loss must reject them (R8): not this property.
+    assume(all_finite(preds))
+    empty = ordinary_targets(subject, feats[0].shape[0], per_image=0, seed=ctx.seed)
+    vector, items = _loss(subject.build_loss(head), preds, empty, "the loss on an all-background batch")
     if not all_finite(vector):
         raise CheckFailure(
             f"the loss on an all-background batch is non-finite ({vector.detach().tolist()}): normalise by "
@@ -359,61 +371,98 @@ def _clear(err: Exception) -> bool:
     return isinstance(err, (ValueError, TypeError)) and ("dtype" in text or "preds" in text or "batch" in text)
 
 
-@check(area="loss")
-def check_loss_dtype_matrix(subject, ctx):
-    """Every prediction dtype x target dtype either works (finite loss and gradients) or raises a clear error."""
-    _, loss, preds = _setup(subject, ctx, batch=2)
-    base = ordinary_targets(subject, 2, seed=ctx.seed)
-    failures = []
-    for pred_dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-        for target_dtype in (torch.float32, torch.float64, torch.float16, torch.int64):
-            batch = {k: (v.to(target_dtype) if k in ("batch_idx", "cls") or target_dtype.is_floating_point else v)
-                     for k, v in base.items() if v.dtype != torch.bool}
-            batch.update({k: v for k, v in base.items() if v.dtype == torch.bool})
-            try:
-                vector, _, grads = _grad_run(loss, preds, batch, pred_dtype)
-            except CheckFailure as failure:
-                err = failure.__cause__
-                if err is not None and _clear(err):
-                    continue
-                failures.append(f"preds {pred_dtype} x targets {target_dtype}: unclear error {failure.message}")
-                continue
-            if not all_finite(vector):
-                found = vector.detach().tolist()
-                failures.append(f"preds {pred_dtype} x targets {target_dtype}: non-finite loss {found}")
-            elif not all(g is not None and all_finite(g) for g in grads.values()):
-                failures.append(f"preds {pred_dtype} x targets {target_dtype}: finite loss, non-finite gradients")
-    if failures:
-        raise CheckFailure(
-            f"{len(failures)} dtype combinations neither work nor raise a clear error: " + "; ".join(failures[:4])
-            + ". Compute in a dtype where every epsilon is representable (float32 at least), or reject the dtype up "
-            "front with a ValueError naming the tensor and its dtype"
-        )
+PRED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+TARGET_DTYPES = (torch.float32, torch.float64, torch.float16, torch.int64)
 
 
-@check(area="loss")
-def check_loss_pure(subject, ctx):
-    """Same inputs twice, same outputs; inputs unchanged; no hidden state carried from one call to the next."""
-    _, loss, preds = _setup(subject, ctx, batch=2)
-    batch = ordinary_targets(subject, 2, seed=ctx.seed)
-    other_preds = _setup(subject, ctx, batch=1, image_size=(96, 64), seed_offset=1)[2]
-    other = ordinary_targets(subject, 1, per_image=3, seed=ctx.seed + 1)
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _targets_in(batch, dtype: torch.dtype) -> dict:
+    """`batch` with its entries in `dtype`: every non-boolean entry for a floating dtype, only the integral ones
+    (batch_idx, cls) for an integer dtype; boolean masks stay boolean."""
+    return {k: v.to(dtype) if v.dtype != torch.bool and (dtype.is_floating_point or k in ("batch_idx", "cls")) else v
+            for k, v in batch.items()}
+
+
+# 16 properties, each a head forward and a loss with backward per example: two examples each keep it under 2 s.
+@check(area="loss", inputs={"training": hs.drawn_training_batches(max_batch=2, min_objects=1)},
+       variants=variants(pred=PRED_DTYPES, target=TARGET_DTYPES), max_examples=2)
+def check_loss_dtype_matrix(subject, ctx, training, pred, target):
+    """Every prediction dtype x target dtype either works (finite loss and gradients) or raises a clear error.
+
+    Each combination is a variant, on drawn training batches: the head's outputs cast to the prediction dtype, the
+    targets to the target dtype."""
+    feats, base = training
+    head = subject.build_head()
+    preds = detached_preds(train_preds(subject, head, feats))
+    combination = f"{_dtype_name(pred)} predictions with {_dtype_name(target)} targets"
+    remedy = ("; expected finite loss and gradients, or an up-front ValueError/TypeError naming the tensor and its "
+              "dtype: compute in a dtype where every epsilon is representable (float32 at least), or reject the "
+              "dtype up front")
+    try:
+        vector, _, grads = _grad_run(subject.build_loss(head), preds, _targets_in(base, target), pred)
+    except CheckFailure as failure:
+        err = failure.__cause__
+        if err is not None and _clear(err):
+            return
+        # The unclear error is the finding (a failed property, shrunk), not a crash of the check.
+        raise CheckFailure(f"{combination} neither work nor raise a clear error: {failure.message}{remedy}") from None
+    if not all_finite(vector):
+        raise CheckFailure(f"{combination} neither work nor raise a clear error: the loss is non-finite "
+                           f"({vector.detach().tolist()}){remedy}")
+    bad = {k: g for k, g in grads.items() if g is None or not all_finite(g)}
+    if bad or not grads:
+        found = "; ".join(f"preds[{k!r}]: {count_nonfinite(g)}" for k, g in bad.items()) or "no gradient at all"
+        raise CheckFailure(f"{combination} neither work nor raise a clear error: the loss is finite "
+                           f"({vector.detach().tolist()}) but its gradients are not ({found}){remedy}")
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same shape, dtype and values (NaN where the other has NaN)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    return bool(torch.isclose(a, b, rtol=0, atol=0, equal_nan=True).all())
+
+
+def _map_shapes(feats) -> list[tuple[int, ...]]:
+    return [tuple(f.shape) for f in feats]
+
+
+@check(area="loss", inputs={"first": hs.drawn_training_batches(max_batch=2),
+                            "other": hs.drawn_training_batches(max_batch=2)}, max_examples=5)
+def check_loss_pure(subject, ctx, first, other):
+    """Same inputs twice, same outputs; inputs unchanged; no hidden state carried from one call to the next.
+
+    A drawn training batch repeated, then again after a call on another drawn batch of another size."""
+    (feats, batch), (other_feats, other_batch) = first, other
+    # Another image or batch size: a loss that caches its anchors (or anything shaped by the input) is caught here.
+    assume(_map_shapes(feats) != _map_shapes(other_feats))
+    head = subject.build_head()
+    loss = subject.build_loss(head)
+    preds = detached_preds(train_preds(subject, head, feats))
+    other_preds = detached_preds(train_preds(subject, head, other_feats))
     saved_preds, saved_batch = detached_preds(preds), {k: v.clone() for k, v in batch.items()}
     v1, i1 = _loss(loss, preds, batch)
     v2, i2 = _loss(loss, preds, batch)
-    _loss(loss, other_preds, other)
+    _loss(loss, other_preds, other_batch, "the loss on the other batch")
     v3, i3 = _loss(loss, preds, batch)
     for label, v, i in (("a repeated call", v2, i2), ("a call after other inputs", v3, i3)):
-        if not torch.equal(v1, v) or i1 != i:
+        changed = items_close(i1, i, rtol=0.0, atol=0.0)
+        if not _same_tensor(v1.detach(), v.detach()) or changed:
             raise CheckFailure(
-                f"the loss gave a different result on {label} with identical inputs ({v1.tolist()} vs {v.tolist()}); "
-                "a loss must hold no state between calls (no cached anchors, running normalisers or counters)"
+                f"the loss gave a different result on {label} with identical inputs ({v1.tolist()} vs {v.tolist()}"
+                f"{'; ' + '; '.join(changed) if changed else ''}); a loss must hold no state between calls (no cached "
+                "anchors, running normalisers or counters)"
             )
     for k in _pred_keys(preds):
-        if not torch.equal(preds[k], saved_preds[k]):
+        if not _same_tensor(preds[k], saved_preds[k]):
             raise CheckFailure(f"the loss modified preds[{k!r}] in place; it must not write into its inputs")
     for k, v in batch.items():
-        if not torch.equal(v, saved_batch[k]):
+        if not _same_tensor(v, saved_batch[k]):
             raise CheckFailure(f"the loss modified batch[{k!r}] in place; it must not write into its inputs")
 
 
@@ -532,14 +581,52 @@ def check_polygon_detection_terms_match(subject, ctx):
     run_property(ctx, inner, bound.targets(batch_size=2, min_objects=0, max_objects=5))
 
 
-@check(area="loss", requires=("polygons",))
-def check_polygon_gradient_at_init(subject, ctx):
-    """The polygon loss's gradient w.r.t. the head's initial vertex output is finite and non-zero (R2)."""
-    head = subject.build_head()
-    feats = features(subject, batch=2, image_size=(64, 64), seed=ctx.seed)
+def _ordinary_training_batches(*, max_batch: int = 2, max_objects: int = 4) -> hs.Input:
+    """`hs.drawn_training_batches` with ordinary objects only (boxes 5-90 % of the image a side, convex polygons):
+    a property that needs positives cannot use the degenerate kinds, which may have no anchor inside."""
+
+    def bind(subject):
+        low = hs.min_image_side(subject)
+        return hs.from_head(subject).inputs(
+            min_batch=1, max_batch=max_batch, image_sizes=hs.image_sizes(min_size=low, max_size=max(96, low)),
+            magnitudes=hs.typical_magnitudes(), fills=("normal",), layouts=("contiguous",),
+            targets_kwargs={"min_objects": 1, "max_objects": max_objects, "box_kinds": ("normal",),
+                            "polygon_kinds": ("convex",)})
+
+    return hs.Input(f"training batches (batch 1-{max_batch}, images up to 96 px, typical feature maps, 1-"
+                    f"{max_objects} ordinary objects per batch: boxes 5-90 % a side, convex polygons)", bind)
+
+
+def _every_image_has_a_positive(subject, feats, batch) -> bool:
+    """Each image holds an object of at least 1.5 finest-level cells a side, so finest-level anchor centres lie inside
+    it, a quarter cell from its edges (an object of exactly one cell may have centres only on its edges, inside no
+    object). Sides in pixels of the image the loss sees: the finest map's size times its stride."""
+    stride = float(subject.strides[0])
+    height, width = feats[0].shape[-2] * stride, feats[0].shape[-1] * stride
+    side = 1.5 * float(min(subject.strides))
+    wide = (batch["bboxes"][:, 2] * width >= side) & (batch["bboxes"][:, 3] * height >= side)
+    return all(bool(wide[batch["batch_idx"] == i].any()) for i in range(feats[0].shape[0]))
+
+
+# Initialisations that keep the shipped polygons' spread: scaling the vertex branch's final weights by 1e-3 collapses
+# every polygon towards one point (the vertex bias is 0), where a zero gradient is no bug of the head; see R2.
+INIT_SCALES, INIT_NOISES = (0.5, 2.0, 10.0), (0.0, 0.1, 1.0)
+
+
+@check(area="loss", requires=("polygons",),
+       inputs={"training": _ordinary_training_batches(),
+               "init": hs.drawn(hs.initialisations(scales=INIT_SCALES, noises=INIT_NOISES),
+                                "initialisations (as shipped; conv weights scaled 0.5-10, perturbed by 0-1 sd noise)")})
+def check_polygon_gradient_at_init(subject, ctx, training, init):
+    """The polygon loss's gradient w.r.t. the head's initial vertex output is finite and non-zero (R2).
+
+    On drawn training batches with an object of at least 1.5 finest cells a side in every image, under the shipped
+    and perturbed initialisations."""
+    feats, batch = training
+    assume(_every_image_has_a_positive(subject, feats, batch))
+    head = init(subject.build_head())
     preds = detached_preds(train_preds(subject, head, feats))
     preds["polygons"].requires_grad_(True)
-    batch = ordinary_targets(subject, 2, per_image=2, seed=ctx.seed)
     vector, items = call("the polygon loss", subject.build_loss(head), preds, batch)
     if "polygon_loss" not in items:
         raise CheckSkipped(f"the loss reports no 'polygon_loss' item (items: {sorted(items)})")
@@ -548,16 +635,17 @@ def check_polygon_gradient_at_init(subject, ctx):
     if grad is None or not bool(torch.isfinite(grad).all()):
         raise CheckFailure(
             f"the polygon loss's gradient at the initial output is unusable ({count_nonfinite(grad)})"
-            f" (polygon_loss = {float(items['polygon_loss']):.4g}): initial polygons are probably degenerate (all "
-            "vertices at one point, a 0/0 in the loss); initialise the vertex branch so polygons have spread"
+            f" (polygon_loss = {float(items['polygon_loss']):.4g}, {init!r}): initial polygons are probably "
+            "degenerate (all vertices at one point, a 0/0 in the loss); initialise the vertex branch so polygons "
+            "have spread"
         )
     if not bool(grad.abs().sum() > 0):
         raise CheckFailure(
             f"the polygon loss's gradient at the initial output is exactly zero (polygon_loss = "
-            f"{float(items['polygon_loss']):.4g}): the initial polygons sit at a stationary point (e.g. every "
-            "vertex on one point after zeroing the vertex branch's final weights); they will never start to learn"
+            f"{float(items['polygon_loss']):.4g}, {init!r}) although every image holds an object with anchors "
+            "inside: the initial polygons sit at a stationary point (e.g. every vertex on one point after zeroing "
+            "the vertex branch's final weights); they will never start to learn"
         )
-
 
 
 # ================================================================================= absolute properties (issue 10)
