@@ -39,6 +39,7 @@ __all__ = [
     "Input",
     "MapRecipe",
     "SHIPPED",
+    "TrainingBatch",
     "LAYOUTS",
     "PAIR_RELATIONS",
     "POLYGON_FAMILIES",
@@ -1028,14 +1029,9 @@ class HeadStrategies:
     def invalid_targets(self, **kwargs):
         return invalid_targets(self.nc, num_vertices=self.num_vertices, **kwargs)
 
-    def inputs(self, *, targets_kwargs: dict | None = None, **map_kwargs):
-        """(feature maps, batch dict) pairs with matching batch sizes."""
-
-        def with_targets(maps):
-            batch = self.targets(batch_size=maps[0].shape[0], **(targets_kwargs or {}))
-            return batch.map(lambda b: (maps, b))
-
-        return self.feature_maps(**map_kwargs).flatmap(with_targets)
+    def inputs(self, *, targets_kwargs: dict | None = None, **map_kwargs) -> st.SearchStrategy[TrainingBatch]:
+        """TrainingBatch (feature maps, batch dict) pairs with matching batch sizes."""
+        return _training_batches(self, dict(map_kwargs), dict(targets_kwargs or {}))
 
     @staticmethod
     def initialisations(**kwargs) -> st.SearchStrategy[Initialisation]:
@@ -1044,6 +1040,21 @@ class HeadStrategies:
     @staticmethod
     def dtypes(**kwargs) -> st.SearchStrategy[ComputeDtype]:
         return dtypes(**kwargs)
+
+
+class TrainingBatch(NamedTuple):
+    """One training step's inputs: feature maps and the target batch of the same images (unpacks as a pair; prints
+    as the recipe of the maps and the rows of the batch)."""
+
+    feats: FeatureMaps
+    batch: TargetBatch
+
+
+@st.composite
+def _training_batches(draw, bound: HeadStrategies, map_kwargs: dict, targets_kwargs: dict) -> TrainingBatch:
+    maps = draw(bound.feature_maps(**map_kwargs), label="feats")
+    batch = draw(bound.targets(batch_size=maps[0].shape[0], **targets_kwargs), label="batch")
+    return TrainingBatch(maps, batch)
 
 
 def from_head(head_or_subject) -> HeadStrategies:
@@ -1202,18 +1213,22 @@ def drawn_initialisations(**kwargs) -> Input:
 
 
 def drawn_training_batches(*, min_batch: int = 1, max_batch: int = 3, min_objects: int = 0, max_objects: int = 4,
-                           max_size: int = 96) -> Input:
-    """(feature maps of typical magnitude, a target batch of the same batch size): empty images, one object, many,
-    tiny, at the borders, of every level's size, with the head's other tasks' targets."""
+                           max_size: int = 96, ordinary: bool = False) -> Input:
+    """TrainingBatch (feature maps of typical magnitude, a target batch of the same batch size): empty batches, one
+    object, many, tiny, at the borders, of every level's size, with the head's other tasks' targets. `ordinary`:
+    ordinary objects only (boxes of BOX_KINDS' "normal" kind, convex polygons), for a property that needs
+    positives, which the degenerate kinds may not get."""
+    kinds = "ordinary objects (normal boxes, convex polygons)" if ordinary else "objects of every box kind"
     describes = (f"training batches (batch {min_batch}-{max_batch}, images up to {max_size} px, typical feature "
-                 f"maps, {min_objects}-{max_objects} objects per image of every box kind)")
+                 f"maps, {min_objects}-{max_objects} {kinds} per batch)")
+    chosen = {"box_kinds": ("normal",), "polygon_kinds": ("convex",)} if ordinary else {}
 
     def bind(subject):
         sizes = image_sizes(min_size=min_image_side(subject), max_size=max(max_size, min_image_side(subject)))
         return from_head(subject).inputs(
             min_batch=min_batch, max_batch=max_batch, image_sizes=sizes, magnitudes=typical_magnitudes(),
             fills=("normal",), layouts=("contiguous",),
-            targets_kwargs={"min_objects": min_objects, "max_objects": max_objects})
+            targets_kwargs={"min_objects": min_objects, "max_objects": max_objects, **chosen})
 
     return Input(describes, bind)
 

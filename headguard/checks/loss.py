@@ -581,22 +581,6 @@ def check_polygon_detection_terms_match(subject, ctx):
     run_property(ctx, inner, bound.targets(batch_size=2, min_objects=0, max_objects=5))
 
 
-def _ordinary_training_batches(*, max_batch: int = 2, max_objects: int = 4) -> hs.Input:
-    """`hs.drawn_training_batches` with ordinary objects only (boxes 5-90 % of the image a side, convex polygons):
-    a property that needs positives cannot use the degenerate kinds, which may have no anchor inside."""
-
-    def bind(subject):
-        low = hs.min_image_side(subject)
-        return hs.from_head(subject).inputs(
-            min_batch=1, max_batch=max_batch, image_sizes=hs.image_sizes(min_size=low, max_size=max(96, low)),
-            magnitudes=hs.typical_magnitudes(), fills=("normal",), layouts=("contiguous",),
-            targets_kwargs={"min_objects": 1, "max_objects": max_objects, "box_kinds": ("normal",),
-                            "polygon_kinds": ("convex",)})
-
-    return hs.Input(f"training batches (batch 1-{max_batch}, images up to 96 px, typical feature maps, 1-"
-                    f"{max_objects} ordinary objects per batch: boxes 5-90 % a side, convex polygons)", bind)
-
-
 def _every_image_has_a_positive(subject, feats, batch) -> bool:
     """Each image holds an object of at least 1.5 finest-level cells a side, so finest-level anchor centres lie inside
     it, a quarter cell from its edges (an object of exactly one cell may have centres only on its edges, inside no
@@ -614,7 +598,7 @@ INIT_SCALES, INIT_NOISES = (0.5, 2.0, 10.0), (0.0, 0.1, 1.0)
 
 
 @check(area="loss", requires=("polygons",),
-       inputs={"training": _ordinary_training_batches(),
+       inputs={"training": hs.drawn_training_batches(max_batch=2, min_objects=1, ordinary=True),
                "init": hs.drawn(hs.initialisations(scales=INIT_SCALES, noises=INIT_NOISES),
                                 "initialisations (as shipped; conv weights scaled 0.5-10, perturbed by 0-1 sd noise)")})
 def check_polygon_gradient_at_init(subject, ctx, training, init):
