@@ -89,10 +89,18 @@ def single_threaded() -> Iterator[None]:
 
 
 # -------------------------------------------------------------------------------------------------- the search
+def scaled_count(ci_count: int, profile_count: int) -> int:
+    """A property's example count under a profile whose properties get `profile_count` examples, for one that gets
+    `ci_count` under headguard-ci: in proportion, at least 1, never more than the profile's own count."""
+    ci = settings_for("headguard-ci").max_examples
+    return max(1, min(profile_count, round(ci_count * profile_count / ci)))
+
+
 def run_property(ctx: CheckContext, inner: Callable, *strategies, max_examples: int | None = None,
                  examples: Sequence[Mapping[str, Any]] = (), variant: str | None = None, **kw) -> None:
     """Run `inner(*drawn)` under the active profile (seeded with ctx.seed), with the example database and the other
-    options the faces set (`headguard.engine`). `max_examples` caps the profile's count for costly checks;
+    options the faces set (`headguard.engine`). `max_examples` is a costly property's count in `headguard-ci`;
+    another profile scales it by its own count over ci's (so `headguard-fuzz` explores it 100 times as long);
     `examples` are tried first (keyword inputs, one dict each); `variant` names the property in the database
     (default: inner's name).
 
@@ -131,7 +139,7 @@ def _hypothesis_test(ctx, key, options, func, strategies, kw, *, max_examples=No
     kw = dict(kw)
     explicit = kw.pop(_EXAMPLES, ())
     base = settings_for(ctx.profile)
-    count = base.max_examples if max_examples is None else min(base.max_examples, max_examples)
+    count = base.max_examples if max_examples is None else scaled_count(max_examples, base.max_examples)
     # `seed` turns the database off in the settings it sees, so ours are applied over it. Shrinking stays on in
     # every profile: the report promises the smallest failing input, and on the catalogue's small drawn recipes it
     # costs seconds (benchmarks/time_to_verdict.py: every mutant's verdict under 5 s). The blob is printed for
@@ -254,4 +262,4 @@ def _replay(ctx, key, options, inner, strategies, kw) -> None:
         raise with_example(err) from None
 
 
-__all__ = ["execute", "is_crash", "run_property", "single_threaded"]
+__all__ = ["execute", "is_crash", "run_property", "scaled_count", "single_threaded"]

@@ -55,7 +55,7 @@ class Check:
     # Inputs tried before the search, one dict per example naming every input (values as Input.example accepts).
     examples: tuple[Mapping[str, Any], ...] = dataclasses.field(default=(), compare=False, hash=False)
     variants: tuple[Variant, ...] = (Variant(),)
-    # A cap on the profile's example count for a costly property (None: the profile's).
+    # A costly property's example count in headguard-ci, scaled for the other profiles (None: the profile's own).
     max_examples: int | None = None
 
     @property

@@ -30,3 +30,10 @@ def test_profiles_are_the_same_with_and_without_a_ci_variable(ci):
         "headguard-ci True 10 False",
         "headguard-fuzz False 1000 True",
     ]
+
+
+def test_a_costly_propertys_count_scales_with_the_profile():
+    from headguard.properties import scaled_count
+
+    assert [scaled_count(3, n) for n in (10, 20, 1000)] == [3, 6, 300]  # ci, dev, fuzz
+    assert scaled_count(1, 1) == 1 and scaled_count(30, 10) == 10  # at least 1, never above the profile's own
