@@ -30,13 +30,12 @@ from headguard.testing import (
     fit_boxes_to_first_object,
     items_close,
     ordinary_targets,
-    run_property,
     select_images,
     train_preds,
     variants,
 )
 from headguard.reference import LOSS_FAMILIES
-from headguard.registry import CheckFailure, CheckSkipped
+from headguard.registry import CheckContext, CheckFailure, CheckSkipped
 
 PRED_KEYS = ("boxes", "scores", "polygons")
 DETECTION_ITEMS = ("box_loss", "cls_loss", "dfl_loss")
@@ -61,8 +60,31 @@ def _loss(loss, preds, batch, what="the loss"):
     return vector, {k: float(v) for k, v in items.items()}
 
 
-@check(area="loss")
-def check_loss_rejects_nonfinite(subject, ctx):
+NONFINITE_VALUES = (math.nan, math.inf, -math.inf)
+
+
+def _contrast_scene_inputs() -> hs.Input:
+    """The few scenes of `_contrast_scenes` on the subject's grid (sized from its strides and DFL bins)."""
+
+    def bind(subject):
+        setting = _absolute_setup(subject, CheckContext(), exact=False)
+        return st.sampled_from(_contrast_scenes(subject, setting.cell, setting.max_cells))
+
+    return hs.Input("scenes: one small object alone; two of different sizes and classes in one image; the same two "
+                    "in two images (on the coarsest stride's grid)", bind)
+
+
+def _levels() -> hs.Input:
+    return hs.Input("pyramid levels (any of the head's strides)",
+                    lambda subject: st.integers(0, len(subject.strides) - 1))
+
+
+# Where the value sits and what it is decide the outcome; the scene only has to offer positives and background, so it
+# is one of a few (a drawn scene's many choices cost the shrinker tens of seconds on a failing loss).
+@check(area="loss", inputs={"scene": _contrast_scene_inputs(),
+                            "value": hs.drawn(st.sampled_from(NONFINITE_VALUES), "non-finite values nan, inf, -inf"),
+                            "level": _levels()})
+def check_loss_rejects_nonfinite(subject, ctx, scene, value, level):
     """A NaN/Inf prediction makes the loss raise a clear error; never a quiet finite scalar (R8).
 
     Contrasting controls, so the message names the behaviour: in each output, the value at a positive anchor (an
@@ -70,40 +92,35 @@ def check_loss_rejects_nonfinite(subject, ctx):
     anchor inside no object. Raising on both is right. A finite loss with it at a positive means the value was
     replaced (R8). A finite and unchanged loss with it only inside no object means the loss never reads that
     prediction there: right for the box and vertex branches (scored at positives only, as in Ultralytics' loss),
-    wrong for class logits (every anchor's logits are scored: that is how background is learnt)."""
+    wrong for class logits (every anchor's logits are scored: that is how background is learnt).
+
+    The controls stay within one example, not variants: the anchor inside no object is judged only where the positive
+    raises, and against the same scene, value and level."""
     setting = _absolute_setup(subject, ctx, exact=False)
+    feats, anchors = _scene_inputs(subject, setting, scene)
+    reps = anchors.representative
+    batch, preds = _with_tasks(subject, setting, scene, feats,
+                               _constructed_preds(setting.outputs, scene, anchors, feats, reps, reps), ctx.seed)
+    original, _ = _loss(setting.loss, preds, batch, "the loss on finite predictions")
+    row = scene.boxes.shape[0] - 1  # the last object (in image 1 when there are two images)
+    image = int(scene.batch["batch_idx"][row])
+    on_level = anchors.level == level
+    places = {"a positive anchor": int((reps[image] & (anchors.owner[image] == row) & on_level).nonzero()[0]),
+              "an anchor inside no object": int(((anchors.owner[image] < 0) & on_level).nonzero()[0])}
+    # A channel every loss reads at a positive: the first DFL bin (log-softmax reads them all), the object's class
+    # logit, the x of the first vertex (always real).
+    channel = {"boxes": 0, "scores": int(scene.batch["cls"][row, 0]), "polygons": 0}
+    for key in _pred_keys(preds):
 
-    def inner(scene, value, level):
-        feats, anchors = _scene_inputs(subject, setting, scene)
-        reps = anchors.representative
-        batch, preds = _with_tasks(subject, setting, scene, feats,
-                                   _constructed_preds(setting.outputs, scene, anchors, feats, reps, reps), ctx.seed)
-        original, _ = _loss(setting.loss, preds, batch, "the loss on finite predictions")
-        row = scene.boxes.shape[0] - 1  # the last object (in image 1 when there are two images)
-        image = int(scene.batch["batch_idx"][row])
-        on_level = anchors.level == level
-        places = {"a positive anchor": int((reps[image] & (anchors.owner[image] == row) & on_level).nonzero()[0]),
-                  "an anchor inside no object": int(((anchors.owner[image] < 0) & on_level).nonzero()[0])}
-        # A channel every loss reads at a positive: the first DFL bin (log-softmax reads them all), the object's class
-        # logit, the x of the first vertex (always real).
-        channel = {"boxes": 0, "scores": int(scene.batch["cls"][row, 0]), "polygons": 0}
-        for key in _pred_keys(preds):
+        def outcome(place, key=key):
+            bad = detached_preds(preds)
+            bad[key][image, channel[key], places[place]] = value
+            return _outcome(setting.loss, bad, batch)
 
-            def outcome(place, key=key):
-                bad = detached_preds(preds)
-                bad[key][image, channel[key], places[place]] = value
-                return _outcome(setting.loss, bad, batch)
-
-            verdict = _nonfinite_verdict(key, value, f"stride {float(subject.strides[level]):g}", outcome,
-                                         lambda: original.detach())
-            if verdict is not None:
-                raise CheckFailure(verdict)
-
-    # Where the value sits and what it is decide the outcome; the scene only has to offer positives and background,
-    # so it is one of a few (a drawn scene's many choices cost the shrinker tens of seconds on a failing loss).
-    scenes = st.sampled_from(_contrast_scenes(subject, setting.cell, setting.max_cells))
-    run_property(ctx, inner, scenes, st.sampled_from((math.nan, math.inf, -math.inf)),
-                 st.integers(0, len(subject.strides) - 1))
+        verdict = _nonfinite_verdict(key, value, f"stride {float(subject.strides[level]):g}", outcome,
+                                     lambda: original.detach())
+        if verdict is not None:
+            raise CheckFailure(verdict)
 
 
 def _contrast_scenes(subject, cell: float, max_cells: int) -> list[_Scene]:
@@ -214,6 +231,19 @@ def check_loss_all_background(subject, ctx, feats, init):
             )
 
 
+def _drawn_targets(*, batch_size: int, min_objects: int, max_objects: int, box_kinds=hs.BOX_KINDS,
+                   polygon_kinds=hs.POLYGON_KINDS) -> hs.Input:
+    """Target batches for the subject's classes, vertices and other tasks (`HeadStrategies.targets`)."""
+    boxes = "boxes of every kind" if tuple(box_kinds) == hs.BOX_KINDS else f"{'/'.join(box_kinds)} boxes"
+    polygons = ("polygons of every kind" if tuple(polygon_kinds) == hs.POLYGON_KINDS
+                else f"{'/'.join(polygon_kinds)} polygons")
+    describes = (f"target batches ({batch_size} image{'s' if batch_size > 1 else ''}, {min_objects}-{max_objects} "
+                 f"objects per batch: {boxes}, {polygons} on a polygon head)")
+    return hs.Input(describes, lambda subject: hs.from_head(subject).targets(
+        batch_size=batch_size, min_objects=min_objects, max_objects=max_objects, box_kinds=box_kinds,
+        polygon_kinds=polygon_kinds))
+
+
 def _replicate(preds, batch, k):
     out = {}
     for key, v in preds.items():
@@ -224,29 +254,29 @@ def _replicate(preds, batch, k):
     return out, rep
 
 
-@check(area="loss")
-def check_loss_batch_replication(subject, ctx):
-    """Loss items are unchanged when one image (predictions and objects) is replicated k times (R4)."""
+@check(area="loss", inputs={
+    "batch": _drawn_targets(batch_size=1, min_objects=1, max_objects=4, box_kinds=("normal",),
+                            polygon_kinds=("convex",)),
+    "copies": hs.drawn(st.integers(2, 4), "replication counts 2-4")})
+def check_loss_batch_replication(subject, ctx, batch, copies):
+    """Loss items are unchanged when one image (predictions and objects) is replicated k times (R4).
+
+    The predictions are the head's outputs on seeded maps of one 64 px image, with boxes fitted to the first of the
+    drawn objects."""
+    # Boxes fitted to the first object keep the sum of target scores >= 1, so max(1, .) does not clamp; that needs
+    # anchors inside it (>= 16 px at stride 8 in a 64 px image).
+    assume(float(batch["bboxes"][0, 2:4].min()) >= 0.25)  # w, h (a rotated box's angle is no size)
     _, loss, raw_preds = _setup(subject, ctx, batch=1)
-    bound = hs.from_head(subject)
-
-    def inner(batch, k):
-        # Boxes fitted to the first object keep the sum of target scores >= 1, so max(1, .) does not clamp; that
-        # needs anchors inside it (>= 16 px at stride 8 in a 64 px image).
-        assume(float(batch["bboxes"][0, 2:4].min()) >= 0.25)  # w, h (a rotated box's angle is no size)
-        preds = fit_boxes_to_first_object(raw_preds, batch, subject.strides)
-        _, one = _loss(loss, preds, batch)
-        many_preds, many_batch = _replicate(preds, batch, k)
-        _, many = _loss(loss, many_preds, many_batch)
-        bad = items_close(one, many, rtol=RTOL, atol=ATOL)
-        if bad:
-            raise CheckFailure(
-                f"loss items change when one image is replicated {k} times: {'; '.join(bad)} (1 image vs {k} copies); "
-                "every term must be a mean over images/positives, not a sum that grows with the batch size"
-            )
-
-    run_property(ctx, inner, bound.targets(batch_size=1, min_objects=1, max_objects=4, box_kinds=("normal",),
-                                           polygon_kinds=("convex",)), st.integers(2, 4))
+    preds = fit_boxes_to_first_object(raw_preds, batch, subject.strides)
+    _, one = _loss(loss, preds, batch)
+    many_preds, many_batch = _replicate(preds, batch, copies)
+    _, many = _loss(loss, many_preds, many_batch)
+    bad = items_close(one, many, rtol=RTOL, atol=ATOL)
+    if bad:
+        raise CheckFailure(
+            f"loss items change when one image is replicated {copies} times: {'; '.join(bad)} (1 image vs {copies} "
+            "copies); every term must be a mean over images/positives, not a sum that grows with the batch size"
+        )
 
 
 def _take_images(preds, images):
@@ -254,67 +284,71 @@ def _take_images(preds, images):
     return {k: ([f[idx] for f in v] if k == "feats" else v[idx]) for k, v in preds.items()}
 
 
-@check(area="loss")
-def check_loss_batch_decomposition(subject, ctx):
+@check(area="loss", inputs={"batch": _drawn_targets(batch_size=2, min_objects=2, max_objects=5, box_kinds=("normal",),
+                                                     polygon_kinds=("convex",))})
+def check_loss_batch_decomposition(subject, ctx, batch):
     """Image order does not matter: items of [A, B] equal those of [B, A] (R5).
 
     Terms a loss declares per-image averaged (attribute `per_image_terms`) must also equal the mean of [A] alone and
-    [B] alone. The reference normalises every term by the batch's sum of target scores, so only the swap applies."""
+    [B] alone. The reference normalises every term by the batch's sum of target scores, so only the swap applies.
+    The predictions are the head's outputs on seeded maps of two 64 px images; the objects are drawn."""
+    assume(bool((batch["batch_idx"] == 0).any()) and bool((batch["batch_idx"] == 1).any()))
     _, loss, preds = _setup(subject, ctx, batch=2)
-    bound = hs.from_head(subject)
     per_image = tuple(getattr(loss, "per_image_terms", ()))
-
-    def inner(batch):
-        assume(bool((batch["batch_idx"] == 0).any()) and bool((batch["batch_idx"] == 1).any()))
-        _, ab = _loss(loss, preds, batch)
-        _, ba = _loss(loss, _take_images(preds, [1, 0]), select_images(batch, [1, 0]))
-        bad = items_close(ab, ba, rtol=RTOL, atol=ATOL)
+    _, ab = _loss(loss, preds, batch)
+    _, ba = _loss(loss, _take_images(preds, [1, 0]), select_images(batch, [1, 0]))
+    bad = items_close(ab, ba, rtol=RTOL, atol=ATOL)
+    if bad:
+        raise CheckFailure(
+            f"swapping the two images of a batch changes loss items: {'; '.join(bad)} ([A, B] vs [B, A]); each "
+            "positive anchor must be matched to an object of its OWN image (an index into the image's padded "
+            "objects is not a row of the flat batch)"
+        )
+    if per_image:
+        _, a = _loss(loss, _take_images(preds, [0]), select_images(batch, [0]))
+        _, b = _loss(loss, _take_images(preds, [1]), select_images(batch, [1]))
+        mean = {k: (a[k] + b[k]) / 2 for k in per_image}
+        bad = items_close({k: ab[k] for k in per_image}, mean, rtol=RTOL, atol=ATOL)
         if bad:
             raise CheckFailure(
-                f"swapping the two images of a batch changes loss items: {'; '.join(bad)} ([A, B] vs [B, A]); each "
-                "positive anchor must be matched to an object of its OWN image (an index into the image's padded "
-                "objects is not a row of the flat batch)"
+                f"per-image terms of [A, B] differ from the mean of [A] and [B] alone: {'; '.join(bad)}; the term "
+                "must average each image's own value (objects of one image must not leak into another's)"
             )
-        if per_image:
-            _, a = _loss(loss, _take_images(preds, [0]), select_images(batch, [0]))
-            _, b = _loss(loss, _take_images(preds, [1]), select_images(batch, [1]))
-            mean = {k: (a[k] + b[k]) / 2 for k in per_image}
-            bad = items_close({k: ab[k] for k in per_image}, mean, rtol=RTOL, atol=ATOL)
-            if bad:
-                raise CheckFailure(
-                    f"per-image terms of [A, B] differ from the mean of [A] and [B] alone: {'; '.join(bad)}; the term "
-                    "must average each image's own value (objects of one image must not leak into another's)"
-                )
-
-    run_property(ctx, inner, bound.targets(batch_size=2, min_objects=2, max_objects=5, box_kinds=("normal",),
-                                           polygon_kinds=("convex",)))
 
 
-@check(area="loss")
-def check_loss_target_order_invariant(subject, ctx):
-    """Permuting the objects of each image (rows of every target tensor together) changes no loss item."""
+# The most objects a reordered batch holds. The order is drawn as a permutation of that many rows, declared beside the
+# batch: a batch of n objects takes the order it gives rows 0..n-1 (every order of them equally likely; the identity
+# where the permutation shrinks to it).
+MAX_REORDERED = 6
+
+
+# Identical boxes of different classes are a true tie (which class an anchor learns is then order-dependent by any
+# rule), so the boxes here are continuous draws, never exact copies.
+@check(area="loss", inputs={
+    "batch": _drawn_targets(batch_size=2, min_objects=2, max_objects=MAX_REORDERED, box_kinds=("normal", "tiny"),
+                            polygon_kinds=("convex", "padded")),
+    "order": hs.drawn(st.permutations(range(MAX_REORDERED)),
+                      f"object orders (a permutation of 0-{MAX_REORDERED - 1}: a batch of n objects takes the order "
+                      "of its rows 0..n-1, kept within each image)")})
+def check_loss_target_order_invariant(subject, ctx, batch, order):
+    """Permuting the objects of each image (rows of every target tensor together) changes no loss item.
+
+    The predictions are the head's outputs on seeded maps of two 64 px images; the objects and their order are
+    drawn."""
+    n = batch["batch_idx"].shape[0]
+    perm = torch.tensor([i for i in order if i < n], dtype=torch.long)
+    # Keep rows grouped by image (the Ultralytics batch convention); shuffle within each image.
+    perm = perm[batch["batch_idx"][perm].argsort(stable=True)]
     _, loss, preds = _setup(subject, ctx, batch=2)
-    bound = hs.from_head(subject)
-
-    def inner(batch, data):
-        n = batch["batch_idx"].shape[0]
-        perm = torch.tensor(data.draw(st.permutations(range(n)), label="permutation"), dtype=torch.long)
-        # Keep rows grouped by image (the Ultralytics batch convention); shuffle within each image.
-        perm = perm[batch["batch_idx"][perm].argsort(stable=True)]
-        _, before = _loss(loss, preds, batch)
-        _, after = _loss(loss, preds, hs.reorder_objects(batch, perm))
-        bad = items_close(before, after, rtol=RTOL, atol=ATOL)
-        if bad:
-            raise CheckFailure(
-                f"reordering the objects within an image changes loss items: {'; '.join(bad)}"
-                f" (permutation {perm.tolist()});"
-                " the loss must not depend on object order (stable per-image grouping, no order-dependent ties)"
-            )
-
-    # Identical boxes of different classes are a true tie (which class an anchor learns is then order-dependent by
-    # any rule), so the boxes here are continuous draws, never exact copies.
-    run_property(ctx, inner, bound.targets(batch_size=2, min_objects=2, max_objects=6, box_kinds=("normal", "tiny"),
-                                           polygon_kinds=("convex", "padded")), st.data())
+    _, before = _loss(loss, preds, batch)
+    _, after = _loss(loss, preds, hs.reorder_objects(batch, perm))
+    bad = items_close(before, after, rtol=RTOL, atol=ATOL)
+    if bad:
+        raise CheckFailure(
+            f"reordering the objects within an image changes loss items: {'; '.join(bad)}"
+            f" (permutation {perm.tolist()});"
+            " the loss must not depend on object order (stable per-image grouping, no order-dependent ties)"
+        )
 
 
 DEGENERATE_BOXES = ("tiny", "zero_width", "zero_height", "image_covering", "edge", "duplicate")
@@ -333,36 +367,33 @@ def _grad_run(loss, preds, batch, dtype):
     return vector, items, grads
 
 
-@check(area="loss")
-def check_loss_finite_degenerate_targets(subject, ctx):
+@check(area="loss", inputs={
+    "batch": _drawn_targets(batch_size=2, min_objects=1, max_objects=5, box_kinds=DEGENERATE_BOXES,
+                            polygon_kinds=DEGENERATE_POLYGONS),
+    "dtype": hs.drawn(st.sampled_from((torch.float32, torch.bfloat16)), "prediction dtypes float32, bfloat16")})
+def check_loss_finite_degenerate_targets(subject, ctx, batch, dtype):
     """Finite loss and gradients on degenerate targets, for float32 and bfloat16 predictions (R6).
 
     Families: zero-width/height, tiny, image-covering, edge-touching and duplicate boxes; all-equal, collinear,
-    repeated-vertex and padded polygons."""
+    repeated-vertex and padded polygons. The predictions are the head's outputs on seeded maps of two 64 px images,
+    cast to the drawn dtype."""
     _, loss, preds = _setup(subject, ctx, batch=2)
-    bound = hs.from_head(subject)
-
-    def inner(batch, dtype):
-        vector, _, grads = _grad_run(loss, preds, batch, dtype)
-        if not all_finite(vector):
-            raise CheckFailure(
-                f"the loss is non-finite ({vector.detach().tolist()}) on degenerate targets in {dtype}: guard every "
-                "division (select with a mask BEFORE dividing) and use an epsilon representable in the compute dtype"
-            )
-        unused = missing_gradient(grads, situation=f"on degenerate targets in {dtype}")
-        if unused is not None:
-            raise unused
-        k = first_bad_gradient(grads)
-        if k is not None:
-            raise CheckFailure(
-                f"the gradient w.r.t. preds[{k!r}] is non-finite ({count_nonfinite(grads[k])})"
-                f" on degenerate targets in {dtype} although the loss is finite: a division or sqrt at 0 in the "
-                "backward pass; mask before dividing"
-            )
-
-    targets = bound.targets(batch_size=2, min_objects=1, max_objects=5, box_kinds=DEGENERATE_BOXES,
-                            polygon_kinds=DEGENERATE_POLYGONS)
-    run_property(ctx, inner, targets, st.sampled_from((torch.float32, torch.bfloat16)))
+    vector, _, grads = _grad_run(loss, preds, batch, dtype)
+    if not all_finite(vector):
+        raise CheckFailure(
+            f"the loss is non-finite ({vector.detach().tolist()}) on degenerate targets in {dtype}: guard every "
+            "division (select with a mask BEFORE dividing) and use an epsilon representable in the compute dtype"
+        )
+    unused = missing_gradient(grads, situation=f"on degenerate targets in {dtype}")
+    if unused is not None:
+        raise unused
+    k = first_bad_gradient(grads)
+    if k is not None:
+        raise CheckFailure(
+            f"the gradient w.r.t. preds[{k!r}] is non-finite ({count_nonfinite(grads[k])})"
+            f" on degenerate targets in {dtype} although the loss is finite: a division or sqrt at 0 in the "
+            "backward pass; mask before dividing"
+        )
 
 
 def _clear(err: Exception) -> bool:
@@ -466,73 +497,92 @@ def check_loss_pure(subject, ctx, first, other):
             raise CheckFailure(f"the loss modified batch[{k!r}] in place; it must not write into its inputs")
 
 
-@check(area="loss")
-def check_gradients_finite_when_loss_finite(subject, ctx):
-    """Whenever the loss is finite, every gradient is finite (R7: NaN cleaned after a division leaves 0 * inf)."""
-    bound = hs.from_head(subject)
+GRADIENT_MAGNITUDES = (0.0, 1.0, 1e2)
+
+
+def _training_batches_of_magnitudes(magnitudes, *, max_batch: int, max_objects: int) -> hs.Input:
+    """TrainingBatch: feature maps of the given magnitudes (any image size, fill and layout) with a target batch of
+    the same batch size (every box and polygon kind)."""
+    scales = ", ".join(f"{m:g}" for m in magnitudes)
+    describes = (f"training batches (batch 1-{max_batch}, feature maps of magnitude {scales}, images 33-96 px, every "
+                 f"fill and layout; 0-{max_objects} objects per batch of every box kind)")
+    return hs.Input(describes, lambda subject: hs.from_head(subject).inputs(
+        min_batch=1, max_batch=max_batch, magnitudes=st.sampled_from(magnitudes),
+        targets_kwargs={"max_objects": max_objects}))
+
+
+@check(area="loss", inputs={"training": _training_batches_of_magnitudes(GRADIENT_MAGNITUDES, max_batch=2,
+                                                                       max_objects=5),
+                            "init": hs.drawn_initialisations()})
+def check_gradients_finite_when_loss_finite(subject, ctx, training, init):
+    """Whenever the loss is finite, every gradient is finite (R7: NaN cleaned after a division leaves 0 * inf).
+
+    The head's outputs under a drawn initialisation on drawn feature maps, with drawn targets of the same batch
+    size, into the shipped head's loss."""
+    feats, batch = training
     head = subject.build_head()
     loss = subject.build_loss(head)
-
-    def inner(feats, init, data):
-        h = init(subject.build_head())
-        preds = detached_preds(train_preds(subject, h, feats))
-        assume(all_finite({k: preds[k] for k in _pred_keys(preds)}))
-        batch = data.draw(bound.targets(batch_size=feats[0].shape[0], max_objects=5), label="batch")
-        vector, _, grads = _grad_run(loss, preds, batch, torch.float32)
-        if not all_finite(vector):
-            return
-        unused = missing_gradient(grads, situation="on this batch")
-        if unused is not None:
-            raise unused
-        k = first_bad_gradient(grads)
-        if k is not None:
-            raise CheckFailure(
-                f"the loss is finite ({vector.detach().tolist()}) but its gradient w.r.t. preds[{k!r}] is not "
-                f"({count_nonfinite(grads[k])}): a value was cleaned (where/nan_to_num) after a "
-                "division whose backward still yields 0 * inf; select with a mask before dividing"
-            )
-
-    maps = bound.feature_maps(min_batch=1, max_batch=2, magnitudes=st.sampled_from((0.0, 1.0, 1e2)))
-    run_property(ctx, inner, maps, bound.initialisations(), st.data())
+    h = init(subject.build_head())
+    preds = detached_preds(train_preds(subject, h, feats))
+    assume(all_finite({k: preds[k] for k in _pred_keys(preds)}))
+    vector, _, grads = _grad_run(loss, preds, batch, torch.float32)
+    if not all_finite(vector):
+        return
+    unused = missing_gradient(grads, situation="on this batch")
+    if unused is not None:
+        raise unused
+    k = first_bad_gradient(grads)
+    if k is not None:
+        raise CheckFailure(
+            f"the loss is finite ({vector.detach().tolist()}) but its gradient w.r.t. preds[{k!r}] is not "
+            f"({count_nonfinite(grads[k])}): a value was cleaned (where/nan_to_num) after a "
+            "division whose backward still yields 0 * inf; select with a mask before dividing"
+        )
 
 
-@check(area="loss")
-def check_assigner_coverage(subject, ctx):
+SCORE_LOGITS = (0.0, -20.0, -100.0)
+BOX_MODES = ("as_is", "collapsed", "maximal")
+
+
+# Objects of side >= 0.3 of a 64 px image span >= 19 px, so anchors of the stride-8 level lie inside.
+@check(area="loss", inputs={
+    "cx": hs.drawn(st.floats(0.25, 0.75), "object centres x 0.25-0.75 (normalised)"),
+    "cy": hs.drawn(st.floats(0.25, 0.75), "object centres y 0.25-0.75 (normalised)"),
+    "side": hs.drawn(st.floats(0.3, 0.5), "object sides 0.3-0.5 of the 64 px image (a square box; on a polygon "
+                                          "head the regular polygon inscribed in it)"),
+    "score_logit": hs.drawn(st.sampled_from(SCORE_LOGITS), f"class logits {', '.join(f'{v:g}' for v in SCORE_LOGITS)} "
+                                                            "at every anchor"),
+    "box_mode": hs.drawn(st.sampled_from(BOX_MODES), "box predictions as the head makes them, collapsed to a point or "
+                                                     "blown to the maximum distance")})
+def check_assigner_coverage(subject, ctx, cx, cy, side, score_logit, box_mode):
     """For any predictions, every object with anchors inside gets >= 1 positive with non-zero weight (R11).
 
     Observed from outside: with ONE object in ONE image, a positive with non-zero weight exists iff the box term is
     non-zero (1 - IoU > 0 for any real prediction). Predictions are made wild: class logits far negative and boxes
-    collapsed to a point or blown to the maximum distance, so every alignment metric is (close to) 0.
+    collapsed to a point or blown to the maximum distance, so every alignment metric is (close to) 0. They start as
+    the head's outputs on seeded maps of one 64 px image.
     """
     _, loss, preds = _setup(subject, ctx, batch=1, image_size=(64, 64))
     reg_max = preds["boxes"].shape[1] // 4
-    bound = hs.from_head(subject)
-
-    def inner(cx, cy, side, score_logit, box_mode):
-        wild = detached_preds(preds)
-        wild["scores"] = wild["scores"] * 0 + score_logit
-        if reg_max > 1 and box_mode != "as_is":
-            logits = torch.full((1, 4, reg_max, wild["boxes"].shape[-1]), -50.0)
-            logits[:, :, 0 if box_mode == "collapsed" else reg_max - 1] = 50.0
-            wild["boxes"] = logits.view_as(wild["boxes"])
-        batch = {"batch_idx": torch.zeros(1), "cls": torch.zeros(1, 1), "bboxes": torch.tensor([[cx, cy, side, side]])}
-        if subject.num_vertices:
-            angle = torch.arange(subject.num_vertices) * (2 * math.pi / subject.num_vertices)
-            batch["polygons"] = torch.stack((cx + side / 2 * angle.cos(), cy + side / 2 * angle.sin()), -1).unsqueeze(0)
-            batch["polygon_mask"] = torch.ones(1, subject.num_vertices, dtype=torch.bool)
-        _, items = _loss(loss, wild, bound.task_targets(batch, batch_size=1))
-        if not items["box_loss"] > 0:
-            raise CheckFailure(
-                f"an object ({cx:.3g}, {cy:.3g}, side {side:.3g}, normalised) with anchors inside it got no positive "
-                f"with non-zero weight (box_loss = {items['box_loss']}) under wild predictions (class logit "
-                f"{score_logit:g}, boxes {box_mode}): the assigner starved it and the loss hides the miss; guarantee "
-                "each such object at least one positive (e.g. its best-centred anchor) with a non-zero target score"
-            )
-
-    # Objects of side >= 0.3 of a 64 px image span >= 19 px, so anchors of the stride-8 level lie inside.
-    run_property(ctx, inner, st.floats(0.25, 0.75), st.floats(0.25, 0.75), st.floats(0.3, 0.5),
-                 st.sampled_from((0.0, -20.0, -100.0)), st.sampled_from(("as_is", "collapsed", "maximal")))
-
+    wild = detached_preds(preds)
+    wild["scores"] = wild["scores"] * 0 + score_logit
+    if reg_max > 1 and box_mode != "as_is":
+        logits = torch.full((1, 4, reg_max, wild["boxes"].shape[-1]), -50.0)
+        logits[:, :, 0 if box_mode == "collapsed" else reg_max - 1] = 50.0
+        wild["boxes"] = logits.view_as(wild["boxes"])
+    batch = {"batch_idx": torch.zeros(1), "cls": torch.zeros(1, 1), "bboxes": torch.tensor([[cx, cy, side, side]])}
+    if subject.num_vertices:
+        angle = torch.arange(subject.num_vertices) * (2 * math.pi / subject.num_vertices)
+        batch["polygons"] = torch.stack((cx + side / 2 * angle.cos(), cy + side / 2 * angle.sin()), -1).unsqueeze(0)
+        batch["polygon_mask"] = torch.ones(1, subject.num_vertices, dtype=torch.bool)
+    _, items = _loss(loss, wild, hs.from_head(subject).task_targets(batch, batch_size=1))
+    if not items["box_loss"] > 0:
+        raise CheckFailure(
+            f"an object ({cx:.3g}, {cy:.3g}, side {side:.3g}, normalised) with anchors inside it got no positive "
+            f"with non-zero weight (box_loss = {items['box_loss']}) under wild predictions (class logit "
+            f"{score_logit:g}, boxes {box_mode}): the assigner starved it and the loss hides the miss; guarantee "
+            "each such object at least one positive (e.g. its best-centred anchor) with a non-zero target score"
+        )
 
 
 def _detection_oracle(subject, shape_loss):
@@ -548,37 +598,46 @@ def _detection_oracle(subject, shape_loss):
                        "loss is not of ours, so there is no oracle for its detection terms")
 
 
-@check(area="loss", requires=("polygons",))
-def check_polygon_detection_terms_match(subject, ctx):
-    """The box/cls/dfl items of the polygon loss equal the detection loss's on the same inputs (R3)."""
+def _with_an_oracle(declared: hs.Input) -> hs.Input:
+    """`declared`, bound only for a subject with a detection-loss oracle: without one the check is skipped before
+    the search (`_detection_oracle` raises CheckSkipped), never on its first example."""
+
+    def bind(subject):
+        _detection_oracle(subject, subject.build_loss(subject.build_head()))
+        return declared.strategy(subject)
+
+    return hs.Input(declared.describes, bind, declared.materialise)
+
+
+@check(area="loss", requires=("polygons",),
+       inputs={"batch": _with_an_oracle(_drawn_targets(batch_size=2, min_objects=0, max_objects=5))})
+def check_polygon_detection_terms_match(subject, ctx, batch):
+    """The box/cls/dfl items of the polygon loss equal the detection loss's on the same inputs (R3).
+
+    The predictions are the head's outputs on seeded maps of two 64 px images; the objects are drawn."""
     head = subject.build_head()
     feats = features(subject, batch=2, image_size=(64, 64), seed=ctx.seed)
     preds = detached_preds(train_preds(subject, head, feats))
     shape_loss = subject.build_loss(head)
     detection_loss = _detection_oracle(subject, shape_loss)(head)
-    bound = hs.from_head(subject)
-
-    def inner(batch):
-        _, poly_items = call("the polygon loss", shape_loss, preds, batch)
-        det_batch = {k: batch[k] for k in ("batch_idx", "cls", "bboxes")}
-        det_preds = {k: v for k, v in preds.items() if k != "polygons"}
-        _, det_items = call("the detection loss", detection_loss, det_preds, det_batch)
-        missing = [k for k in DETECTION_ITEMS if k in det_items and k not in poly_items]
-        if missing:
-            raise CheckFailure(
-                f"the polygon loss's items lack {missing}; expected the detection loss's {list(det_items)} too"
-            )
-        shared = [k for k in DETECTION_ITEMS if k in det_items]
-        bad = items_close({k: float(poly_items[k]) for k in shared}, {k: float(det_items[k]) for k in shared},
-                          rtol=1e-5, atol=1e-7)
-        if bad:
-            raise CheckFailure(
-                f"the polygon loss's detection terms differ from the detection loss's on the same inputs: "
-                f"{'; '.join(bad)} (polygon loss vs detection loss); adding a shape term must not renormalise the "
-                "class or box terms (normalise cls by max(1, sum of target scores), as the detection loss does)"
-            )
-
-    run_property(ctx, inner, bound.targets(batch_size=2, min_objects=0, max_objects=5))
+    _, poly_items = call("the polygon loss", shape_loss, preds, batch)
+    det_batch = {k: batch[k] for k in ("batch_idx", "cls", "bboxes")}
+    det_preds = {k: v for k, v in preds.items() if k != "polygons"}
+    _, det_items = call("the detection loss", detection_loss, det_preds, det_batch)
+    missing = [k for k in DETECTION_ITEMS if k in det_items and k not in poly_items]
+    if missing:
+        raise CheckFailure(
+            f"the polygon loss's items lack {missing}; expected the detection loss's {list(det_items)} too"
+        )
+    shared = [k for k in DETECTION_ITEMS if k in det_items]
+    bad = items_close({k: float(poly_items[k]) for k in shared}, {k: float(det_items[k]) for k in shared},
+                      rtol=1e-5, atol=1e-7)
+    if bad:
+        raise CheckFailure(
+            f"the polygon loss's detection terms differ from the detection loss's on the same inputs: "
+            f"{'; '.join(bad)} (polygon loss vs detection loss); adding a shape term must not renormalise the "
+            "class or box terms (normalise cls by max(1, sum of target scores), as the detection loss does)"
+        )
 
 
 def _every_image_has_a_positive(subject, feats, batch) -> bool:
@@ -757,6 +816,25 @@ def _scenes(draw, subject, cell: float, *, batch_size: int, min_objects: int, ma
     return _scene_of(objects, grid, cell, nv, moves, spreads)
 
 
+def _drawn_scenes(*, batch_size: int, min_objects: int, max_objects: int, moved: bool,
+                  applies=None) -> hs.Input:
+    """`_scenes` on the subject's grid. Bound before the search, where `_absolute_setup` skips a subject the
+    exact-fit constructions do not apply to (and `applies(subject, setting)` may skip or fail it too)."""
+    images = f"{batch_size} image{'s' if batch_size > 1 else ''}"
+    describes = (f"scenes ({images} of 2-3 coarsest-stride cells a side, {min_objects}-{max_objects} separated "
+                 "objects per image of up to 3 cells a side, classes drawn, polygons convex or padded in either "
+                 f"orientation{'; per object a vertex scale and shift, box scale and DFL spread' if moved else ''})")
+
+    def bind(subject):
+        setting = _absolute_setup(subject, CheckContext())
+        if applies is not None:
+            applies(subject, setting)
+        return _scenes(subject, setting.cell, batch_size=batch_size, min_objects=min_objects,
+                       max_objects=max_objects, max_cells=setting.max_cells, moved=moved)
+
+    return hs.Input(describes, bind)
+
+
 class _Anchors(NamedTuple):
     """Every anchor of a scene: where it is and which object (if any) it lies in."""
 
@@ -931,8 +1009,10 @@ def _spread_cross_entropy(spread: float) -> float:
     return -(math.log(0.5 + spread / 4) + math.log(0.5 - spread / 2)) / 2
 
 
-@check(area="loss")
-def check_loss_minimum_at_exact_fit(subject, ctx):
+@check(area="loss", inputs={
+    "scene": _drawn_scenes(batch_size=2, min_objects=1, max_objects=2, moved=False),
+    "spread": hs.drawn(st.floats(0.1, 0.8), "DFL spreads 0.1-0.8 (the distribution compared with the fit)")})
+def check_loss_minimum_at_exact_fit(subject, ctx, scene, spread):
     """Predictions that decode exactly onto the targets give each term its minimum: box (1 - CIoU) and polygon 0, DFL
     its floor, the entropy of the two-bin target (ln 2 per side: every box edge lies on the coarsest grid, so each
     target distance is halfway between two bins).
@@ -944,53 +1024,47 @@ def check_loss_minimum_at_exact_fit(subject, ctx):
     the same expectation (same decoded boxes, same assignment) but further from the target equals ln 2 over that
     distribution's cross-entropy (and is below 1)."""
     setting = _absolute_setup(subject, ctx)
-
-    def inner(scene, spread):
-        feats, anchors = _scene_inputs(subject, setting, scene)
-        inside = anchors.owner >= 0
-        preds = _constructed_preds(setting.outputs, scene, anchors, feats, inside, anchors.representative)
-        _, items = _loss(setting.loss, preds, scene.batch, "the loss at an exact fit")
-        terms = [k for k in PER_OBJECT_ITEMS if k in items]
-        if not terms:
-            raise CheckSkipped(f"the loss reports none of the items {PER_OBJECT_ITEMS} (items: {sorted(items)})")
-        wrong = {k: items[k] for k in ("box_loss", "polygon_loss") if k in items and not abs(items[k]) <= ZERO_ATOL}
-        if wrong:
-            levels = _per_level_items(setting, scene, feats, anchors, subject.strides, list(wrong))
+    feats, anchors = _scene_inputs(subject, setting, scene)
+    inside = anchors.owner >= 0
+    preds = _constructed_preds(setting.outputs, scene, anchors, feats, inside, anchors.representative)
+    _, items = _loss(setting.loss, preds, scene.batch, "the loss at an exact fit")
+    terms = [k for k in PER_OBJECT_ITEMS if k in items]
+    if not terms:
+        raise CheckSkipped(f"the loss reports none of the items {PER_OBJECT_ITEMS} (items: {sorted(items)})")
+    wrong = {k: items[k] for k in ("box_loss", "polygon_loss") if k in items and not abs(items[k]) <= ZERO_ATOL}
+    if wrong:
+        levels = _per_level_items(setting, scene, feats, anchors, subject.strides, list(wrong))
+        raise CheckFailure(
+            f"at predictions that decode exactly onto the targets, {_format_items(wrong)}; expected 0 (a box or "
+            f"polygon compared with itself). Per level, with only that level's anchor of each object fitted: "
+            f"{levels}. A term wrong the same way every time: convert each positive's targets with its OWN "
+            "level's stride, and add no constant to the term"
+        )
+    if "dfl_loss" in items and setting.outputs.reg_max > 1 and setting.halfway:
+        probe = _constructed_preds(setting.outputs, scene, anchors, feats, inside, anchors.representative,
+                                   spread=spread)
+        _, spread_items = _loss(setting.loss, probe, scene.batch, "the loss at a spread fit")
+        floor, further = math.log(2), _spread_cross_entropy(spread)
+        at_fit, at_spread = items["dfl_loss"], spread_items["dfl_loss"]
+        ratio = at_fit / at_spread if at_spread > 0 else math.nan
+        if not math.isclose(ratio, floor / further, rel_tol=FLOOR_RTOL):
             raise CheckFailure(
-                f"at predictions that decode exactly onto the targets, {_format_items(wrong)}; expected 0 (a box or "
-                f"polygon compared with itself). Per level, with only that level's anchor of each object fitted: "
-                f"{levels}. A term wrong the same way every time: convert each positive's targets with its OWN "
-                "level's stride, and add no constant to the term"
+                f"the DFL term is not at its floor at an exact fit: dfl_loss = {at_fit:.6g} at the two-bin "
+                f"target distribution, {at_spread:.6g} at a distribution with the same expectation (same boxes, "
+                f"same positives) but spread by {spread:.3g}; their ratio is {ratio:.6g}, expected ln 2 / "
+                f"{further:.6g} = {floor / further:.6g}: the floor is the entropy of the two-bin target (ln 2 "
+                "per side here, every target halfway between two bins), so the DFL must be the cross-entropy "
+                "against that target, times a gain, over the same normaliser (targets in the positive's own "
+                "stride units, bins left/right of the target distance)"
             )
-        if "dfl_loss" in items and setting.outputs.reg_max > 1 and setting.halfway:
-            probe = _constructed_preds(setting.outputs, scene, anchors, feats, inside, anchors.representative,
-                                       spread=spread)
-            _, spread_items = _loss(setting.loss, probe, scene.batch, "the loss at a spread fit")
-            floor, further = math.log(2), _spread_cross_entropy(spread)
-            at_fit, at_spread = items["dfl_loss"], spread_items["dfl_loss"]
-            ratio = at_fit / at_spread if at_spread > 0 else math.nan
-            if not math.isclose(ratio, floor / further, rel_tol=FLOOR_RTOL):
-                raise CheckFailure(
-                    f"the DFL term is not at its floor at an exact fit: dfl_loss = {at_fit:.6g} at the two-bin "
-                    f"target distribution, {at_spread:.6g} at a distribution with the same expectation (same boxes, "
-                    f"same positives) but spread by {spread:.3g}; their ratio is {ratio:.6g}, expected ln 2 / "
-                    f"{further:.6g} = {floor / further:.6g}: the floor is the entropy of the two-bin target (ln 2 "
-                    "per side here, every target halfway between two bins), so the DFL must be the cross-entropy "
-                    "against that target, times a gain, over the same normaliser (targets in the positive's own "
-                    "stride units, bins left/right of the target distance)"
-                )
-
-    scenes = _scenes(subject, setting.cell, batch_size=2, min_objects=1, max_objects=2, max_cells=setting.max_cells,
-                     moved=False)
-    run_property(ctx, inner, scenes, st.floats(0.1, 0.8))
 
 
 def _format_items(items) -> str:
     return ", ".join(f"{k} = {v:.6g}" for k, v in items.items())
 
 
-@check(area="loss")
-def check_loss_per_object_decomposition(subject, ctx):
+@check(area="loss", inputs={"scene": _drawn_scenes(batch_size=1, min_objects=2, max_objects=3, moved=True)})
+def check_loss_per_object_decomposition(subject, ctx, scene):
     """Each per-object term (box, polygon, DFL) of an image equals the combination of its objects' terms alone.
 
     The reduction (ours and Ultralytics'): T = gain * sum_k w_k l_k / max(1, sum_k w_k) over positives k, w_k the
@@ -1000,32 +1074,26 @@ def check_loss_per_object_decomposition(subject, ctx):
     collapsed boxes with background logits (alignment 0, weight 0), so S_i = the number of levels for every object
     and T = the plain mean of the T_i. Vertices and DFL distributions are moved away from the fit by a different
     amount per object (the boxes stay exact: a box scale would change the weights)."""
+    n = scene.boxes.shape[0]
+    assume(n >= 2)
     setting = _absolute_setup(subject, ctx)
-
-    def inner(scene):
-        n = scene.boxes.shape[0]
-        assume(n >= 2)
-        feats, anchors = _scene_inputs(subject, setting, scene)
-        reps = anchors.representative
-        preds = _constructed_preds(setting.outputs, scene, anchors, feats, reps, reps, moved=True)
-        _, together = _loss(setting.loss, preds, scene.batch, "the loss on the image")
-        alone = [_loss(setting.loss, preds, scene.alone(i), f"the loss on object {i} alone")[1] for i in range(n)]
-        keys = [k for k in PER_OBJECT_ITEMS if k in together]
-        mean = {k: sum(a[k] for a in alone) / n for k in keys}
-        bad = items_close({k: together[k] for k in keys}, mean, rtol=RTOL, atol=ATOL)
-        if bad:
-            each = "; ".join(f"object {i}: {_format_items({k: a[k] for k in keys})}" for i, a in enumerate(alone))
-            raise CheckFailure(
-                f"per-object terms of an image differ from the mean of its {n} objects' terms alone: "
-                f"{'; '.join(bad)} (together vs mean; {each}). The objects are separated and equally weighted (one "
-                "fitted anchor per level each), so each object's term must depend on that object alone: normalise "
-                "by the object's OWN box area, gather its OWN target (never a value broadcast across an image's "
-                "instances)"
-            )
-
-    scenes = _scenes(subject, setting.cell, batch_size=1, min_objects=2, max_objects=3, max_cells=setting.max_cells,
-                     moved=True)
-    run_property(ctx, inner, scenes)
+    feats, anchors = _scene_inputs(subject, setting, scene)
+    reps = anchors.representative
+    preds = _constructed_preds(setting.outputs, scene, anchors, feats, reps, reps, moved=True)
+    _, together = _loss(setting.loss, preds, scene.batch, "the loss on the image")
+    alone = [_loss(setting.loss, preds, scene.alone(i), f"the loss on object {i} alone")[1] for i in range(n)]
+    keys = [k for k in PER_OBJECT_ITEMS if k in together]
+    mean = {k: sum(a[k] for a in alone) / n for k in keys}
+    bad = items_close({k: together[k] for k in keys}, mean, rtol=RTOL, atol=ATOL)
+    if bad:
+        each = "; ".join(f"object {i}: {_format_items({k: a[k] for k in keys})}" for i, a in enumerate(alone))
+        raise CheckFailure(
+            f"per-object terms of an image differ from the mean of its {n} objects' terms alone: "
+            f"{'; '.join(bad)} (together vs mean; {each}). The objects are separated and equally weighted (one "
+            "fitted anchor per level each), so each object's term must depend on that object alone: normalise "
+            "by the object's OWN box area, gather its OWN target (never a value broadcast across an image's "
+            "instances)"
+        )
 
 
 def _declared_family(subject, loss) -> str | None:
@@ -1038,12 +1106,8 @@ def _declared_family(subject, loss) -> str | None:
     return declared
 
 
-@check(area="loss")
-def check_loss_matches_reference_family(subject, ctx):
-    """A loss that declares a family (`loss_family`: "detection", "polygon", "polygon-mgiou") gives the items of that
-    family's reference loss on the same inputs: separated objects, one fitted confident anchor per level each, boxes
-    scaled, vertices moved and DFL distributions spread by a different amount per object (every term non-zero)."""
-    setting = _absolute_setup(subject, ctx)
+def _family_of(subject, setting: _Absolute) -> str:
+    """The subject's declared loss family; CheckSkipped where it declares none, CheckFailure for an unknown one."""
     family = _declared_family(subject, setting.loss)
     if family is None:
         raise CheckSkipped(
@@ -1052,25 +1116,33 @@ def check_loss_matches_reference_family(subject, ctx):
         )
     if family not in LOSS_FAMILIES:
         raise CheckFailure(f"the subject declares loss_family={family!r}; expected one of {sorted(LOSS_FAMILIES)}")
-    reference = LOSS_FAMILIES[family](subject.build_head())
+    return family
 
-    def inner(scene):
-        feats, anchors = _scene_inputs(subject, setting, scene)
-        reps = anchors.representative
-        preds = _constructed_preds(setting.outputs, scene, anchors, feats, reps, reps, moved=True, boxes_moved=True)
-        _, theirs = _loss(setting.loss, preds, scene.batch)
-        _, ours = _loss(reference, preds, scene.batch, f"the reference {family!r} loss")
-        missing = sorted(set(ours) - set(theirs))
-        if missing:
-            raise CheckFailure(f"the loss lacks the items {missing} of its declared family {family!r}")
-        bad = items_close({k: theirs[k] for k in ours}, ours, rtol=RTOL, atol=ATOL)
-        if bad:
-            raise CheckFailure(
-                f"the loss declares loss_family={family!r} but its items differ from that family's reference loss "
-                f"on the same inputs: {'; '.join(bad)} (this loss vs the reference); a term wrong by a constant, a "
-                "gain or a normaliser, or a different assignment"
-            )
 
-    scenes = _scenes(subject, setting.cell, batch_size=2, min_objects=1, max_objects=3, max_cells=setting.max_cells,
-                     moved=True)
-    run_property(ctx, inner, scenes)
+@check(area="loss", inputs={"scene": _drawn_scenes(batch_size=2, min_objects=1, max_objects=3, moved=True,
+                                                   applies=_family_of)})
+def check_loss_matches_reference_family(subject, ctx, scene):
+    """A loss that declares a family (`loss_family`: "detection", "polygon", "polygon-mgiou") gives the items of that
+    family's reference loss on the same inputs: separated objects, one fitted confident anchor per level each, boxes
+    scaled, vertices moved and DFL distributions spread by a different amount per object (every term non-zero).
+
+    A subject that declares no family is skipped, and one that declares an unknown family fails, before the
+    search."""
+    setting = _absolute_setup(subject, ctx)
+    family = _family_of(subject, setting)
+    reference = LOSS_FAMILIES[family](setting.head)  # the family's loss reads the head's geometry only
+    feats, anchors = _scene_inputs(subject, setting, scene)
+    reps = anchors.representative
+    preds = _constructed_preds(setting.outputs, scene, anchors, feats, reps, reps, moved=True, boxes_moved=True)
+    _, theirs = _loss(setting.loss, preds, scene.batch)
+    _, ours = _loss(reference, preds, scene.batch, f"the reference {family!r} loss")
+    missing = sorted(set(ours) - set(theirs))
+    if missing:
+        raise CheckFailure(f"the loss lacks the items {missing} of its declared family {family!r}")
+    bad = items_close({k: theirs[k] for k in ours}, ours, rtol=RTOL, atol=ATOL)
+    if bad:
+        raise CheckFailure(
+            f"the loss declares loss_family={family!r} but its items differ from that family's reference loss "
+            f"on the same inputs: {'; '.join(bad)} (this loss vs the reference); a term wrong by a constant, a "
+            "gain or a normaliser, or a different assignment"
+        )
