@@ -8,7 +8,10 @@ entry points (`ops`) choose per call, so callers never branch:
   `positive_dfl(...)`, the DFL cross-entropy at positives, whose gradient is added by the expectation's own backward
   (one pass writes the dense logits gradient);
 - `assign_metrics(...)`: the assigner's candidate mask, CIoU overlaps and alignment metric in one pass over the dense
-  (B, n, A) pairs.
+  (B, n, A) pairs;
+- `mgiou_loss(pred, target, pred_mask, target_mask)`: MGIoU (`losses.mgiou`) in one forward kernel and one
+  hand-written backward kernel, for CUDA vertices computed in float32 (`mgiou_runs(pred, target)` says whether the
+  kernel runs; `losses.mgiou` dispatches to it there and keeps its own torch code everywhere else).
 
 Where they run: `losses.assigner.task_aligned_assign` takes its metric from `assign_metrics` on accelerators (top-k,
 conflicts and soft targets stay its own torch steps; the CPU keeps its exact `nonzero` order), and the losses' fast
@@ -26,6 +29,7 @@ conflict resolution.)
 
 from __future__ import annotations
 
-from .ops import UNAVAILABLE_REASON, assign_metrics, available, dfl_expectation, positive_dfl
+from .ops import UNAVAILABLE_REASON, assign_metrics, available, dfl_expectation, mgiou_loss, mgiou_runs, positive_dfl
 
-__all__ = ["UNAVAILABLE_REASON", "assign_metrics", "available", "dfl_expectation", "positive_dfl"]
+__all__ = ["UNAVAILABLE_REASON", "assign_metrics", "available", "dfl_expectation", "mgiou_loss", "mgiou_runs",
+           "positive_dfl"]

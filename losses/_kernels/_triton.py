@@ -3,7 +3,9 @@
 Importing this module needs Triton; `losses._kernels` imports it behind a guard. Every kernel is launched with
 `enable_fp_fusion=False`, divisions are round-to-nearest (`div_rn`) and exp/log/atan/pow are libdevice's, so that the
 arithmetic rounds as torch's one-op-at-a-time kernels do: on an H200 the candidate mask equals the spec's and 99.7 %
-of the metrics are bit-equal, the rest within two ulps (tests/test_kernels.py; docs/benchmarks.md).
+of the metrics are bit-equal, the rest within two ulps (tests/test_kernels.py; docs/benchmarks.md). The MGIoU kernels
+equal `spec.mgiou_forward` bit for bit under Triton's interpreter and within 1e-6 / 1e-5 (value / gradient) on the GPU
+(tests/test_mgiou_kernel.py).
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from .spec import ASPECT_GAIN, BOX_EPS, INSIDE_EPS
+from .spec import ASPECT_GAIN, BOX_EPS, INSIDE_EPS, MGIOU_EDGE_EPS, MGIOU_SPREAD_EPS
 
 _EXACT = {"enable_fp_fusion": False}
 _PAIR_BLOCK_N = 16
 _PAIR_BLOCK_A = 128
 _BIN_BLOCK_A = 128
 _POS_BLOCK_K = 32
+_MGIOU_BLOCK = 64  # pairs per program
 
 
 @triton.jit
@@ -288,3 +291,285 @@ def positive_dfl_backward_add(grad_logits, logits, image, anchor, target, grad):
                                        grad.contiguous(), grad_logits, k, a, R=r, R_P2=r_p2, BLOCK_K=_POS_BLOCK_K,
                                        **_EXACT)
     return grad_logits
+
+
+# ---------------------------------------------------------------------------------------------------------- MGIoU
+# One program takes _MGIOU_BLOCK pairs; a pair's vertices lie along the second dimension (VB slots, a power of two).
+# The axes are visited one after the other in a loop (pred's edge normals, target's, then x and y), so the vertex
+# counts are runtime values and one compilation serves every count up to VB.
+@triton.jit
+def _max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _mgiou_vertices(ptr, mask_ptr, rows, row_ok, V, VB: tl.constexpr, HAS_MASK: tl.constexpr):
+    """Filled vertices x, y (BLOCK, VB) of BLOCK shapes with V slots, the slot each reads, and the slot mask."""
+    cols = tl.arange(0, VB)
+    ok = row_ok[:, None] & (cols[None, :] < V)
+    base = rows.to(tl.int64)[:, None] * V
+    if HAS_MASK:
+        real = tl.load(mask_ptr + base + cols[None, :], mask=ok, other=0) != 0
+        last = tl.associative_scan(tl.where(real, cols[None, :], -1), 1, _max_combine)
+        # The last slot's running maximum is the last real slot: what leading padded slots read.
+        source = tl.where(last >= 0, last, tl.max(last, 1)[:, None])
+        source = tl.maximum(source, 0)
+    else:
+        source = cols[None, :] + 0 * rows[:, None]
+    x = tl.load(ptr + (base + source) * 2, mask=ok, other=0.0)
+    y = tl.load(ptr + (base + source) * 2 + 1, mask=ok, other=0.0)
+    return x, y, source, ok
+
+
+@triton.jit
+def _mgiou_geometry(p_ptr, t_ptr, pm_ptr, tm_ptr, rows, row_ok, VP, VT, VB: tl.constexpr, HAS_PM: tl.constexpr,
+                    HAS_TM: tl.constexpr):
+    """Both shapes filled and normalised (centred on the joint box, divided by its longer side), and the scale."""
+    px, py, p_src, p_ok = _mgiou_vertices(p_ptr, pm_ptr, rows, row_ok, VP, VB, HAS_PM)
+    tx, ty, t_src, t_ok = _mgiou_vertices(t_ptr, tm_ptr, rows, row_ok, VT, VB, HAS_TM)
+    inf = float("inf")
+    lx = tl.minimum(tl.min(tl.where(p_ok, px, inf), 1), tl.min(tl.where(t_ok, tx, inf), 1))
+    ly = tl.minimum(tl.min(tl.where(p_ok, py, inf), 1), tl.min(tl.where(t_ok, ty, inf), 1))
+    hx = tl.maximum(tl.max(tl.where(p_ok, px, -inf), 1), tl.max(tl.where(t_ok, tx, -inf), 1))
+    hy = tl.maximum(tl.max(tl.where(p_ok, py, -inf), 1), tl.max(tl.where(t_ok, ty, -inf), 1))
+    cx = tl.where(row_ok, (lx + hx) * 0.5, 0.0)[:, None]  # rows past N: no vertex, keep their lanes finite
+    cy = tl.where(row_ok, (ly + hy) * 0.5, 0.0)[:, None]
+    extent = tl.maximum(hx - lx, hy - ly)
+    scale = tl.where(extent > 0, extent, 1.0)
+    scale = tl.where(row_ok, scale, 1.0)[:, None]
+    px = tl.math.div_rn(px - cx, scale)
+    py = tl.math.div_rn(py - cy, scale)
+    tx = tl.math.div_rn(tx - cx, scale)
+    ty = tl.math.div_rn(ty - cy, scale)
+    return px, py, tx, ty, p_ok, t_ok, p_src, t_src, scale
+
+
+@triton.jit
+def _mgiou_column(x, cols, m):
+    """x[:, m] (BLOCK,), exactly (one slot survives the maximum)."""
+    return tl.max(tl.where(cols[None, :] == m, x, -float("inf")), 1)
+
+
+@triton.jit
+def _mgiou_normal(x, y, cols, m, V):
+    """Normal (-e_y, e_x) of edge m (vertex m to vertex m + 1, cyclically) and its squared length."""
+    nxt = (m + 1) % V
+    ex = _mgiou_column(x, cols, nxt) - _mgiou_column(x, cols, m)
+    ey = _mgiou_column(y, cols, nxt) - _mgiou_column(y, cols, m)
+    nx = -ey
+    ny = ex
+    return nx, ny, nx * nx + ny * ny
+
+
+@triton.jit
+def _mgiou_extremes(x, y, ok, ax, ay):
+    """Projections (BLOCK, VB) on the axes (BLOCK,) and their lowest and highest value over the real slots."""
+    proj = x * ax[:, None] + y * ay[:, None]
+    lo = tl.min(tl.where(ok, proj, float("inf")), 1)
+    hi = tl.max(tl.where(ok, proj, -float("inf")), 1)
+    return proj, lo, hi
+
+
+@triton.jit
+def _mgiou_axis(px, py, tx, ty, p_ok, t_ok, ax, ay, axis_sq, SPREAD_SQ: tl.constexpr):
+    """One axis: the 1-D overlap and hull of both shapes' intervals, and whether the hull is wide enough."""
+    _, p_lo, p_hi = _mgiou_extremes(px, py, p_ok, ax, ay)
+    _, t_lo, t_hi = _mgiou_extremes(tx, ty, t_ok, ax, ay)
+    overlap = tl.minimum(p_hi, t_hi) - tl.maximum(p_lo, t_lo)
+    hull = (p_hi - p_lo) + (t_hi - t_lo) - overlap
+    spread = hull * hull > SPREAD_SQ * axis_sq
+    return overlap, hull, spread
+
+
+@triton.jit
+def _mgiou_accumulate(px, py, tx, ty, p_ok, t_ok, ax, ay, axis_sq, extra_valid, total, count, SPREAD_SQ: tl.constexpr):
+    """Add one axis's 1-D GIoU to the running sum and count where the axis is valid."""
+    overlap, hull, spread = _mgiou_axis(px, py, tx, ty, p_ok, t_ok, ax, ay, axis_sq, SPREAD_SQ)
+    valid = spread & extra_valid
+    total += tl.where(valid, tl.math.div_rn(overlap, tl.where(valid, hull, 1.0)), 0.0)
+    count += valid.to(tl.int32)
+    return total, count
+
+
+@triton.jit
+def _mgiou_fwd_kernel(p_ptr, t_ptr, pm_ptr, tm_ptr, loss_ptr, count_ptr, N, VP, VT, VB: tl.constexpr,
+                      HAS_PM: tl.constexpr, HAS_TM: tl.constexpr, EDGE_SQ: tl.constexpr, SPREAD_SQ: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    row_ok = rows < N
+    cols = tl.arange(0, VB)
+    px, py, tx, ty, p_ok, t_ok, _, _, _ = _mgiou_geometry(p_ptr, t_ptr, pm_ptr, tm_ptr, rows, row_ok, VP, VT, VB,
+                                                          HAS_PM, HAS_TM)
+    total = tl.zeros((BLOCK,), tl.float32)
+    count = tl.zeros((BLOCK,), tl.int32)
+    for m in range(0, VP):  # edge normals: pred's, then target's
+        nx, ny, nsq = _mgiou_normal(px, py, cols, m, VP)
+        total, count = _mgiou_accumulate(px, py, tx, ty, p_ok, t_ok, nx, ny, nsq, nsq > EDGE_SQ, total, count,
+                                         SPREAD_SQ)
+    for m in range(0, VT):
+        nx, ny, nsq = _mgiou_normal(tx, ty, cols, m, VT)
+        total, count = _mgiou_accumulate(px, py, tx, ty, p_ok, t_ok, nx, ny, nsq, nsq > EDGE_SQ, total, count,
+                                         SPREAD_SQ)
+    no_edge_axis = count == 0
+    one = tl.full((BLOCK,), 1.0, tl.float32)
+    zero = tl.zeros((BLOCK,), tl.float32)
+    for k in range(0, 2):  # x and y, only where no edge normal is valid
+        ax = tl.where(k == 0, one, zero)
+        ay = tl.where(k == 0, zero, one)
+        total, count = _mgiou_accumulate(px, py, tx, ty, p_ok, t_ok, ax, ay, one, no_edge_axis, total, count,
+                                         SPREAD_SQ)
+    mean = tl.math.div_rn(total, tl.maximum(count, 1).to(tl.float32))
+    similarity = tl.where(count > 0, mean, 1.0)
+    tl.store(loss_ptr + rows, (1.0 - similarity) * 0.5, mask=row_ok)
+    # The count, negative where it counts x and y (the backward needs to know which axes were valid).
+    tl.store(count_ptr + rows, tl.where(no_edge_axis, -count, count), mask=row_ok)
+
+
+@triton.jit
+def _mgiou_first(proj, ok, value, cols, VB: tl.constexpr):
+    """One-hot (BLOCK, VB) of the first real slot whose projection equals `value` (argmin/argmax's choice)."""
+    first = tl.min(tl.where(ok & (proj == value[:, None]), cols[None, :], VB), 1)
+    return cols[None, :] == first[:, None]
+
+
+@triton.jit
+def _mgiou_axis_backward(px, py, tx, ty, p_ok, t_ok, cols, ax, ay, axis_sq, extra_valid, g, gpx, gpy, gtx, gty,
+                         VB: tl.constexpr, SPREAD_SQ: tl.constexpr):
+    """One axis's gradient: added to the vertices reaching the four interval ends; returns the axis's own."""
+    p_proj, p_lo, p_hi = _mgiou_extremes(px, py, p_ok, ax, ay)
+    t_proj, t_lo, t_hi = _mgiou_extremes(tx, ty, t_ok, ax, ay)
+    overlap = tl.minimum(p_hi, t_hi) - tl.maximum(p_lo, t_lo)
+    hull = (p_hi - p_lo) + (t_hi - t_lo) - overlap
+    valid = (hull * hull > SPREAD_SQ * axis_sq) & extra_valid
+    safe_hull = tl.where(valid, hull, 1.0)
+    g_axis = tl.where(valid, g, 0.0)
+    g_overlap = tl.math.div_rn(g_axis, safe_hull)
+    g_hull = -(g_overlap * tl.where(valid, tl.math.div_rn(overlap, safe_hull), 0.0))
+    g_ends = g_overlap - g_hull
+    w_hi = tl.where(p_hi < t_hi, 1.0, tl.where(p_hi == t_hi, 0.5, 0.0))
+    w_lo = tl.where(p_lo > t_lo, 1.0, tl.where(p_lo == t_lo, 0.5, 0.0))
+    d_p_hi = g_hull + g_ends * w_hi
+    d_t_hi = g_hull + g_ends * (1.0 - w_hi)
+    d_p_lo = -g_hull - g_ends * w_lo
+    d_t_lo = -g_hull - g_ends * (1.0 - w_lo)
+    at_p_hi = _mgiou_first(p_proj, p_ok, p_hi, cols, VB)
+    at_p_lo = _mgiou_first(p_proj, p_ok, p_lo, cols, VB)
+    at_t_hi = _mgiou_first(t_proj, t_ok, t_hi, cols, VB)
+    at_t_lo = _mgiou_first(t_proj, t_ok, t_lo, cols, VB)
+    gpx += tl.where(at_p_hi, (d_p_hi * ax)[:, None], 0.0)
+    gpy += tl.where(at_p_hi, (d_p_hi * ay)[:, None], 0.0)
+    gpx += tl.where(at_p_lo, (d_p_lo * ax)[:, None], 0.0)
+    gpy += tl.where(at_p_lo, (d_p_lo * ay)[:, None], 0.0)
+    gtx += tl.where(at_t_hi, (d_t_hi * ax)[:, None], 0.0)
+    gty += tl.where(at_t_hi, (d_t_hi * ay)[:, None], 0.0)
+    gtx += tl.where(at_t_lo, (d_t_lo * ax)[:, None], 0.0)
+    gty += tl.where(at_t_lo, (d_t_lo * ay)[:, None], 0.0)
+    g_ax = (d_p_hi * tl.sum(tl.where(at_p_hi, px, 0.0), 1) + d_p_lo * tl.sum(tl.where(at_p_lo, px, 0.0), 1)
+            + d_t_hi * tl.sum(tl.where(at_t_hi, tx, 0.0), 1) + d_t_lo * tl.sum(tl.where(at_t_lo, tx, 0.0), 1))
+    g_ay = (d_p_hi * tl.sum(tl.where(at_p_hi, py, 0.0), 1) + d_p_lo * tl.sum(tl.where(at_p_lo, py, 0.0), 1)
+            + d_t_hi * tl.sum(tl.where(at_t_hi, ty, 0.0), 1) + d_t_lo * tl.sum(tl.where(at_t_lo, ty, 0.0), 1))
+    return gpx, gpy, gtx, gty, g_ax, g_ay
+
+
+@triton.jit
+def _mgiou_edge_backward(gx, gy, cols, m, V, g_ax, g_ay):
+    """Normal (-e_y, e_x) of edge m = v[m + 1] - v[m]: its gradient to the edge's two vertices."""
+    g_ex = g_ay[:, None]
+    g_ey = -g_ax[:, None]
+    nxt = cols[None, :] == (m + 1) % V
+    this = cols[None, :] == m
+    gx += tl.where(nxt, g_ex, 0.0) - tl.where(this, g_ex, 0.0)
+    gy += tl.where(nxt, g_ey, 0.0) - tl.where(this, g_ey, 0.0)
+    return gx, gy
+
+
+@triton.jit
+def _mgiou_store_grad(ptr, gx, gy, source, ok, rows, cols, V, scale, HAS_MASK: tl.constexpr):
+    """Unnormalise (divide by the scale) and hand each filled slot's gradient to the slot it reads."""
+    gx = tl.math.div_rn(gx, scale)
+    gy = tl.math.div_rn(gy, scale)
+    if HAS_MASK:
+        reads = source[:, None, :] == cols[None, :, None]  # (BLOCK, slot i, slot j): slot j reads slot i
+        gx = tl.sum(tl.where(reads, gx[:, None, :], 0.0), 2)
+        gy = tl.sum(tl.where(reads, gy[:, None, :], 0.0), 2)
+    at = (rows.to(tl.int64)[:, None] * V + cols[None, :]) * 2
+    tl.store(ptr + at, gx, mask=ok)
+    tl.store(ptr + at + 1, gy, mask=ok)
+
+
+@triton.jit
+def _mgiou_bwd_kernel(p_ptr, t_ptr, pm_ptr, tm_ptr, count_ptr, grad_ptr, gp_ptr, gt_ptr, N, VP, VT,
+                      VB: tl.constexpr, HAS_PM: tl.constexpr, HAS_TM: tl.constexpr, NEED_P: tl.constexpr,
+                      NEED_T: tl.constexpr, EDGE_SQ: tl.constexpr, SPREAD_SQ: tl.constexpr, BLOCK: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    row_ok = rows < N
+    cols = tl.arange(0, VB)
+    px, py, tx, ty, p_ok, t_ok, p_src, t_src, scale = _mgiou_geometry(p_ptr, t_ptr, pm_ptr, tm_ptr, rows, row_ok, VP,
+                                                                      VT, VB, HAS_PM, HAS_TM)
+    signed_count = tl.load(count_ptr + rows, mask=row_ok, other=0)
+    no_edge_axis = signed_count <= 0
+    count = tl.abs(signed_count)
+    grad = tl.load(grad_ptr + rows, mask=row_ok, other=0.0)
+    g = tl.where(count > 0, tl.math.div_rn(-(grad * 0.5), tl.maximum(count, 1).to(tl.float32)), 0.0)
+    gpx = tl.zeros((BLOCK, VB), tl.float32)
+    gpy = tl.zeros((BLOCK, VB), tl.float32)
+    gtx = tl.zeros((BLOCK, VB), tl.float32)
+    gty = tl.zeros((BLOCK, VB), tl.float32)
+    for m in range(0, VP):
+        nx, ny, nsq = _mgiou_normal(px, py, cols, m, VP)
+        gpx, gpy, gtx, gty, g_ax, g_ay = _mgiou_axis_backward(px, py, tx, ty, p_ok, t_ok, cols, nx, ny, nsq,
+                                                              nsq > EDGE_SQ, g, gpx, gpy, gtx, gty, VB, SPREAD_SQ)
+        gpx, gpy = _mgiou_edge_backward(gpx, gpy, cols, m, VP, g_ax, g_ay)
+    for m in range(0, VT):
+        nx, ny, nsq = _mgiou_normal(tx, ty, cols, m, VT)
+        gpx, gpy, gtx, gty, g_ax, g_ay = _mgiou_axis_backward(px, py, tx, ty, p_ok, t_ok, cols, nx, ny, nsq,
+                                                              nsq > EDGE_SQ, g, gpx, gpy, gtx, gty, VB, SPREAD_SQ)
+        gtx, gty = _mgiou_edge_backward(gtx, gty, cols, m, VT, g_ax, g_ay)
+    one = tl.full((BLOCK,), 1.0, tl.float32)
+    zero = tl.zeros((BLOCK,), tl.float32)
+    for k in range(0, 2):
+        ax = tl.where(k == 0, one, zero)
+        ay = tl.where(k == 0, zero, one)
+        gpx, gpy, gtx, gty, _, _ = _mgiou_axis_backward(px, py, tx, ty, p_ok, t_ok, cols, ax, ay, one, no_edge_axis,
+                                                        g, gpx, gpy, gtx, gty, VB, SPREAD_SQ)
+    if NEED_P:
+        _mgiou_store_grad(gp_ptr, gpx, gpy, p_src, p_ok, rows, cols, VP, scale, HAS_PM)
+    if NEED_T:
+        _mgiou_store_grad(gt_ptr, gtx, gty, t_src, t_ok, rows, cols, VT, scale, HAS_TM)
+
+
+def _mgiou_launch(pred, target, pred_mask, target_mask):
+    n, vp, _ = pred.shape
+    vt = target.shape[1]
+    vb = max(2, triton.next_power_of_2(max(vp, vt)))
+    dummy = pred  # never read where the mask is absent
+    pm = dummy if pred_mask is None else pred_mask.contiguous().view(torch.uint8)
+    tm = dummy if target_mask is None else target_mask.contiguous().view(torch.uint8)
+    args = (pred.contiguous(), target.contiguous(), pm, tm)
+    consts = dict(VB=vb, HAS_PM=pred_mask is not None, HAS_TM=target_mask is not None,
+                  EDGE_SQ=MGIOU_EDGE_EPS * MGIOU_EDGE_EPS, SPREAD_SQ=MGIOU_SPREAD_EPS * MGIOU_SPREAD_EPS,
+                  BLOCK=_MGIOU_BLOCK)
+    return n, vp, vt, (triton.cdiv(n, _MGIOU_BLOCK),), args, consts
+
+
+def mgiou_forward(pred, target, pred_mask, target_mask):
+    """The kernel behind `spec.mgiou_forward` (float32 CUDA vertices; same arguments and results)."""
+    n, vp, vt, grid, args, consts = _mgiou_launch(pred, target, pred_mask, target_mask)
+    loss = torch.empty(n, dtype=torch.float32, device=pred.device)
+    count = torch.empty(n, dtype=torch.int32, device=pred.device)
+    if n:
+        _mgiou_fwd_kernel[grid](*args, loss, count, n, vp, vt, **consts, **_EXACT)
+    return loss, count
+
+
+def mgiou_backward(pred, target, pred_mask, target_mask, count, grad, need_pred=True, need_target=True):
+    """The kernel behind `spec.mgiou_backward`; a gradient not needed is returned as None."""
+    n, vp, vt, grid, args, consts = _mgiou_launch(pred, target, pred_mask, target_mask)
+    # Contiguous (N, V, 2), the layout the kernel writes (empty_like would copy a non-contiguous input's strides).
+    grad_pred = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device) if need_pred else None
+    grad_target = torch.empty(target.shape, dtype=target.dtype, device=target.device) if need_target else None
+    if n and (need_pred or need_target):
+        _mgiou_bwd_kernel[grid](*args, count, grad.contiguous(), pred if grad_pred is None else grad_pred,
+                                target if grad_target is None else grad_target, n, vp, vt, NEED_P=need_pred,
+                                NEED_T=need_target, **consts, **_EXACT)
+    return grad_pred, grad_target

@@ -114,3 +114,56 @@ def dfl_expectation(boxes: torch.Tensor, reg_max: int) -> DFLDistances:
 def positive_dfl(branch: DFLDistances, image, anchor, target) -> torch.Tensor:
     """`branch.positive_loss(image, anchor, target)`."""
     return branch.positive_loss(image, anchor, target)
+
+
+# ------------------------------------------------------------------------------------------------ MGIoU
+def mgiou_runs(pred: torch.Tensor, target: torch.Tensor) -> bool:
+    """Whether `mgiou_loss` runs the Triton kernel for these vertices: Triton importable, both on a CUDA device and
+    computed in float32 (float16, bfloat16 and float32 input; float64 keeps the reference's float64 arithmetic)."""
+    return (
+        _triton is not None
+        and pred.is_cuda
+        and target.is_cuda
+        and pred.dtype in _MGIOU_DTYPES
+        and target.dtype in _MGIOU_DTYPES
+    )
+
+
+_MGIOU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class _MGIoU(torch.autograd.Function):
+    """MGIoU loss (N,) with a hand-written backward; forward and backward each one kernel (or the spec)."""
+
+    @staticmethod
+    def forward(ctx, pred, target, pred_mask, target_mask):
+        # Contiguous copies where needed: the kernels address (N, V, 2) rows densely, and the gradients they write are
+        # allocated in that layout (an input's own strides, e.g. a transposed view's, would scramble them).
+        pred, target = pred.contiguous(), target.contiguous()
+        loss, count = _backend(pred).mgiou_forward(pred, target, pred_mask, target_mask)
+        ctx.save_for_backward(pred, target, pred_mask, target_mask, count)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        pred, target, pred_mask, target_mask, count = ctx.saved_tensors
+        need_pred, need_target = ctx.needs_input_grad[:2]
+        if _backend(pred) is _triton:
+            grad_pred, grad_target = _triton.mgiou_backward(pred, target, pred_mask, target_mask, count, grad,
+                                                            need_pred, need_target)
+        else:
+            grad_pred, grad_target = spec.mgiou_backward(pred, target, pred_mask, target_mask, count, grad)
+        return (grad_pred if need_pred else None), (grad_target if need_target else None), None, None
+
+
+def mgiou_loss(pred: torch.Tensor, target: torch.Tensor, pred_mask: torch.Tensor | None = None,
+               target_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """`losses.mgiou._mgiou_loss` (unchecked inputs) in one fused forward and one fused backward: the Triton kernel
+    where `mgiou_runs`, else `spec.mgiou_forward` / `spec.mgiou_backward` (the same operations, in torch). float16
+    and bfloat16 vertices are computed in float32, as the reference computes them; the result is float32."""
+    if pred.dtype != torch.float32 and pred.dtype in _MGIOU_DTYPES:
+        pred = pred.to(torch.float32)
+    if target.dtype != torch.float32 and target.dtype in _MGIOU_DTYPES:
+        target = target.to(torch.float32)
+    return _MGIoU.apply(pred, target, pred_mask, target_mask)

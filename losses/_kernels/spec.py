@@ -9,7 +9,10 @@ same inputs, so that the kernel can be checked against it on the GPU and the spe
 - `expectation_forward` / `expectation_backward`: the DFL softmax expectation over bins and its analytic gradient
   (`heads._decode.dfl_expectation`).
 - `positive_dfl_forward` / `positive_dfl_backward_add`: the DFL cross-entropy at positive anchors (`losses._boxes
-  .dfl_loss` of the gathered logits) and its gradient, added into the dense logits gradient in place.
+  .dfl_loss` of the gathered logits) and its gradient, added into the dense logits gradient in place;
+- `mgiou_forward` / `mgiou_backward`: MGIoU (`losses.mgiou._mgiou_loss`: fill, normalise, axes, supports, 1-D GIoU
+  mean) and its hand-written gradient, with autograd's rules at ties (first extreme vertex; halves at equal interval
+  ends).
 
 Layouts: logits are the head's own (B, 4, R, A) view; positives are (image, anchor) index pairs (K,) with targets
 (K, 4) in bins. Index pairs may repeat only where the repeats carry a zero upstream gradient (the fast path's filler
@@ -26,6 +29,8 @@ __all__ = [
     "assign_metrics",
     "expectation_backward",
     "expectation_forward",
+    "mgiou_backward",
+    "mgiou_forward",
     "positive_dfl_backward_add",
     "positive_dfl_forward",
 ]
@@ -171,3 +176,151 @@ def positive_dfl_backward_add(
     flat = ((image[:, None, None] * 4 + side[:, None]) * reg_max + bins) * logits.shape[3] + anchor[:, None, None]
     grad_logits.view(-1).index_add_(0, flat.reshape(-1), local.reshape(-1))
     return grad_logits
+
+
+# ---------------------------------------------------------------------------------------------------------- MGIoU
+# losses.mgiou's thresholds (relative to a pair's extent; tests/test_mgiou_kernel.py ties them to that module's).
+MGIOU_EDGE_EPS = 1e-6
+MGIOU_SPREAD_EPS = 1e-6
+
+
+def mgiou_sources(mask: torch.Tensor | None, n: int, v: int, device) -> torch.Tensor:
+    """(N, V) slot each vertex slot reads: itself if real, else the nearest real slot before it, cyclically (leading
+    padded slots read the last real one); `losses.mgiou._fill_padded`'s rule. Without a mask every slot is real."""
+    index = torch.arange(v, device=device).expand(n, v)
+    if mask is None:
+        return index
+    last_real = torch.where(mask, index, -1).cummax(dim=1).values
+    return torch.where(last_real >= 0, last_real, last_real[:, -1:])
+
+
+def _mgiou_filled(vertices: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    n, v, _ = vertices.shape
+    source = mgiou_sources(mask, n, v, vertices.device)
+    return torch.gather(vertices, 1, source.unsqueeze(-1).expand(-1, -1, 2)), source
+
+
+def _mgiou_geometry(pred, target, pred_mask, target_mask):
+    """Filled vertices centred on the pair's joint box and divided by its longer side; the scale (N, 1, 1)."""
+    p, p_source = _mgiou_filled(pred, pred_mask)
+    t, t_source = _mgiou_filled(target, target_mask)
+    low = torch.minimum(p.amin(1, keepdim=True), t.amin(1, keepdim=True))
+    high = torch.maximum(p.amax(1, keepdim=True), t.amax(1, keepdim=True))
+    centre = (low + high) * 0.5
+    extent = (high - low).amax(-1, keepdim=True)
+    scale = torch.where(extent > 0, extent, torch.ones_like(extent))
+    return (p - centre) / scale, (t - centre) / scale, scale, p_source, t_source
+
+
+def _mgiou_normals(v: torch.Tensor) -> torch.Tensor:
+    """Normal (-e_y, e_x) of edge i = v[i + 1] - v[i] (cyclic), (N, V, 2)."""
+    edges = torch.roll(v, shifts=-1, dims=1) - v
+    return torch.stack((-edges[..., 1], edges[..., 0]), dim=-1)
+
+
+def _mgiou_support(v: torch.Tensor, axes: torch.Tensor):
+    """Lowest and highest projection (N, M) of vertices (N, V, 2) on axes (N, M, 2) and the first vertex reaching each
+    (x * a_x + y * a_y, the products rounded separately, as the kernel and `losses.mgiou._dot` round them)."""
+    proj = v[:, None, :, 0] * axes[:, :, None, 0] + v[:, None, :, 1] * axes[:, :, None, 1]  # (N, M, V)
+    lo, hi = proj.amin(-1), proj.amax(-1)
+    slot = torch.arange(v.shape[1], device=v.device)
+    beyond = torch.full((), v.shape[1], device=v.device)
+    lo_at = torch.where(proj == lo[..., None], slot, beyond).amin(-1)
+    hi_at = torch.where(proj == hi[..., None], slot, beyond).amin(-1)
+    return lo, hi, lo_at, hi_at
+
+
+def _mgiou_axes_terms(pred, target, pred_mask, target_mask):
+    """Everything both passes need: geometry, axes (edge normals of pred, of target, then x and y), supports, the
+    1-D overlap and hull per axis and which axes are valid."""
+    p, t, scale, p_source, t_source = _mgiou_geometry(pred, target, pred_mask, target_mask)
+    n = p.shape[0]
+    normals = torch.cat((_mgiou_normals(p), _mgiou_normals(t)), dim=1)
+    normal_sq = normals[..., 0] * normals[..., 0] + normals[..., 1] * normals[..., 1]
+    fallback = torch.eye(2, dtype=p.dtype, device=p.device).expand(n, 2, 2)
+    axes = torch.cat((normals, fallback), dim=1)
+    axis_sq = torch.cat((normal_sq, torch.ones_like(normal_sq[:, :2])), dim=1)
+    p_lo, p_hi, p_lo_at, p_hi_at = _mgiou_support(p, axes)
+    t_lo, t_hi, t_lo_at, t_hi_at = _mgiou_support(t, axes)
+    overlap = torch.minimum(p_hi, t_hi) - torch.maximum(p_lo, t_lo)
+    hull = (p_hi - p_lo) + (t_hi - t_lo) - overlap
+    spread = hull * hull > (MGIOU_SPREAD_EPS * MGIOU_SPREAD_EPS) * axis_sq
+    n_edges = normals.shape[1]
+    edge_valid = (normal_sq > MGIOU_EDGE_EPS * MGIOU_EDGE_EPS) & spread[:, :n_edges]
+    no_edge_axis = ~edge_valid.any(dim=1, keepdim=True)
+    valid = torch.cat((edge_valid, spread[:, n_edges:] & no_edge_axis), dim=1)
+    safe_hull = torch.where(valid, hull, torch.ones_like(hull))
+    giou = torch.where(valid, overlap / safe_hull, torch.zeros_like(hull))
+    return dict(p=p, t=t, scale=scale, p_source=p_source, t_source=t_source, axes=axes, p_lo=p_lo, p_hi=p_hi,
+                t_lo=t_lo, t_hi=t_hi, p_lo_at=p_lo_at, p_hi_at=p_hi_at, t_lo_at=t_lo_at, t_hi_at=t_hi_at,
+                valid=valid, safe_hull=safe_hull, giou=giou)
+
+
+def mgiou_forward(pred: torch.Tensor, target: torch.Tensor, pred_mask: torch.Tensor | None,
+                  target_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """MGIoU loss (N,) of float32 vertices (N, Vp, 2), (N, Vt, 2) with optional (N, V) bool masks, as
+    `losses.mgiou._mgiou_loss` computes it; and the valid-axis count (N,) int32 the backward reads (negative where
+    the valid axes are x and y, no edge normal being valid).
+
+    Operation order of the kernel: fill, normalise (centre = (low + high) * 0.5, divided by the longer side), edge
+    normals, supports (separately rounded products), per axis the 1-D GIoU over the valid axes (pred's edges, then
+    target's, then x and y where no edge axis is valid), summed axis after axis, divided by the count.
+    """
+    terms = _mgiou_axes_terms(pred, target, pred_mask, target_mask)
+    giou = terms["giou"]
+    total = torch.zeros_like(giou[:, 0])
+    for m in range(giou.shape[1]):  # one axis after the other, as the kernel sums
+        total = total + giou[:, m]
+    count = terms["valid"].sum(dim=1)
+    mean = total / count.clamp(min=1).to(total.dtype)
+    similarity = torch.where(count > 0, mean, torch.ones_like(mean))
+    # The count is negative where it counts x and y: the backward must know which axes were valid.
+    no_edge_axis = ~terms["valid"][:, :-2].any(dim=1)
+    return (1 - similarity) / 2, torch.where(no_edge_axis, -count, count).to(torch.int32)
+
+
+def mgiou_backward(pred: torch.Tensor, target: torch.Tensor, pred_mask: torch.Tensor | None,
+                   target_mask: torch.Tensor | None, count: torch.Tensor, grad: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients (of <grad, mgiou_forward>) of pred and target, (N, Vp, 2) and (N, Vt, 2); 0 at padded slots.
+
+    The rules of autograd through the reference: an extreme projection's gradient goes to the first vertex that
+    reaches it (as argmin/argmax pick), min/max of two equal interval ends split it in halves (torch.minimum and
+    torch.maximum), the normalisation's statistics are constants, and a padded slot's gradient goes to the slot it
+    reads. Per axis, with G = -grad / 2 / count on valid axes: dL/doverlap = G / hull (direct), dL/dhull =
+    -G * overlap / hull^2; they reach the four interval ends, from them the extreme vertices (times the axis) and the
+    axis (times the vertex), and an edge's normal (-e_y, e_x) passes its gradient to the edge's two vertices.
+    """
+    f = _mgiou_axes_terms(pred, target, pred_mask, target_mask)
+    p, t, axes = f["p"], f["t"], f["axes"]
+    n_p, n_t = p.shape[1], t.shape[1]
+    count = count.abs()  # which axes are valid is recomputed here; the forward's count is what it divided by
+    c = count.clamp(min=1).to(p.dtype)
+    g = torch.where(count > 0, -(grad / 2) / c, torch.zeros_like(grad))
+    g_axis = torch.where(f["valid"], g[:, None], torch.zeros_like(f["giou"]))
+    g_overlap = g_axis / f["safe_hull"]
+    g_hull = -(g_overlap * f["giou"])
+    g_ends = g_overlap - g_hull  # overlap's total: direct, and through hull = ... - overlap
+    half, zero, one = (torch.full((), x, dtype=p.dtype, device=p.device) for x in (0.5, 0.0, 1.0))
+    w_hi = torch.where(f["p_hi"] < f["t_hi"], one, torch.where(f["p_hi"] == f["t_hi"], half, zero))
+    w_lo = torch.where(f["p_lo"] > f["t_lo"], one, torch.where(f["p_lo"] == f["t_lo"], half, zero))
+    d = {"p_hi": g_hull + g_ends * w_hi, "t_hi": g_hull + g_ends * (1 - w_hi),
+         "p_lo": -g_hull - g_ends * w_lo, "t_lo": -g_hull - g_ends * (1 - w_lo)}
+
+    def extreme(v, at):
+        return torch.gather(v, 1, at.unsqueeze(-1).expand(-1, -1, 2))  # (N, M, 2)
+
+    g_p, g_t = torch.zeros_like(p), torch.zeros_like(t)
+    g_axes = torch.zeros_like(axes)
+    for name, v, g_v in (("p_hi", p, g_p), ("p_lo", p, g_p), ("t_hi", t, g_t), ("t_lo", t, g_t)):
+        at = f[name + "_at"]
+        g_v.scatter_add_(1, at.unsqueeze(-1).expand(-1, -1, 2), d[name][..., None] * axes)
+        g_axes = g_axes + d[name][..., None] * extreme(v, at)
+    for g_v, g_normal in ((g_p, g_axes[:, :n_p]), (g_t, g_axes[:, n_p:n_p + n_t])):
+        g_edge = torch.stack((g_normal[..., 1], -g_normal[..., 0]), dim=-1)  # normal (-e_y, e_x)
+        g_v += torch.roll(g_edge, shifts=1, dims=1) - g_edge  # edge i = v[i + 1] - v[i]
+    out = []
+    for g_v, source in ((g_p, f["p_source"]), (g_t, f["t_source"])):
+        g_v = g_v / f["scale"]
+        out.append(torch.zeros_like(g_v).scatter_add_(1, source.unsqueeze(-1).expand(-1, -1, 2), g_v))
+    return out[0], out[1]
