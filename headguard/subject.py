@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import re
 from collections.abc import Callable, Mapping
@@ -11,6 +10,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from headguard.cloning import fresh_copy
 from headguard.layouts import ULTRALYTICS_84, Geometry, Layout, LayoutMismatch, capabilities_of, detect_layout
 from headguard.layouts import layout_named
 
@@ -137,7 +137,7 @@ class Subject:
         return sum(p.numel() for p in self.prototype.parameters())
 
     def build_head(self) -> nn.Module:
-        return copy.deepcopy(self.prototype).train()
+        return fresh_copy(self.prototype).train()
 
     def build_loss(self, head: nn.Module) -> Callable:
         """The criterion for `head`, taking the named outputs the checks hold (packed into the head's own layout
@@ -229,7 +229,7 @@ def _layout_of(spec: HeadSpec, head: nn.Module, channels, strides, nc: int):
     """(layout, whether it was detected, the named outputs of one probe forward, whether the loss needs them packed
     back): found by running the head once, never by its class name. A head no layout fits gets the 8.4 dict and no
     capabilities: check_output_contract, the gate, then reports the mismatch once."""
-    probe = copy.deepcopy(head).train()
+    probe = fresh_copy(head).train()
     feats = [torch.randn(1, c, max(1, int(64 // s)), max(1, int(64 // s))) for c, s in zip(channels, strides)]
     with torch.no_grad():
         out = probe(feats)
