@@ -58,7 +58,8 @@ def _run_variant(check, subject, ctx: CheckContext, variant) -> None:
     examples = [{name: check.inputs[name].example(subject, value) for name, value in chosen.items()}
                 for chosen in check.examples]
     prop = _property_of(check, subject, ctx, fixed)
-    run_property(ctx, prop, examples=examples, max_examples=check.max_examples,
+    # A gate is every other check's precondition, not the object of a search: its count is the same in every profile.
+    run_property(ctx, prop, examples=examples, max_examples=check.max_examples, scale_count=not check.gate,
                  variant=variant.call("drawn") if fixed else "drawn", **strategies)
 
 
@@ -96,11 +97,12 @@ def scaled_count(ci_count: int, profile_count: int) -> int:
     return max(1, min(profile_count, round(ci_count * profile_count / ci)))
 
 
-def run_property(ctx: CheckContext, inner: Callable, *strategies, max_examples: int | None = None,
+def run_property(ctx: CheckContext, inner: Callable, *strategies, max_examples: int | None = None, scale_count=True,
                  examples: Sequence[Mapping[str, Any]] = (), variant: str | None = None, **kw) -> None:
     """Run `inner(*drawn)` under the active profile (seeded with ctx.seed), with the example database and the other
     options the faces set (`headguard.engine`). `max_examples` is a costly property's count in `headguard-ci`;
-    another profile scales it by its own count over ci's (so `headguard-fuzz` explores it 100 times as long);
+    another profile scales it by its own count over ci's (so `headguard-fuzz` explores it 100 times as long), unless
+    `scale_count` is False;
     `examples` are tried first (keyword inputs, one dict each); `variant` names the property in the database
     (default: inner's name).
 
@@ -117,7 +119,8 @@ def run_property(ctx: CheckContext, inner: Callable, *strategies, max_examples: 
     kw = {**kw, _EXAMPLES: tuple(examples)}
     search = _Search(inner, key)
     try:
-        _hypothesis_test(ctx, key, options, search.guarded, strategies, kw, max_examples=max_examples)()
+        _hypothesis_test(ctx, key, options, search.guarded, strategies, kw, max_examples=max_examples,
+                         scale_count=scale_count)()
     except _DeadlineReached:
         return
     except FlakyStrategyDefinition:
@@ -141,11 +144,15 @@ def run_property(ctx: CheckContext, inner: Callable, *strategies, max_examples: 
 _EXAMPLES = "(examples)"
 
 
-def _hypothesis_test(ctx, key, options, func, strategies, kw, *, max_examples=None, **changes) -> Callable[[], None]:
+def _hypothesis_test(ctx, key, options, func, strategies, kw, *, max_examples=None, scale_count=True,
+                     **changes) -> Callable[[], None]:
     kw = dict(kw)
     explicit = kw.pop(_EXAMPLES, ())
     base = settings_for(ctx.profile)
-    count = base.max_examples if max_examples is None else scaled_count(max_examples, base.max_examples)
+    if max_examples is None:
+        count = base.max_examples
+    else:
+        count = scaled_count(max_examples, base.max_examples) if scale_count else min(max_examples, base.max_examples)
     # `seed` turns the database off in the settings it sees, so ours are applied over it. Shrinking stays on in
     # every profile: the report promises the smallest failing input, and on the catalogue's small drawn recipes it
     # costs seconds (benchmarks/time_to_verdict.py: every mutant's verdict under 5 s). The blob is printed for
