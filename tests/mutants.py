@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import heads
 import losses
 from headguard import CATALOGUE, CheckFailure, HeadSpec, build_subject, training
+from headguard.isolation import seeded
 from headguard.reference import REFERENCE_SPECS, covering_spec
 from headguard.registry import CheckContext
 from headguard.subject import DEFAULT_CHANNELS as CHANNELS  # re-exported: the subject's default head widths
@@ -573,9 +574,12 @@ _OUTCOMES: dict[tuple[int, str], BaseException | None] = {}
 
 
 def subject(spec: HeadSpec):
-    """The subject of a module-level spec, built once per session (`build_head()` deep-copies, so sharing is safe)."""
+    """The subject of a module-level spec, built once per session (`build_head()` copies, so sharing is safe), from
+    seed 0 as `headguard check` builds it: the same weights in every process, so a verdict never depends on which
+    pytest-xdist worker builds it."""
     if id(spec) not in _SUBJECTS:
-        _SUBJECTS[id(spec)] = build_subject(spec, spec_name(spec))
+        with seeded(0):
+            _SUBJECTS[id(spec)] = build_subject(spec, spec_name(spec))
     return _SUBJECTS[id(spec)]
 
 
