@@ -75,12 +75,22 @@ def _pad(x: torch.Tensor, size: int, positions: list[bool], junk: float) -> tupl
     return padded, mask
 
 
+def _gradient_is_stable(p, t) -> bool:
+    def grad(points):
+        x = points.double().requires_grad_()
+        return torch.autograd.grad(mgiou(x[None], t.double()[None]).sum(), x)[0]
+
+    nudge = 1e-6 * torch.linspace(-1, 1, p.numel(), dtype=torch.float64).view_as(p)
+    return torch.allclose(grad(p), grad(p.double() + nudge), atol=1e-4, rtol=1e-3)
+
+
 @given(convex_polygons(), convex_polygons(), st.lists(st.booleans(), min_size=12, max_size=12),
        st.sampled_from([0.0, 1e6, -3.5, math.nan, math.inf]))
 def test_padded_vertices_change_nothing(p, t, positions, junk):
-    # Where a vertex of p lies on one of t, the min/max projections tie and any split of the gradient between the
-    # tied vertices is a valid subgradient: the property is about padding, not about which one autograd picks.
-    assume(not bool((torch.cdist(p.double(), t.double()) < 1e-9).any()))
+    # At a kink of the loss (projections that tie: a vertex of p on one of t, an extreme attained by two vertices)
+    # any split of the gradient between the tied vertices is a valid subgradient, and float rounding picks one: the
+    # property is about padding, so it is judged where the gradient is stable under a tiny move of p.
+    assume(_gradient_is_stable(p, t))
     p32, t32 = p.float().requires_grad_(), t.float().requires_grad_()
     plain = mgiou(p32[None], t32[None])
     (plain_grad,) = torch.autograd.grad(plain.sum(), p32)
