@@ -59,6 +59,7 @@ __all__ = [
     "is_per_image",
     "magnitudes",
     "min_image_side",
+    "ordinary_targets",
     "polygon_pairs",
     "polygon_samples",
     "polygons",
@@ -1149,6 +1150,29 @@ def _input_channels(head: nn.Module, levels: int) -> tuple[int, ...]:
 
 
 
+# -------------------------------------------------------------------------------------------------- seeded inputs
+def ordinary_targets(subject, batch: int, *, per_image: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Seeded, unremarkable objects: boxes 30-60 % of the image, convex polygons inscribed in them, and the targets of
+    the head's other tasks for those boxes (visible keypoints, rotated boxes, masks: `strategies.task_targets`)."""
+    gen = torch.Generator().manual_seed(seed)
+    n = batch * per_image
+    wh = 0.3 + 0.3 * torch.rand(n, 2, generator=gen)
+    centre = wh / 2 + (1 - wh) * torch.rand(n, 2, generator=gen)
+    out = {
+        "batch_idx": torch.arange(batch).repeat_interleave(per_image).float(),
+        "cls": torch.randint(0, subject.nc, (n, 1), generator=gen).float(),
+        "bboxes": torch.cat((centre, wh), 1),
+    }
+    npv = subject.num_vertices
+    if npv:
+        angle = torch.arange(npv) * (2 * math.pi / npv) + torch.rand(n, 1, generator=gen)
+        out["polygons"] = torch.stack(
+            (centre[:, :1] + wh[:, :1] / 2 * angle.cos(), centre[:, 1:] + wh[:, 1:] / 2 * angle.sin()), -1
+        )
+        out["polygon_mask"] = torch.ones(n, npv, dtype=torch.bool)
+    return from_head(subject).task_targets(out, batch_size=batch, seed=seed)
+
+
 # ------------------------------------------------------------------------------------------------ declared inputs
 def _as_is(subject, value):
     return value
@@ -1212,25 +1236,52 @@ def drawn_initialisations(**kwargs) -> Input:
                  lambda subject: initialisations(**kwargs))
 
 
-def drawn_training_batches(*, min_batch: int = 1, max_batch: int = 3, min_objects: int = 0, max_objects: int = 4,
-                           max_size: int = 96, ordinary: bool = False) -> Input:
-    """TrainingBatch (feature maps of typical magnitude, a target batch of the same batch size): empty batches, one
-    object, many, tiny, at the borders, of every level's size, with the head's other tasks' targets. `ordinary`:
-    ordinary objects only (boxes of BOX_KINDS' "normal" kind, convex polygons), for a property that needs
-    positives, which the degenerate kinds may not get."""
-    kinds = "ordinary objects (normal boxes, convex polygons)" if ordinary else "objects of every box kind"
+def drawn_training_batches(*, min_batch: int = 1, max_batch: int = 3, min_per_image: int = 0, max_per_image: int = 2,
+                           max_size: int = 96, box_kinds: Sequence[str] = BOX_KINDS,
+                           polygon_kinds: Sequence[str] = POLYGON_KINDS) -> Input:
+    """TrainingBatch (feature maps of typical magnitude, a target batch of the same images): odd and non-square images
+    up to `max_size` px, each with `min_per_image`..`max_per_image` objects of `box_kinds` (empty, one, many, tiny,
+    at the borders, of every level's size; restrict the kinds for a property that needs positives, which degenerate
+    objects may not get), with the head's other tasks' targets. An explicit example is a MapRecipe: its maps, and
+    `ordinary_targets` seeded alike."""
+    _check_range(min_per_image, max_per_image, "min_per_image", "max_per_image")
     describes = (f"training batches (batch {min_batch}-{max_batch}, images up to {max_size} px, typical feature "
-                 f"maps, {min_objects}-{max_objects} {kinds} per batch)")
-    chosen = {"box_kinds": ("normal",), "polygon_kinds": ("convex",)} if ordinary else {}
+                 f"maps, {min_per_image}-{max_per_image} objects per image: {'/'.join(box_kinds)})")
 
     def bind(subject):
-        sizes = image_sizes(min_size=min_image_side(subject), max_size=max(max_size, min_image_side(subject)))
-        return from_head(subject).inputs(
-            min_batch=min_batch, max_batch=max_batch, image_sizes=sizes, magnitudes=typical_magnitudes(),
-            fills=("normal",), layouts=("contiguous",),
-            targets_kwargs={"min_objects": min_objects, "max_objects": max_objects, **chosen})
+        bound = from_head(subject)
+        low = min_image_side(subject)
+        maps = bound.feature_maps(min_batch=min_batch, max_batch=max_batch,
+                                  image_sizes=image_sizes(min_size=low, max_size=max(max_size, low)),
+                                  magnitudes=typical_magnitudes(), fills=("normal",), layouts=("contiguous",))
+        image = bound.targets(batch_size=1, min_objects=min_per_image, max_objects=max_per_image,
+                              box_kinds=box_kinds, polygon_kinds=polygon_kinds)
+        return _per_image_batches(maps, image)
 
-    return Input(describes, bind)
+    def materialise(subject, recipe: MapRecipe) -> TrainingBatch:
+        feats = make_feature_maps(subject.channels, subject.strides, recipe)
+        return TrainingBatch(feats, TargetBatch(ordinary_targets(subject, recipe.batch, seed=recipe.seed)))
+
+    return Input(describes, bind, materialise)
+
+
+@st.composite
+def _per_image_batches(draw, maps: st.SearchStrategy, image: st.SearchStrategy) -> TrainingBatch:
+    feats = draw(maps, label="feats")
+    images = [draw(image, label=f"image {i}") for i in range(feats[0].shape[0])]
+    return TrainingBatch(feats, _joined(images))
+
+
+def _joined(images) -> TargetBatch:
+    """One batch of single-image batches, in order: rows grouped by image, as a collate makes them. Every entry has
+    one row per object or (index masks) one per image, so each is concatenated along dim 0."""
+    joined = {}
+    for key in images[0]:
+        if key == "batch_idx":
+            joined[key] = torch.cat([torch.full((len(b[key]),), float(i)) for i, b in enumerate(images)])
+        else:
+            joined[key] = torch.cat([b[key] for b in images])
+    return TargetBatch(joined)
 
 
 def drawn(strategy: st.SearchStrategy, describes: str) -> Input:

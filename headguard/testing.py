@@ -30,7 +30,7 @@ from headguard.isolation import is_out_of_memory
 from headguard.layouts import LayoutMismatch
 from headguard.properties import is_crash, run_property
 from headguard.registry import Check, CheckContext, CheckFailure, CheckSkipped, Variant, check, variants
-from headguard.strategies import Input, from_head, is_per_image
+from headguard.strategies import Input, is_per_image, ordinary_targets
 from headguard.tracing import locate_nonfinite
 from headguard.training import all_finite
 
@@ -45,28 +45,6 @@ def features(
     """Seeded standard-normal feature maps (times `scale`) with the shapes the subject expects for `image_size`."""
     gen = torch.Generator().manual_seed(seed)
     return [torch.randn(shape, generator=gen) * scale for shape in subject.feature_shapes(image_size, batch)]
-
-
-def ordinary_targets(subject, batch: int, *, per_image: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Seeded, unremarkable objects: boxes 30-60 % of the image, convex polygons inscribed in them, and the targets of
-    the head's other tasks for those boxes (visible keypoints, rotated boxes, masks: `strategies.task_targets`)."""
-    gen = torch.Generator().manual_seed(seed)
-    n = batch * per_image
-    wh = 0.3 + 0.3 * torch.rand(n, 2, generator=gen)
-    centre = wh / 2 + (1 - wh) * torch.rand(n, 2, generator=gen)
-    out = {
-        "batch_idx": torch.arange(batch).repeat_interleave(per_image).float(),
-        "cls": torch.randint(0, subject.nc, (n, 1), generator=gen).float(),
-        "bboxes": torch.cat((centre, wh), 1),
-    }
-    npv = subject.num_vertices
-    if npv:
-        angle = torch.arange(npv) * (2 * math.pi / npv) + torch.rand(n, 1, generator=gen)
-        out["polygons"] = torch.stack(
-            (centre[:, :1] + wh[:, :1] / 2 * angle.cos(), centre[:, 1:] + wh[:, 1:] / 2 * angle.sin()), -1
-        )
-        out["polygon_mask"] = torch.ones(n, npv, dtype=torch.bool)
-    return from_head(subject).task_targets(out, batch_size=batch, seed=seed)
 
 
 def select_images(batch: Mapping[str, torch.Tensor], images: list[int]) -> dict[str, torch.Tensor]:

@@ -418,7 +418,7 @@ def _targets_in(batch, dtype: torch.dtype) -> dict:
 
 
 # 16 properties, each a head forward and a loss with backward per example: two examples each keep it under 2 s.
-@check(area="loss", inputs={"training": hs.drawn_training_batches(max_batch=2, min_objects=1)},
+@check(area="loss", inputs={"training": hs.drawn_training_batches(max_batch=2, min_per_image=1)},
        variants=variants(pred=PRED_DTYPES, target=TARGET_DTYPES), max_examples=2)
 def check_loss_dtype_matrix(subject, ctx, training, pred, target):
     """Every prediction dtype x target dtype either works (finite loss and gradients) or raises a clear error.
@@ -657,7 +657,8 @@ INIT_SCALES, INIT_NOISES = (0.5, 2.0, 10.0), (0.0, 0.1, 1.0)
 
 
 @check(area="loss", requires=("polygons",),
-       inputs={"training": hs.drawn_training_batches(max_batch=2, min_objects=1, ordinary=True),
+       inputs={"training": hs.drawn_training_batches(max_batch=2, min_per_image=1, box_kinds=("normal",),
+                                                         polygon_kinds=("convex",)),
                "init": hs.drawn(hs.initialisations(scales=INIT_SCALES, noises=INIT_NOISES),
                                 "initialisations (as shipped; conv weights scaled 0.5-10, perturbed by 0-1 sd noise)")})
 def check_polygon_gradient_at_init(subject, ctx, training, init):

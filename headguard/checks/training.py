@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from headguard import strategies as hs
 from headguard.testing import (
-    all_finite, call, check, eval_outputs, ordinary_targets, where_nonfinite,
+    all_finite, call, check, eval_outputs, where_nonfinite,
 )
 from headguard.registry import CheckFailure
 
@@ -25,51 +25,10 @@ TRAINING_BOX_KINDS = ("normal", "tiny", "image_covering", "edge", "duplicate")
 TRAINING_POLYGON_KINDS = ("convex", "repeated_vertex", "padded")
 
 
-# ---------------------------------------------------------------------------------------------- drawn inputs
-def _joined(images) -> hs.TargetBatch:
-    """One batch of the single-image batches `images`, in order: rows grouped by image, as a collate makes them.
-    Every entry has one row per object, or (index masks) one per image, so each is concatenated along dim 0."""
-    joined = {}
-    for key in images[0]:
-        if key == "batch_idx":
-            joined[key] = torch.cat([torch.full((len(b[key]),), float(i)) for i, b in enumerate(images)])
-        else:
-            joined[key] = torch.cat([b[key] for b in images])
-    return hs.TargetBatch(joined)
-
-
-def _ordinary_pair(subject, recipe: hs.MapRecipe):
-    """An explicit example: the feature maps of `recipe` and `ordinary_targets` seeded alike (2 objects per image,
-    boxes 30-60 % of the image)."""
-    feats = hs.make_feature_maps(subject.channels, subject.strides, recipe)
-    return feats, hs.TargetBatch(ordinary_targets(subject, recipe.batch, seed=recipe.seed))
-
-
-def training_batches(*, min_batch: int = 1, max_batch: int = 3, min_per_image: int = 0, max_per_image: int = 3,
-                     max_size: int = 96, box_kinds=TRAINING_BOX_KINDS) -> hs.Input:
-    """(feature maps, target batch) pairs of one batch size: typical-magnitude maps of odd and non-square images up
-    to `max_size` px, and for each image `min_per_image`..`max_per_image` objects of `box_kinds` (the ordinary ones by
-    default), with the head's other tasks' targets. An explicit example is a MapRecipe (its objects:
-    `ordinary_targets`)."""
-    describes = (f"training batches (batch {min_batch}-{max_batch}, images up to {max_size} px, typical feature "
-                 f"maps, {min_per_image}-{max_per_image} objects per image: {'/'.join(box_kinds)})")
-
-    def bind(subject):
-        bound = hs.from_head(subject)
-        low = hs.min_image_side(subject)
-        maps = bound.feature_maps(min_batch=min_batch, max_batch=max_batch,
-                                  image_sizes=hs.image_sizes(min_size=low, max_size=max(max_size, low)),
-                                  magnitudes=hs.typical_magnitudes(), fills=("normal",), layouts=("contiguous",))
-        image = bound.targets(batch_size=1, min_objects=min_per_image, max_objects=max_per_image,
-                              box_kinds=box_kinds, polygon_kinds=TRAINING_POLYGON_KINDS)
-
-        def with_targets(feats):
-            n = feats[0].shape[0]
-            return st.lists(image, min_size=n, max_size=n).map(lambda images: (feats, _joined(images)))
-
-        return maps.flatmap(with_targets)
-
-    return hs.Input(describes, bind, _ordinary_pair)
+def training_batches(**kwargs) -> hs.Input:
+    """`drawn_training_batches` of the ordinary kinds a training step meets (see the module docstring)."""
+    return hs.drawn_training_batches(**{"max_per_image": 3, "box_kinds": TRAINING_BOX_KINDS,
+                                        "polygon_kinds": TRAINING_POLYGON_KINDS, **kwargs})
 
 
 def _log_uniform(low: float, high: float) -> st.SearchStrategy[float]:
