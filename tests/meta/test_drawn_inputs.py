@@ -1,6 +1,6 @@
-"""What drawing buys (issue 10): every check declares its inputs in its registration, or says why drawing cannot find more,
-and a bug that only drawn inputs reach is found, where one seeded standard-normal input (what 16 checks ran on
-before) finds nothing."""
+"""What drawing buys (issue 10): every check declares its inputs in its registration, or says why drawing cannot
+find more, and a bug that only drawn inputs reach is found, where one seeded standard-normal input (what 16 checks
+ran on before) finds nothing."""
 
 from __future__ import annotations
 
