@@ -113,11 +113,16 @@ def _assign_both_ways(tensors, config):
 
 @given(assigner_inputs())
 def test_dense_assignment_equals_the_cpu_assignment(inputs):
-    """The assignment over the fused metric (its spec here) is the CPU path's assignment (all five outputs equal)."""
+    """The assignment over the fused metric (its spec here) is the CPU path's assignment: labels, boxes, masks and
+    indices equal; target scores, a product and quotient of the metric computed in another order, within float32
+    rounding (the randomised profile found 1-ulp differences, 7e-9, in 23 of 300 draws)."""
     *tensors, config = inputs
     dense, sparse = _assign_both_ways(tensors, config)
     for name, actual, want in zip(sparse._fields, dense, sparse):
-        assert torch.equal(actual, want), f"{name} differs from the CPU path's assignment"
+        if name == "target_scores":
+            torch.testing.assert_close(actual, want, rtol=1e-6, atol=1e-7, msg=f"{name} differs beyond rounding")
+        else:
+            assert torch.equal(actual, want), f"{name} differs from the CPU path's assignment"
 
 
 def test_dense_assignment_keeps_reference_edge_cases():
