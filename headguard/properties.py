@@ -97,7 +97,7 @@ def scaled_count(ci_count: int, profile_count: int) -> int:
     return max(1, min(profile_count, round(ci_count * profile_count / ci)))
 
 
-def run_property(ctx: CheckContext, inner: Callable, *strategies, max_examples: int | None = None, scale_count=True,
+def run_property(ctx: CheckContext, inner: Callable, *strategies, max_examples: int | None = None, scale_count: bool = True,
                  examples: Sequence[Mapping[str, Any]] = (), variant: str | None = None, **kw) -> None:
     """Run `inner(*drawn)` under the active profile (seeded with ctx.seed), with the example database and the other
     options the faces set (`headguard.engine`). `max_examples` is a costly property's count in `headguard-ci`;
@@ -144,7 +144,7 @@ def run_property(ctx: CheckContext, inner: Callable, *strategies, max_examples: 
 _EXAMPLES = "(examples)"
 
 
-def _hypothesis_test(ctx, key, options, func, strategies, kw, *, max_examples=None, scale_count=True,
+def _hypothesis_test(ctx, key, options, func, strategies, kw, *, max_examples=None, scale_count: bool = True,
                      **changes) -> Callable[[], None]:
     kw = dict(kw)
     explicit = kw.pop(_EXAMPLES, ())

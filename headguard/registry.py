@@ -26,10 +26,11 @@ class Variant:
     values: tuple[tuple[str, Any], ...] = ()
 
     def call(self, name: str) -> str:
-        return f"{name}({', '.join(f'{k}={_readable(v)}' for k, v in self.values)})"
+        return f"{name}({', '.join(f'{k}={readable(v)}' for k, v in self.values)})"
 
 
-def _readable(value: Any) -> str:
+def readable(value: Any) -> str:
+    """A variant value as a call prints it: dtypes without the `torch.` prefix."""
     return str(value).removeprefix("torch.") if isinstance(value, torch.dtype) else str(value)
 
 
@@ -113,4 +114,4 @@ def load_catalogue() -> None:
 
 
 __all__ = ["AREAS", "CATALOGUE", "Check", "CheckContext", "CheckFailure", "CheckSkipped", "Variant", "check",
-           "load_catalogue", "variants"]
+           "load_catalogue", "readable", "variants"]

@@ -1238,22 +1238,27 @@ def drawn_initialisations(**kwargs) -> Input:
 
 def drawn_training_batches(*, min_batch: int = 1, max_batch: int = 3, min_per_image: int = 0, max_per_image: int = 2,
                            max_size: int = 96, box_kinds: Sequence[str] = BOX_KINDS,
-                           polygon_kinds: Sequence[str] = POLYGON_KINDS) -> Input:
+                           polygon_kinds: Sequence[str] = POLYGON_KINDS, magnitudes: Sequence[float] | None = None,
+                           fills: Sequence[str] = ("normal",), layouts: Sequence[str] = ("contiguous",)) -> Input:
     """TrainingBatch (feature maps of typical magnitude, a target batch of the same images): odd and non-square images
     up to `max_size` px, each with `min_per_image`..`max_per_image` objects of `box_kinds` (empty, one, many, tiny,
     at the borders, of every level's size; restrict the kinds for a property that needs positives, which degenerate
-    objects may not get), with the head's other tasks' targets. An explicit example is a MapRecipe: its maps, and
-    `ordinary_targets` seeded alike."""
+    objects may not get), with the head's other tasks' targets. The maps are of typical magnitude, normal and
+    contiguous, unless `magnitudes` (sampled from), `fills` and `layouts` say otherwise. An explicit example is a
+    MapRecipe: its maps, and `ordinary_targets` seeded alike."""
     _check_range(min_per_image, max_per_image, "min_per_image", "max_per_image")
-    describes = (f"training batches (batch {min_batch}-{max_batch}, images up to {max_size} px, typical feature "
-                 f"maps, {min_per_image}-{max_per_image} objects per image: {'/'.join(box_kinds)})")
+    scales = "typical" if magnitudes is None else f"magnitude {', '.join(f'{m:g}' for m in magnitudes)}"
+    describes = (f"training batches (batch {min_batch}-{max_batch}, images up to {max_size} px, {scales} "
+                 f"{'/'.join(fills)} {'/'.join(layouts)} feature maps, {min_per_image}-{max_per_image} objects per "
+                 f"image: {'/'.join(box_kinds)})")
 
     def bind(subject):
         bound = from_head(subject)
         low = min_image_side(subject)
         maps = bound.feature_maps(min_batch=min_batch, max_batch=max_batch,
                                   image_sizes=image_sizes(min_size=low, max_size=max(max_size, low)),
-                                  magnitudes=typical_magnitudes(), fills=("normal",), layouts=("contiguous",))
+                                  magnitudes=typical_magnitudes() if magnitudes is None else st.sampled_from(magnitudes),
+                                  fills=fills, layouts=layouts)
         image = bound.targets(batch_size=1, min_objects=min_per_image, max_objects=max_per_image,
                               box_kinds=box_kinds, polygon_kinds=polygon_kinds)
         return _per_image_batches(maps, image)

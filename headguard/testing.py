@@ -29,7 +29,7 @@ from torch import nn
 from headguard.isolation import is_out_of_memory
 from headguard.layouts import LayoutMismatch
 from headguard.properties import is_crash, run_property
-from headguard.registry import Check, CheckContext, CheckFailure, CheckSkipped, Variant, check, variants
+from headguard.registry import Check, CheckContext, CheckFailure, CheckSkipped, Variant, check, readable, variants
 from headguard.strategies import Input, is_per_image, ordinary_targets
 from headguard.tracing import locate_nonfinite
 from headguard.training import all_finite
@@ -212,6 +212,15 @@ def missing_gradient(grads: Mapping[str, torch.Tensor | None], *, situation: str
     )
 
 
+def unusable_gradient(grads: Mapping[str, torch.Tensor | None], *, situation: str) -> str | None:
+    """The key of the first non-finite gradient, else None; raises `missing_gradient`'s finding first when the loss
+    left a prediction without a gradient (that is its own finding, not a non-finite one)."""
+    unused = missing_gradient(grads, situation=situation)
+    if unused is not None:
+        raise unused
+    return first_bad_gradient(grads)
+
+
 def count_nonfinite(t: torch.Tensor | None) -> str:
     if t is None:
         return "no gradient at all (None)"
@@ -317,6 +326,8 @@ __all__ = [
     "final_convs",
     "first_bad_gradient",
     "missing_gradient",
+    "readable",
+    "unusable_gradient",
     "items_close",
     "ordinary_targets",
     "is_crash",

@@ -23,15 +23,15 @@ from headguard.testing import (
     call,
     check,
     count_nonfinite,
-    first_bad_gradient,
-    missing_gradient,
     detached_preds,
     features,
     fit_boxes_to_first_object,
     items_close,
     ordinary_targets,
+    readable,
     select_images,
     train_preds,
+    unusable_gradient,
     variants,
 )
 from headguard.reference import LOSS_FAMILIES
@@ -384,10 +384,7 @@ def check_loss_finite_degenerate_targets(subject, ctx, batch, dtype):
             f"the loss is non-finite ({vector.detach().tolist()}) on degenerate targets in {dtype}: guard every "
             "division (select with a mask BEFORE dividing) and use an epsilon representable in the compute dtype"
         )
-    unused = missing_gradient(grads, situation=f"on degenerate targets in {dtype}")
-    if unused is not None:
-        raise unused
-    k = first_bad_gradient(grads)
+    k = unusable_gradient(grads, situation=f"on degenerate targets in {dtype}")
     if k is not None:
         raise CheckFailure(
             f"the gradient w.r.t. preds[{k!r}] is non-finite ({count_nonfinite(grads[k])})"
@@ -404,10 +401,6 @@ def _clear(err: Exception) -> bool:
 
 PRED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 TARGET_DTYPES = (torch.float32, torch.float64, torch.float16, torch.int64)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _targets_in(batch, dtype: torch.dtype) -> dict:
@@ -428,7 +421,7 @@ def check_loss_dtype_matrix(subject, ctx, training, pred, target):
     feats, base = training
     head = subject.build_head()
     preds = detached_preds(train_preds(subject, head, feats))
-    combination = f"{_dtype_name(pred)} predictions with {_dtype_name(target)} targets"
+    combination = f"{readable(pred)} predictions with {readable(target)} targets"
     remedy = ("; expected finite loss and gradients, or an up-front ValueError/TypeError naming the tensor and its "
               "dtype: compute in a dtype where every epsilon is representable (float32 at least), or reject the "
               "dtype up front")
@@ -500,38 +493,24 @@ def check_loss_pure(subject, ctx, first, other):
 GRADIENT_MAGNITUDES = (0.0, 1.0, 1e2)
 
 
-def _training_batches_of_magnitudes(magnitudes, *, max_batch: int, max_objects: int) -> hs.Input:
-    """TrainingBatch: feature maps of the given magnitudes (any image size, fill and layout) with a target batch of
-    the same batch size (every box and polygon kind)."""
-    scales = ", ".join(f"{m:g}" for m in magnitudes)
-    describes = (f"training batches (batch 1-{max_batch}, feature maps of magnitude {scales}, images 33-96 px, every "
-                 f"fill and layout; 0-{max_objects} objects per batch of every box kind)")
-    return hs.Input(describes, lambda subject: hs.from_head(subject).inputs(
-        min_batch=1, max_batch=max_batch, magnitudes=st.sampled_from(magnitudes),
-        targets_kwargs={"max_objects": max_objects}))
-
-
-@check(area="loss", inputs={"training": _training_batches_of_magnitudes(GRADIENT_MAGNITUDES, max_batch=2,
-                                                                       max_objects=5),
+@check(area="loss", inputs={"training": hs.drawn_training_batches(max_batch=2, max_per_image=3,
+                                                                 magnitudes=GRADIENT_MAGNITUDES, fills=hs.FILLS,
+                                                                 layouts=hs.LAYOUTS),
                             "init": hs.drawn_initialisations()})
 def check_gradients_finite_when_loss_finite(subject, ctx, training, init):
     """Whenever the loss is finite, every gradient is finite (R7: NaN cleaned after a division leaves 0 * inf).
 
     The head's outputs under a drawn initialisation on drawn feature maps, with drawn targets of the same batch
-    size, into the shipped head's loss."""
+    size, into that head's loss."""
     feats, batch = training
-    head = subject.build_head()
+    head = init(subject.build_head())
     loss = subject.build_loss(head)
-    h = init(subject.build_head())
-    preds = detached_preds(train_preds(subject, h, feats))
+    preds = detached_preds(train_preds(subject, head, feats))
     assume(all_finite({k: preds[k] for k in _pred_keys(preds)}))
     vector, _, grads = _grad_run(loss, preds, batch, torch.float32)
     if not all_finite(vector):
         return
-    unused = missing_gradient(grads, situation="on this batch")
-    if unused is not None:
-        raise unused
-    k = first_bad_gradient(grads)
+    k = unusable_gradient(grads, situation="on this batch")
     if k is not None:
         raise CheckFailure(
             f"the loss is finite ({vector.detach().tolist()}) but its gradient w.r.t. preds[{k!r}] is not "
