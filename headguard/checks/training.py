@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import torch
 from hypothesis import strategies as st
 
@@ -172,13 +173,9 @@ class Poison:
 
     def applied(self, feats) -> list[torch.Tensor]:
         bad = [f.clone() for f in feats]
-        for level in self.levels or range(len(bad)):
+        for level in self.levels:
             f = bad[level]
-            index, rest = [], self.spot % f.numel()
-            for size in reversed(f.shape):
-                rest, i = divmod(rest, size)
-                index.append(i)
-            f[tuple(reversed(index))] = self.value
+            f[np.unravel_index(self.spot % f.numel(), f.shape)] = self.value
         return bad
 
 
