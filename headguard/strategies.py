@@ -38,6 +38,8 @@ __all__ = [
     "Initialisation",
     "Input",
     "MapRecipe",
+    "ORDINARY_BOX_KINDS",
+    "ORDINARY_POLYGON_KINDS",
     "SHIPPED",
     "TrainingBatch",
     "LAYOUTS",
@@ -76,6 +78,11 @@ BOX_KINDS = ("normal", "tiny", "zero_width", "zero_height", "image_covering", "e
 # Valid for detection losses but not drawn by default: a polygon inside such a box would leave the image.
 EXTRA_BOX_KINDS = ("out_of_image",)
 POLYGON_KINDS = ("convex", "all_equal", "collinear", "repeated_vertex", "padded")
+# What real data holds: no zero-width or zero-height box, no all-equal or collinear polygon. A property that is not
+# about degenerate objects draws these, so that a loss's NaN on a degenerate one (check_loss_finite_degenerate_targets'
+# finding) is not reported again as its own.
+ORDINARY_BOX_KINDS = ("normal", "tiny", "image_covering", "edge", "duplicate")
+ORDINARY_POLYGON_KINDS = ("convex", "repeated_vertex", "padded")
 # visible: every keypoint labelled and visible; mixed: each flag drawn; unlabelled: every flag 0 (coordinates 0, as
 # COCO writes them); coincident: every keypoint visible at the box centre.
 KEYPOINT_KINDS = ("visible", "mixed", "unlabelled", "coincident")

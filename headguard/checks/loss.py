@@ -411,13 +411,16 @@ def _targets_in(batch, dtype: torch.dtype) -> dict:
 
 
 # 16 properties, each a head forward and a loss with backward per example: two examples each keep it under 2 s.
-@check(area="loss", inputs={"training": hs.drawn_training_batches(max_batch=2, min_per_image=1)},
+@check(area="loss", inputs={"training": hs.drawn_training_batches(max_batch=2, min_per_image=1,
+                                                                 box_kinds=hs.ORDINARY_BOX_KINDS,
+                                                                 polygon_kinds=hs.ORDINARY_POLYGON_KINDS)},
        variants=variants(pred=PRED_DTYPES, target=TARGET_DTYPES), max_examples=2)
 def check_loss_dtype_matrix(subject, ctx, training, pred, target):
     """Every prediction dtype x target dtype either works (finite loss and gradients) or raises a clear error.
 
-    Each combination is a variant, on drawn training batches: the head's outputs cast to the prediction dtype, the
-    targets to the target dtype."""
+    Each combination is a variant, on drawn training batches of ordinary objects (a NaN on degenerate ones is
+    check_loss_finite_degenerate_targets' finding): the head's outputs cast to the prediction dtype, the targets to
+    the target dtype."""
     feats, base = training
     head = subject.build_head()
     preds = detached_preds(train_preds(subject, head, feats))

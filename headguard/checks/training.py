@@ -22,14 +22,12 @@ from headguard.testing import (
 )
 from headguard.registry import CheckFailure
 
-TRAINING_BOX_KINDS = ("normal", "tiny", "image_covering", "edge", "duplicate")
-TRAINING_POLYGON_KINDS = ("convex", "repeated_vertex", "padded")
 
 
 def training_batches(**kwargs) -> hs.Input:
     """`drawn_training_batches` of the ordinary kinds a training step meets (see the module docstring)."""
-    return hs.drawn_training_batches(**{"max_per_image": 3, "box_kinds": TRAINING_BOX_KINDS,
-                                        "polygon_kinds": TRAINING_POLYGON_KINDS, **kwargs})
+    return hs.drawn_training_batches(**{"max_per_image": 3, "box_kinds": hs.ORDINARY_BOX_KINDS,
+                                        "polygon_kinds": hs.ORDINARY_POLYGON_KINDS, **kwargs})
 
 
 def _log_uniform(low: float, high: float) -> st.SearchStrategy[float]:
@@ -239,7 +237,7 @@ def check_skipped_step_leaves_model_finite(subject, ctx, data, poison):
 CANARY_STEPS = 30
 CANARY_LR = 0.01
 # Sub-pixel ("tiny") boxes are left out: a data pipeline drops boxes under ~2 px (Ultralytics' box_candidates).
-CANARY_BOX_KINDS = tuple(k for k in TRAINING_BOX_KINDS if k != "tiny")
+CANARY_BOX_KINDS = tuple(k for k in hs.ORDINARY_BOX_KINDS if k != "tiny")
 # "No divergence", with bounds set from measurements on drawn batches (these strategies, lr 0.005-0.02, 30 steps):
 # the task-aligned assigner re-labels anchors as predictions move, and on a few small images with one object each
 # SGD at momentum 0.9 without warm-up is close to unstable, so even a healthy run is not monotone. Peak and final

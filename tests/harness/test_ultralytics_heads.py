@@ -112,3 +112,13 @@ def test_an_obb_clamped_at_inference_fails_the_initial_predictions():
     assert verdict(subject, ["check_initial_predictions_sane"])["check_initial_predictions_sane"] == "failed"
     assert verdict(resolve_target(target("OBB")), ["check_initial_predictions_sane"])[
         "check_initial_predictions_sane"] == "passed"
+
+
+def test_the_dtype_matrix_reports_only_the_dtype_finding_on_segment():
+    """Segment's loss is NaN on a zero-width box (check_loss_finite_degenerate_targets' finding); the dtype matrix
+    draws ordinary objects, so that NaN is not reported again under float32 x float32 (it was, 8 extra failures)."""
+    subject = resolve_target(target("Segment"))
+    result = run_checks(subject, select_checks(subject, select=["check_loss_dtype_matrix"]), profile="ci")[-1]
+    calls = {f.message.split(":", 1)[0] for f in result.failures}
+    assert calls == {f"check_loss_dtype_matrix(pred={p}, target={t})"
+                     for p in ("float32", "float64", "bfloat16", "float16") for t in ("float64", "float16")}, calls
