@@ -1,11 +1,16 @@
 """The fast path of DetectionLoss and PolygonLoss (the CUDA default, or `cuda_graphs=True`): the same loss, one host
 sync, one static core.
 
-Host side, eager: every input check and the largest per-image object count share one host sync (`one_sync`); targets
-are regrouped into per-image slots whose count is padded up to a multiple of `SLOT_MULTIPLE` (padding slots are
-masked, so the assignment does not change). Core: anchors' decode, assignment and every term, with the positives
+Host side: the call's tensors are copied into static buffers kept per layout (`FastPath._layout`: shapes, dtypes,
+devices; the batch's rows padded up to `row_capacity`, the padding rows made neutral inside the graph), then one CUDA
+graph (`GraphedFunction`) runs every value check of the reference (`deferred_checks`), counts objects per image and
+fills the per-image target slots; the one host sync reads its failure flag and the largest count. Slots are cut to
+that count padded up to a multiple of `SLOT_MULTIPLE` (padding slots are masked, so the assignment does not change).
+Where graphs do not run (the CPU, no autograd, autocast) the same functions run eagerly, with the same one sync.
+Core: anchors' decode, assignment and every term, with the positives
 gathered through a fixed-capacity index instead of `nonzero()`: no host sync and no data-dependent shape, so
-`GraphedCore` captures it, forward and backward, as CUDA graphs and replays it. On the CPU (or when capture fails)
+`GraphedCore` captures it, forward and backward, as CUDA graphs and replays it, reading the predictions straight from
+the static buffers (its `preloaded` inputs). On the CPU (or when capture fails)
 the same core runs eagerly. The core's hot parts are the fused kernels of `losses._kernels` (the DFL expectation with
 the positive DFL term, and through `task_aligned_assign` the assignment metric chain); where Triton does not run,
 their pure-torch specs. Results equal the reference path up to summation order (tests/test_fast_paths.py).
@@ -26,12 +31,14 @@ from heads._decode import decode_polygons, dist2bbox, make_anchors
 
 from . import _kernels
 from ._boxes import bbox2dist, bbox_ciou
-from ._graphs import GraphedCore
-from ._validate import LossInputError, one_sync
+from ._graphs import GraphedCore, GraphedFunction
+from ._validate import LossInputError, deferred_checks
 from ._vertex import vertex_term
 from .assigner import task_aligned_assign
 
 SLOT_MULTIPLE = 8  # few distinct padded shapes (few graph captures) for little padding work
+MIN_ROW_CAPACITY = 64  # the batch buffers' smallest row count (see row_capacity)
+NEUTRAL_VALUES = {"batch_idx": 0, "cls": 0, "bboxes": 0.5, "polygons": 0.5, "polygon_mask": True}
 
 
 def check_cuda_graphs(cuda_graphs) -> bool | None:
@@ -55,6 +62,23 @@ def use_fast_path(cuda_graphs: bool | None, fast: FastPath | None, preds) -> boo
 def padded_slot_count(n: int) -> int:
     """The per-image slot count the core sees: n rounded up to a multiple of SLOT_MULTIPLE (at least one multiple)."""
     return max(SLOT_MULTIPLE, -(-n // SLOT_MULTIPLE) * SLOT_MULTIPLE)
+
+
+def row_capacity(n: int) -> int:
+    """Rows of the static batch buffers for a batch of n objects: the next power of two, at least MIN_ROW_CAPACITY.
+    Few distinct values over a training run (few captures), and never below padded_slot_count(n)."""
+    return max(MIN_ROW_CAPACITY, 1 << max(n - 1, 0).bit_length())
+
+
+def neutral_padding(batch: Mapping[str, torch.Tensor], in_use: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The batch entries with rows not `in_use` (N,) replaced by values every check accepts (NEUTRAL_VALUES)."""
+    padded = dict(batch)
+    for key, value in NEUTRAL_VALUES.items():
+        if key in batch:
+            t = batch[key]
+            padded[key] = torch.where(in_use.view(-1, *([1] * (t.ndim - 1))), t, torch.full((), value, dtype=t.dtype,
+                                                                                           device=t.device))
+    return padded
 
 
 def positive_index(fg_mask: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,64 +140,182 @@ def positive_vertices(raw: torch.Tensor, image: torch.Tensor, anchor: torch.Tens
 
 
 class FastPath:
-    """Fast evaluation for one DetectionLoss, or (with `polygon`) one PolygonLoss; holds the CUDA-graph cache."""
+    """Fast evaluation for one DetectionLoss, or (with `polygon`) one PolygonLoss; holds the CUDA-graph caches."""
 
     def __init__(self, detection, polygon=None):
         self.det = detection
         self.poly = polygon
         self.core = GraphedCore(self._core)
+        self.prep = GraphedFunction()
         self._constants: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._pred_buffers: dict[tuple, dict[str, torch.Tensor]] = {}
+        self._batch_buffers: dict[tuple, dict[str, torch.Tensor]] = {}
         self._all_real = False  # set per call: the batch has no polygon_mask (part of the graph key)
+
+    @property
+    def pred_keys(self) -> tuple[str, ...]:
+        return ("boxes", "scores") if self.poly is None else ("boxes", "scores", "polygons")
+
+    def batch_keys(self, batch) -> tuple[str, ...]:
+        keys = ("batch_idx", "cls", "bboxes")
+        if self.poly is None:
+            return keys
+        return keys + (("polygons",) if batch.get("polygon_mask") is None else ("polygons", "polygon_mask"))
 
     # ---------------------------------------------------------------------------------------------- host side
     def _prepare(self, preds, batch):
-        """Every check and the largest object count in one sync; the core's inputs (detection, polygon extras)."""
+        """Every check, the largest object count and the target slots; one host sync. Returns the core's inputs and,
+        where the graphs run, the buffers already holding them (`GraphedCore`'s `preloaded`)."""
+        layout = self._layout(preds, batch) if self._graphed(preds) else None
+        if layout is None:
+            return self._prepare_eagerly(preds, batch)
         try:
-            with one_sync() as sync:
-                checked = self._checked(preds, batch, sync)
-        except LossInputError:
-            # A shape/type problem raised inside the block: report what the reference reports first.
+            status, slots, preloaded = self._prepare_graphed(preds, batch, layout)
+        except LossInputError:  # raised by a check while capturing: report what the reference reports first
             self._recheck(preds, batch)
             raise
-        if sync.failed:
+        except RuntimeError as exc:  # capture refused: from now on everything runs eagerly
+            self.core.disabled_reason = f"CUDA-graph capture of the input checks failed, running eagerly: {exc}"
+            torch.cuda.synchronize()
+            return self._prepare_eagerly(preds, batch)
+        return self._core_inputs(preds, batch, status, slots), preloaded
+
+    def _prepare_eagerly(self, preds, batch):
+        try:
+            status, slots = self._checked_slots(preds, batch, None, None)
+        except LossInputError:
+            self._recheck(preds, batch)
+            raise
+        return self._core_inputs(preds, batch, status, slots), ()
+
+    def _core_inputs(self, preds, batch, status: torch.Tensor, slots) -> list[torch.Tensor]:
+        """After the one sync (reading `status`): the core's inputs, the slots cut to the padded object count."""
+        failed, n = status.tolist()
+        if failed:
             self._recheck(preds, batch)
             raise RuntimeError("a deferred input check failed, but the same checks passed when run eagerly")
+        n, b = padded_slot_count(n), preds["scores"].shape[0]
+        anchor_points, stride_tensor, _ = self._grid(preds["feats"], preds["scores"])
+        labels, bboxes, mask, extra = slots
+        core_in = [preds["boxes"], preds["scores"], anchor_points, stride_tensor, labels[:b, :n], bboxes[:b, :n],
+                   mask[:b, :n]]
+        if self.poly is None:
+            return core_in
+        gt_polygons, gt_polygon_mask = extra
+        return core_in + [preds["polygons"], gt_polygons[:b, :n], gt_polygon_mask[:b, :n]]
+
+    def _graphed(self, preds) -> bool:
+        """Whether this call's checks and core run as CUDA graphs (see GraphedCore.usable)."""
+        tensors = tuple(preds[k] for k in self.pred_keys if isinstance(preds.get(k), torch.Tensor))
+        return bool(tensors) and self.core.usable(tensors)
+
+    def _layout(self, preds, batch) -> tuple | None:
+        """The graph key (pred key, batch key, N) of a call whose checks can run inside a CUDA graph, else None.
+
+        A capture runs the checks' structural part (types, keys, shapes, dtypes, devices) once, on buffers of the
+        call's shapes; a replay skips it. So the key holds everything that part reads, with the batch's row count N
+        replaced by its buffers' row capacity (`row_capacity`). Anything irregular (a missing key, a non-tensor, row
+        counts that disagree) gives None: the eager checks then name it.
+        """
+        if not (isinstance(preds, Mapping) and isinstance(batch, Mapping)):
+            return None
+        try:
+            pred_tensors = [preds[k] for k in self.pred_keys]
+            feats = preds["feats"]
+            batch_tensors = [batch[k] for k in self.batch_keys(batch)]
+            feat_key = tuple((tuple(f.shape), f.dtype, f.device) for f in feats)
+        except (KeyError, TypeError, AttributeError):
+            return None
+        if not all(isinstance(t, torch.Tensor) for t in pred_tensors + batch_tensors):
+            return None
+        if not isinstance(feats, (list, tuple)):
+            return None
+        n = batch_tensors[0].shape[0] if batch_tensors[0].ndim else -1
+        if n < 0 or any(t.ndim == 0 or t.shape[0] != n for t in batch_tensors):
+            return None
+        pred_key = (tuple((tuple(t.shape), t.dtype, t.device, t.requires_grad) for t in pred_tensors), feat_key,
+                    type(feats))
+        batch_key = (tuple((tuple(t.shape[1:]), t.dtype, t.device) for t in batch_tensors), row_capacity(n))
+        return pred_key, batch_key, n
+
+    def _prepare_graphed(self, preds, batch, layout):
+        """Load the call into this layout's static buffers and replay the graph of checks and slot filling."""
+        pred_key, batch_key, n = layout
+        pred_buffers = self._buffers(self._pred_buffers, pred_key, preds, self.pred_keys, None)
+        batch_buffers = self._buffers(self._batch_buffers, batch_key, batch, self.batch_keys(batch), batch_key[-1])
+        with torch.no_grad():
+            for k in self.pred_keys:
+                pred_buffers[k].copy_(preds[k])
+            for k in self.batch_keys(batch):
+                batch_buffers[k][:n].copy_(batch[k])
+            batch_buffers["rows"].fill_(n)
+        self.core.preloaded_changed()
+        static_preds = dict(pred_buffers, feats=preds["feats"])
+        static_batch = {k: batch_buffers[k] for k in self.batch_keys(batch)}
+
+        def checked_slots():
+            return self._checked_slots(static_preds, static_batch, batch_buffers["rows"], batch_key[-1])
+
+        status, slots = self.prep((pred_key, batch_key), checked_slots)
+        anchor_points, stride_tensor, _ = self._grid(preds["feats"], preds["scores"])
+        preloaded = [pred_buffers["boxes"], pred_buffers["scores"], anchor_points, stride_tensor, None, None, None]
+        if self.poly is not None:
+            preloaded += [pred_buffers["polygons"], None, None]
+        return status, slots, preloaded
+
+    @staticmethod
+    def _buffers(cache: dict, key: tuple, source, names, rows: int | None) -> dict[str, torch.Tensor]:
+        """Static buffers for `names` of `source`, kept per key: same shapes (`rows` rows, for batch entries) and
+        grad flags; batch buffers also get "rows", the 0-d count of rows in use."""
+        if key not in cache:
+            buffers = {}
+            for k in names:
+                t = source[k]
+                shape = t.shape if rows is None else (rows, *t.shape[1:])
+                buffers[k] = torch.zeros(shape, dtype=t.dtype, device=t.device).requires_grad_(
+                    rows is None and t.requires_grad)
+            if rows is not None:
+                buffers["rows"] = torch.zeros((), dtype=torch.long, device=source[names[0]].device)
+            cache[key] = buffers
+        return cache[key]
+
+    def _checked_slots(self, preds, batch, rows: torch.Tensor | None, capacity: int | None):
+        """The reference checks' failure flag and the largest per-image object count, as `status` (2,) long, and the
+        target slots at `capacity` per image (labels, boxes, mask, polygon extras); no host sync.
+
+        With `rows` (a 0-d count), only the batch's first `rows` rows are objects: the others take values every check
+        accepts and count as a virtual image B after the real ones, which the slots of images [0, B) never see.
+        """
         det, poly = self.det, self.poly
-        boxes, scores, feats, imgsz, batch_idx, cls, bboxes, counts, n_at, extra = checked
-        # Half precision (AMP) is computed in float32, as DetectionLoss.detection_terms does.
-        dtype = torch.promote_types(scores.dtype, torch.float32)
-        boxes, scores = boxes.to(dtype), scores.to(dtype)
-        anchor_points, stride_tensor, _ = self._grid(feats, scores)
-        gt = det.fill_slots(batch_idx, cls, bboxes, counts, padded_slot_count(sync.values[n_at]), imgsz)
-        core_in = [boxes, scores, anchor_points, stride_tensor, gt.labels, gt.bboxes, gt.mask]
+        with deferred_checks() as checks:
+            boxes, scores, feats = det._check_preds(preds)
+            b = scores.shape[0]
+            imgsz = self._grid(feats, scores)[2]
+            in_use = None
+            if rows is not None:
+                in_use = torch.arange(batch["batch_idx"].shape[0], device=rows.device) < rows
+                batch = neutral_padding(batch, in_use)
+            batch_idx, cls, bboxes = det._check_batch(batch, b, imgsz)
+            if poly is not None:
+                poly._check_pred_polygons(preds)
+                polygons, polygon_mask = poly._check_batch_polygons(batch, imgsz)
+        image = batch_idx.clamp(0, b - 1)  # clamped, so an invalid index can't fault before the checks report it
+        if in_use is not None:
+            image = torch.where(in_use, image, b)
+        counts = det.image_counts(image, b + 1)
+        status = torch.stack((checks.failure(scores.device).long(), counts[:b].max()))
+        capacity = capacity or padded_slot_count(batch_idx.shape[0])
+        gt = det.fill_slots(image, cls, bboxes, counts, capacity, imgsz)
         if poly is None:
-            return core_in, None
-        raw, polygons, polygon_mask = extra
+            return status, (gt.labels, gt.bboxes, gt.mask, None)
         scale = torch.stack((imgsz[1], imgsz[0])).to(polygons.dtype)
         if polygons.shape[0] == 0:  # no objects: every slot is padding, gather from one dummy row
             polygons = polygons.new_zeros((1, *polygons.shape[1:]))
             polygon_mask = polygon_mask.new_ones((1, polygon_mask.shape[1]))
-        rows = gt.rows.clamp(min=0)
-        gt_polygons = (polygons * scale)[rows]  # (B, n, V, 2) pixels
-        gt_polygon_mask = polygon_mask[rows] & (gt.rows >= 0)[..., None]
-        return core_in, [raw, gt_polygons, gt_polygon_mask]
-
-    def _checked(self, preds, batch, sync):
-        """The reference checks, in the reference order, with their value flags queued on `sync`."""
-        det, poly = self.det, self.poly
-        boxes, scores, feats = det._check_preds(preds)
-        b = scores.shape[0]
-        imgsz = self._grid(feats, scores)[2]
-        batch_idx, cls, bboxes = det._check_batch(batch, b, imgsz)
-        # Clamped only for counting, so an invalid index can't fault before the checks report it.
-        counts = det.image_counts(batch_idx.clamp(0, b - 1), b)
-        n_at = sync.read(counts.max() if batch_idx.numel() else counts.new_zeros(()))
-        extra = None
-        if poly is not None:
-            raw = poly._check_pred_polygons(preds)
-            polygons, polygon_mask = poly._check_batch_polygons(batch, imgsz)
-            extra = (raw, polygons, polygon_mask)
-        return boxes, scores, feats, imgsz, batch_idx, cls, bboxes, counts, n_at, extra
+        rows_of_slots = gt.rows.clamp(min=0)
+        gt_polygons = (polygons * scale)[rows_of_slots]  # (B + 1, capacity, V, 2) pixels
+        gt_polygon_mask = polygon_mask[rows_of_slots] & (gt.rows >= 0)[..., None]
+        return status, (gt.labels, gt.bboxes, gt.mask, (gt_polygons, gt_polygon_mask))
 
     def _grid(self, feats, scores: torch.Tensor):
         """Anchors, strides and the image size for these feature-map shapes: constants, built once per shape."""
@@ -196,16 +338,15 @@ class FastPath:
 
     def detection_vector(self, preds, batch) -> torch.Tensor:
         """Gain-scaled [box, cls, dfl] (3,), not times B."""
-        core_in, _ = self._prepare(preds, batch)
-        return self.core(*core_in)
+        core_in, preloaded = self._prepare(preds, batch)
+        return self.core(*core_in, preloaded=preloaded)
 
     def polygon_vector(self, preds, batch, progress: float) -> torch.Tensor:
         """Gain-scaled [box, polygon, cls, dfl] (4,), not times B."""
-        core_in, extra = self._prepare(preds, batch)
-        scores = core_in[1]
-        progress_t = torch.full((), progress, dtype=torch.float32, device=scores.device)
+        core_in, preloaded = self._prepare(preds, batch)
+        progress_t = torch.full((), progress, dtype=torch.float32, device=core_in[1].device)
         self._all_real = batch.get("polygon_mask") is None
-        return self.core(*core_in, *extra, progress_t, key=(self._all_real,))
+        return self.core(*core_in, progress_t, key=(self._all_real,), preloaded=preloaded)
 
     # ---------------------------------------------------------------------------------------------- the core
     def _core(self, *tensors: torch.Tensor) -> torch.Tensor:
@@ -216,6 +357,9 @@ class FastPath:
     def _detection_core(self, boxes, scores, anchor_points, stride_tensor, labels, bboxes, mask):
         """[box, cls, dfl] (3,) and what a vertex term needs; no host sync, static shapes."""
         det = self.det
+        # Half precision (AMP) is computed in float32, as DetectionLoss.detection_terms does.
+        dtype = torch.promote_types(scores.dtype, torch.float32)
+        boxes, scores = boxes.to(dtype), scores.to(dtype)
         b, _, a = scores.shape
         # The fused DFL branch: the expectation for the decode and, below, the cross-entropy at the positives, whose
         # gradient the expectation's backward adds in its one dense write of the logits gradient.

@@ -4,8 +4,8 @@ Each finiteness check is one fused reduction per tensor (`aminmax`, which propag
 about 15x faster than `isfinite().all()` on a (8, 64, 8400) CPU tensor); a range check (`unbounded_flag`) compares
 the same minimum and maximum with its bounds, so finiteness and range cost one pass together. Reading the result is a
 host sync; we accept it, because a quiet NaN loss costs far more than one sync per step. Details (count, first
-index) are computed only on the failure path. Inside `one_sync()` (the losses' fast path) every value check only
-queues its failure flag, and all flags are read with one sync when the block ends.
+index) are computed only on the failure path. Inside `deferred_checks()` (the losses' fast path, captured as a CUDA
+graph there) every value check only queues its failure flag, read later with whatever else the caller reads.
 """
 
 from __future__ import annotations
@@ -16,33 +16,30 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 
-# Inside `one_sync()`: the _Sync collecting failure flags instead of reading them one by one.
+# Inside `deferred_checks()`: the _Sync collecting failure flags instead of reading them one by one.
 _DEFERRED: contextvars.ContextVar[_Sync | None] = contextvars.ContextVar("losses_deferred_checks", default=None)
 
 
 class _Sync:
-    """What `one_sync()` yields: queued failure flags, integer values to read in the same transfer, and the outcome."""
+    """What `deferred_checks()` yields: the queued failure flags."""
 
     def __init__(self):
         self.flags: list[torch.Tensor] = []
-        self.requested: list[torch.Tensor] = []
-        self.values: list[int] = []
-        self.failed = False
 
-    def read(self, value: torch.Tensor) -> int:
-        """Ask for a 0-d integer or bool tensor's value, `values[index]` after the block; returns the index."""
-        self.requested.append(value.reshape(()))
-        return len(self.requested) - 1
+    def failure(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """0-d bool tensor: some queued check failed (False, on `device`, when none was queued); no sync."""
+        if not self.flags:
+            return torch.zeros((), dtype=torch.bool, device=device)
+        return torch.stack(self.flags).any()
 
 
 @contextlib.contextmanager
-def one_sync() -> Iterator[_Sync]:
-    """Run the block's value checks with ONE host sync in all, when the block ends.
-
-    Inside, `check_finite`, `check_bounded`, `check_range`, `check_integral`, `check_flag` and `any_flag` queue their
-    failure flag and report success. Leaving the block reads every flag, and the values asked for with `read`, in one
-    transfer and sets `failed`; the caller must then re-run its checks eagerly (outside the block), which raises the
-    precise error.
+def deferred_checks() -> Iterator[_Sync]:
+    """Queue the block's value checks instead of reading them: no host sync at all (so the block can be captured as
+    a CUDA graph). Inside, `check_finite`, `check_bounded`, `check_range`, `check_integral`, `check_flag` and
+    `any_flag` queue their failure flag and report success; afterwards `failure()` is the flags' OR as a 0-d bool
+    tensor, for the caller to read once with whatever else it reads. When it reads True, the caller re-runs its
+    checks eagerly (outside the block), which raises the precise error.
     Code inside the block must not rely on the checks having passed (no indexing with unchecked values).
     """
     sync = _Sync()
@@ -51,20 +48,10 @@ def one_sync() -> Iterator[_Sync]:
         yield sync
     finally:
         _DEFERRED.reset(token)
-    # As few ops as possible: on a GPU each costs a launch, and this runs every training step.
-    parts = []
-    if sync.flags:
-        parts.append(torch.stack(sync.flags).any().long().reshape(1))
-    if sync.requested:
-        parts.append(torch.stack([v.long() for v in sync.requested]))
-    if parts:
-        numbers = (torch.cat(parts) if len(parts) > 1 else parts[0]).tolist()
-        sync.failed = bool(sync.flags) and bool(numbers[0])
-        sync.values = numbers[1:] if sync.flags else numbers
 
 
 def _deferred(failure: torch.Tensor) -> bool:
-    """Queue a 0-d bool failure flag if inside `one_sync()`; False means the caller must read it now."""
+    """Queue a 0-d bool failure flag if inside `deferred_checks()`; False means the caller must read it now."""
     sync = _DEFERRED.get()
     if sync is None:
         return False
@@ -122,7 +109,7 @@ def check_like(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor, dty
 
 
 def _passes(failure: torch.Tensor) -> bool:
-    """True when a 0-d failure flag is queued (inside `one_sync()`) or reads False now."""
+    """True when a 0-d failure flag is queued (inside `deferred_checks()`) or reads False now."""
     return _deferred(failure) or not bool(failure)
 
 
@@ -218,6 +205,6 @@ def nonintegral_flag(t: torch.Tensor) -> torch.Tensor:
 def any_flag(*flags: torch.Tensor) -> bool:
     """Read several device-side failure flags with ONE host sync; callers then re-run the detailed checks.
 
-    Inside `one_sync()` the combined flag is queued instead and this reports False (no failure yet).
+    Inside `deferred_checks()` the combined flag is queued instead and this reports False (no failure yet).
     """
     return not _passes(torch.stack([f.reshape(()) for f in flags]).any())

@@ -18,9 +18,17 @@ from hypothesis import strategies as st
 from headguard.strategies import feature_maps, invalid_targets, targets
 from heads import Polygon
 from losses import DetectionLoss, LossInputError, PolygonLoss, mgiou
-from losses._fast import SLOT_MULTIPLE, gather_anchors, padded_slot_count, positive_index
+from losses._fast import (
+    MIN_ROW_CAPACITY,
+    SLOT_MULTIPLE,
+    FastPath,
+    gather_anchors,
+    padded_slot_count,
+    positive_index,
+    row_capacity,
+)
 from losses._graphs import GraphedCore
-from losses._validate import check_finite, check_range, one_sync
+from losses._validate import check_finite, check_range, deferred_checks
 
 STRIDES = (8.0, 16.0, 32.0)
 CHANNELS = (8, 16, 32)
@@ -180,27 +188,84 @@ def test_padded_slot_count_rounds_up_to_the_multiple(n):
     assert padded >= max(n, 1) and padded % SLOT_MULTIPLE == 0 and padded - n < SLOT_MULTIPLE + (n == 0)
 
 
-def test_one_sync_queues_value_checks_and_reports_failure_after_the_block():
+def test_deferred_checks_queue_value_checks_and_report_failure_as_a_flag():
     good, bad = torch.ones(3), torch.tensor([1.0, float("nan"), 2.0])
-    with one_sync() as sync:
+    with deferred_checks() as checks:
         check_finite("y", good, "finite y")
         check_finite("x", bad, "finite x")  # queued: nothing raises inside the block
         check_range("z", torch.tensor([5.0]), 0, 3, "z in [0, 3)")
-        assert len(sync.flags) == 3
-    assert sync.failed
-    with one_sync() as clean:
+        assert len(checks.flags) == 3
+    assert bool(checks.failure())
+    with deferred_checks() as clean:
         check_finite("y", good, "finite y")
         check_range("z", torch.tensor([1.0]), 0, 3, "z in [0, 3)")
-    assert not clean.failed
+    assert not bool(clean.failure())
+    with deferred_checks() as empty:
+        pass
+    assert not bool(empty.failure("cpu"))
     with pytest.raises(LossInputError, match="x has 1 non-finite values"):
         check_finite("x", bad, "finite x")  # outside the block the check raises at once, as before
 
 
-def test_one_sync_reads_requested_values():
-    with one_sync() as sync:
-        check_finite("y", torch.ones(2), "finite")
-        at = sync.read(torch.tensor(41) + 1)
-    assert sync.values[at] == 42
+def test_row_capacity_is_a_power_of_two_covering_the_padded_slots():
+    for n in range(0, 600):
+        cap = row_capacity(n)
+        assert cap >= max(n, padded_slot_count(n)) and cap & (cap - 1) == 0 and cap >= MIN_ROW_CAPACITY
+        assert cap == MIN_ROW_CAPACITY or cap < 2 * n
+
+
+def _padded_rows(batch: dict, capacity: int, junk: float) -> dict:
+    """The batch's rows followed by junk rows (what stale static buffers hold), up to `capacity` rows."""
+    out = {}
+    for k, v in batch.items():
+        tail = torch.full((capacity - v.shape[0], *v.shape[1:]), junk).to(v.dtype)
+        out[k] = torch.cat((v, tail))
+    return out
+
+
+@pytest.mark.parametrize("mode", MODES)
+@given(case=loss_cases(), junk=st.sampled_from([float("nan"), -7.0, 3.0, 0.0]))
+@settings(max_examples=15, deadline=None)
+def test_padded_rows_change_no_check_and_no_slot(mode, case, junk):
+    """The graphed path's batch buffers hold stale rows past the batch; with their count they change nothing."""
+    feats, batch, seed, spread, _ = case
+    _, fast = _criteria(mode)
+    fast._fast = path = FastPath(fast.detection if mode != "detection" else fast, None if mode == "detection" else fast)
+    preds = _head_outputs(feats, seed, spread)
+    n = batch["batch_idx"].shape[0]
+    status, slots = path._checked_slots(preds, batch, None, None)
+    capacity = row_capacity(n)
+    padded = _padded_rows(batch, capacity, junk)
+    p_status, p_slots = path._checked_slots(preds, padded, torch.tensor(n), capacity)
+    assert p_status.tolist() == status.tolist()
+    b, k = preds["scores"].shape[0], slots[0].shape[1]
+    for got, want in zip(p_slots[:3], slots[:3]):
+        assert torch.equal(got[:b, :k], want[:b]) and not got[:b, k:].any()
+    if mode != "detection":  # polygons of padding slots are never read: compared at real slots
+        real = slots[2][:b]
+        assert torch.equal(p_slots[3][0][:b, :k][real], slots[3][0][:b][real])
+        assert torch.equal(p_slots[3][1][:b, :k], slots[3][1][:b])
+
+
+@pytest.mark.parametrize("mode", MODES)
+@given(case=loss_cases())
+@settings(max_examples=10, deadline=None)
+def test_graphed_host_path_equals_reference(mode, case):
+    """The graphed path's host side (static buffers, padded rows, preloaded inputs) with the graphs themselves run
+    eagerly (a CPU stand-in for capture and replay), over two batches of different sizes into the same buffers."""
+    reference, fast = _criteria(mode)
+    fast._fast = path = FastPath(fast.detection if mode != "detection" else fast, None if mode == "detection" else fast)
+    path._graphed = lambda preds: True
+    path.prep = lambda key, fn: fn()
+    feats, batch, seed, spread, progress = case
+    preds = _head_outputs(feats, seed, spread)
+    for rows in (batch["batch_idx"].shape[0], 0):
+        part = {k: v[:rows] for k, v in batch.items()}
+        ref, got = _evaluate(reference, mode, preds, part, progress), _evaluate(fast, mode, preds, part, progress)
+        torch.testing.assert_close(got[0], ref[0], rtol=TOL, atol=TOL)
+        for name, g in ref[2].items():
+            torch.testing.assert_close(got[2][name], g, rtol=TOL, atol=TOL * max(1.0, float(g.abs().max())))
+    assert path._batch_buffers, "the graphed host path was not taken"
 
 
 @pytest.mark.parametrize("loss_class", [DetectionLoss, PolygonLoss])
@@ -336,3 +401,26 @@ def test_graphed_core_runs_eagerly_under_autocast():
         mixed = graphed(x, w)
     assert len(graphed._cache) == 1  # only the call outside autocast was captured
     assert torch.isfinite(plain).all() and torch.isinf(mixed).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["detection", "mgiou"])
+def test_cuda_interleaved_calls_over_shared_buffers_give_each_its_own_gradients(mode):
+    """Two forwards (different object counts: two core graphs over the same prediction buffers, and batch buffers
+    refilled in between), then both backwards in the order of the calls: each call gets the reference's gradients."""
+    reference, fast = _criteria(mode)
+    preds, batch = _cuda_case()
+    many = {k: v.repeat((9,) + (1,) * (v.ndim - 1)) for k, v in batch.items()}  # 27 objects, 18 in image 0
+    for b in (batch, many):
+        _evaluate(fast, mode, preds, b, 0.4)  # capture both
+    expected = [_evaluate(reference, mode, preds, b, 0.4)[2] for b in (batch, many)]
+    for v in preds.values():
+        if isinstance(v, torch.Tensor):
+            v.grad = None
+    first = fast(preds, batch)[0] if mode == "detection" else fast(preds, batch, 0.4)[0]
+    second = fast(preds, many)[0] if mode == "detection" else fast(preds, many, 0.4)[0]
+    for loss, want in zip((first, second), expected):
+        grads = torch.autograd.grad(loss.sum(), [preds["boxes"], preds["scores"]])
+        for got, ref in zip(grads, (want["boxes"], want["scores"])):
+            torch.testing.assert_close(got, ref, rtol=TOL, atol=TOL * float(ref.abs().max()))
+    assert len(fast._fast.core._cache) == 2 and fast._fast.core.disabled_reason is None
