@@ -229,6 +229,8 @@ def _load_and_replay(captured: _Captured, tensors, skip: tuple[bool, ...] = ()) 
     """Copy the inputs into the static buffers (except those flagged in `skip`: already there) and replay."""
     with torch.no_grad():
         for i, (static, t) in enumerate(zip(captured.inputs, tensors)):
-            if not (skip and skip[i]):
+            # Skipped: buffers the caller preloaded, and any input that is its own static buffer (a constant the
+            # caller keeps; copying it onto itself would bump its version under autograd's saved tensors).
+            if not (skip and skip[i]) and static.data_ptr() != t.data_ptr():
                 static.copy_(t)
     captured.fwd.replay()

@@ -1,6 +1,6 @@
 """Mixed precision: under `torch.autocast("cuda", dtype=torch.float16)` the default loss (on CUDA the fast path, its
 core run eagerly under autocast, with the fused kernels) equals the eager reference (`cuda_graphs=False`) under the
-same autocast: loss vector and every gradient within 1e-5 relative, for DetectionLoss and PolygonLoss (l2, mgiou),
+same autocast: loss vector and every gradient within 1e-5 relative (plus one rounding for float16 gradients), for DetectionLoss and PolygonLoss (l2, mgiou),
 with float32 head outputs (autocast around the loss alone) and float16 ones (a head run under autocast).
 GPU only (`cuda` marker): without CUDA these tests are skipped.
 """
@@ -53,7 +53,10 @@ def _check(mode: str, preds: dict, batch: dict, dtype: torch.dtype, nc: int, np:
     for i, (actual, want) in enumerate(zip(got, expected)):
         assert actual.dtype == want.dtype, f"{mode}, output {i}: dtype {actual.dtype} != {want.dtype}"
         assert bool(torch.isfinite(actual).all()), f"{mode}, output {i}: not finite"
-        assert _rel(actual, want) <= TOL, f"{mode}, output {i}: relative difference {_rel(actual, want):.2e}"
+        # Both compute in float32 (within TOL); a float16 gradient is then rounded once more, which may flip an
+        # element by one ulp where summation order differed: up to half its machine epsilon, relative.
+        bound = TOL + (torch.finfo(actual.dtype).eps / 2 if actual.dtype != torch.float32 else 0.0)
+        assert _rel(actual, want) <= bound, f"{mode}, output {i}: relative difference {_rel(actual, want):.2e}"
 
 
 @pytest.mark.cuda
