@@ -7,13 +7,13 @@ graph (`GraphedFunction`) runs every value check of the reference (`deferred_che
 fills the per-image target slots; the one host sync reads its failure flag and the largest count. Slots are cut to
 that count padded up to a multiple of `SLOT_MULTIPLE` (padding slots are masked, so the assignment does not change).
 Where graphs do not run (the CPU, no autograd, autocast) the same functions run eagerly, with the same one sync.
-Core: anchors' decode, assignment and every term, with the positives
-gathered through a fixed-capacity index instead of `nonzero()`: no host sync and no data-dependent shape, so
-`GraphedCore` captures it, forward and backward, as CUDA graphs and replays it, reading the predictions straight from
-the static buffers (its `preloaded` inputs). On the CPU (or when capture fails)
-the same core runs eagerly. The core's hot parts are the fused kernels of `losses._kernels` (the DFL expectation with
-the positive DFL term, and through `task_aligned_assign` the assignment metric chain); where Triton does not run,
-their pure-torch specs. Results equal the reference path up to summation order (tests/test_fast_paths.py).
+Core: anchors' decode, assignment and every term, with the positives gathered through a fixed-capacity index instead
+of `nonzero()`: no host sync and no data-dependent shape, so `GraphedCore` captures it, forward and backward, as CUDA
+graphs and replays it, reading the predictions straight from the static buffers (its `preloaded` inputs). On the CPU
+(or when capture fails) the same core runs eagerly. The core's hot parts are the fused kernels of `losses._kernels`
+(the DFL expectation with the positive DFL term, and through `task_aligned_assign` the assignment metric chain);
+where Triton does not run, their pure-torch specs. Results equal the reference path up to summation order
+(tests/test_fast_paths.py).
 
 Capacity: a real gt keeps at most `topk` positives (its top-k candidates; conflict resolution only removes, the
 coverage rescue adds one only to a gt that had none), so an image has at most n_slots * topk positives and the index
@@ -167,26 +167,27 @@ class FastPath:
         """Every check, the largest object count and the target slots; one host sync. Returns the core's inputs and,
         where the graphs run, the buffers already holding them (`GraphedCore`'s `preloaded`)."""
         layout = self._layout(preds, batch) if self._graphed(preds) else None
+        try:
+            if layout is not None:
+                try:
+                    status, slots, pred_buffers = self._prepare_graphed(preds, batch, layout)
+                except RuntimeError as exc:  # capture refused: from now on everything runs eagerly
+                    self.core.disabled_reason = f"CUDA-graph capture of the input checks failed, running eagerly: {exc}"
+                    torch.cuda.synchronize()
+                    layout = None
+            if layout is None:
+                status, slots = self._checked_slots(preds, batch, None, None)
+        except LossInputError:  # a structural check raised: report what the reference reports first
+            self._recheck(preds, batch)
+            raise
+        core_in = self._core_inputs(preds, batch, status, slots)
         if layout is None:
-            return self._prepare_eagerly(preds, batch)
-        try:
-            status, slots, preloaded = self._prepare_graphed(preds, batch, layout)
-        except LossInputError:  # raised by a check while capturing: report what the reference reports first
-            self._recheck(preds, batch)
-            raise
-        except RuntimeError as exc:  # capture refused: from now on everything runs eagerly
-            self.core.disabled_reason = f"CUDA-graph capture of the input checks failed, running eagerly: {exc}"
-            torch.cuda.synchronize()
-            return self._prepare_eagerly(preds, batch)
-        return self._core_inputs(preds, batch, status, slots), preloaded
-
-    def _prepare_eagerly(self, preds, batch):
-        try:
-            status, slots = self._checked_slots(preds, batch, None, None)
-        except LossInputError:
-            self._recheck(preds, batch)
-            raise
-        return self._core_inputs(preds, batch, status, slots), ()
+            return core_in, ()
+        # The predictions sit in the static buffers; anchors and strides are constants, their own buffers.
+        preloaded = [pred_buffers["boxes"], pred_buffers["scores"], *core_in[2:4], None, None, None]
+        if self.poly is not None:
+            preloaded += [pred_buffers["polygons"], None, None]
+        return core_in, preloaded
 
     def _core_inputs(self, preds, batch, status: torch.Tensor, slots) -> list[torch.Tensor]:
         """After the one sync (reading `status`): the core's inputs, the slots cut to the padded object count."""
@@ -239,7 +240,8 @@ class FastPath:
         return pred_key, batch_key, n
 
     def _prepare_graphed(self, preds, batch, layout):
-        """Load the call into this layout's static buffers and replay the graph of checks and slot filling."""
+        """Load the call into this layout's static buffers and replay the graph of checks and slot filling; returns
+        its status and slots and the prediction buffers."""
         pred_key, batch_key, n = layout
         pred_buffers = self._buffers(self._pred_buffers, pred_key, preds, self.pred_keys, None)
         batch_buffers = self._buffers(self._batch_buffers, batch_key, batch, self.batch_keys(batch), batch_key[-1])
@@ -257,11 +259,7 @@ class FastPath:
             return self._checked_slots(static_preds, static_batch, batch_buffers["rows"], batch_key[-1])
 
         status, slots = self.prep((pred_key, batch_key), checked_slots)
-        anchor_points, stride_tensor, _ = self._grid(preds["feats"], preds["scores"])
-        preloaded = [pred_buffers["boxes"], pred_buffers["scores"], anchor_points, stride_tensor, None, None, None]
-        if self.poly is not None:
-            preloaded += [pred_buffers["polygons"], None, None]
-        return status, slots, preloaded
+        return status, slots, pred_buffers
 
     @staticmethod
     def _buffers(cache: dict, key: tuple, source, names, rows: int | None) -> dict[str, torch.Tensor]:

@@ -1,9 +1,9 @@
 """Mixed precision: under `torch.autocast("cuda", dtype=torch.float16)` the default loss (on CUDA the fast path, its
 core run eagerly under autocast, with the fused kernels) equals the eager reference (`cuda_graphs=False`) under the
-same autocast: loss vector and every gradient within 1e-5 relative (plus one rounding for float16 gradients), for DetectionLoss and PolygonLoss (l2, mgiou),
-with float32 head outputs (autocast around the loss alone) and float16 ones (a head run under autocast).
-GPU only (`cuda` marker): without CUDA these tests are skipped.
-"""
+same autocast: loss vector and every gradient within 1e-5 relative (plus one rounding for float16 gradients), for
+DetectionLoss and PolygonLoss (l2, mgiou), with float32 head outputs (autocast around the loss alone) and float16
+ones (a head run under autocast).
+GPU only (`cuda` marker): without CUDA these tests are skipped."""
 
 from __future__ import annotations
 
