@@ -173,6 +173,16 @@ def _assert_grads_close(name, actual, expected, truth, upstream, gradient_scale,
                                           f"relative over the batch {_rel(actual, expected):.2e})")
 
 
+def _further(a: torch.Tensor, b: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Per pair, whichever of the gradients a and b is further from truth (the larger rounding error to allow)."""
+    if not a.numel():
+        return a
+    def err(x):
+        return (x.double() - truth.double()).flatten(1).norm(dim=1)
+    pick = (err(a) >= err(b)).view(-1, *([1] * (a.ndim - 1)))
+    return torch.where(pick, a, b.to(a.dtype))
+
+
 def _value_and_grads(fn, pred, target, pred_mask, target_mask, upstream):
     p = pred.clone().requires_grad_()
     t = target.clone().requires_grad_()
@@ -183,13 +193,21 @@ def _value_and_grads(fn, pred, target, pred_mask, target_mask, upstream):
     return loss.detach(), grads[0], grads[1]
 
 
-def _compare(case, fn, reference, value_tol=1e-6):
-    """fn against the float32 reference (values) and against the float64 reference (gradients, see above)."""
+def _compare(case, fn, reference, value_tol=1e-6, same_rounding=None):
+    """fn against the float32 reference (values) and against the float64 reference (gradients, see above).
+
+    `same_rounding`, where given, is a second float32 computation with fn's own operation order (the spec on the CPU,
+    for the kernel): its error against the float64 gradient is allowed too, since at a kink it is float32 rounding in
+    that order, not fn, that picks the subgradient."""
     pred, target, pred_mask, target_mask = case
     upstream = torch.randn(pred.shape[0], generator=torch.Generator().manual_seed(1)).to(pred.device)
     got = _value_and_grads(fn, *case, upstream)
     want = _value_and_grads(reference, *case, upstream)
     truth = _value_and_grads(reference_loss, pred.double(), target.double(), pred_mask, target_mask, upstream)
+    if same_rounding is not None:
+        cpu_case = tuple(None if t is None else t.cpu() for t in case)
+        twin = _value_and_grads(same_rounding, *cpu_case, upstream.cpu())
+        want = (want[0], *(_further(w, tw.to(w.device), t) for w, tw, t in zip(want[1:], twin[1:], truth[1:])))
     assert got[0].dtype == want[0].dtype and got[0].shape == want[0].shape
     assert torch.isfinite(got[0]).all() and all(torch.isfinite(g).all() for g in got[1:])
     assert _rel(got[0], want[0]) <= value_tol, f"loss: relative difference {_rel(got[0], want[0]):.2e}"
@@ -286,5 +304,8 @@ def test_mgiou_kernel_equals_spec(case):
 @given(mgiou_pairs(gpu=True, families=GENERIC_FAMILIES))
 def test_mgiou_on_cuda_equals_reference(case):
     """`losses.mgiou` on CUDA (the kernel) against the reference's torch code on the same GPU, on pairs whose
-    gradient rounding does not decide (GENERIC_FAMILIES; the CPU test holds the spec to the reference on all)."""
-    _compare(_cuda(case), mgiou, reference_loss)
+    gradient rounding does not decide across devices (GENERIC_FAMILIES; the CPU test holds the spec to the reference
+    on all). Near-ties of two vertices' projections still occur in them by chance; there the kernel may be as far
+    from the float64 gradient as its own operation order in float32 is (the spec on the CPU; measured there: in 300
+    draws, 67 pred or target gradients had a pair off the float64 one by more than the tight bound)."""
+    _compare(_cuda(case), mgiou, reference_loss, same_rounding=mgiou_loss)
