@@ -19,8 +19,9 @@ Conventions shared by every function here:
 - Degenerate operands are removed by selection (`torch.where` choosing a safe denominator) before each division,
   never by multiplying a NaN by zero: loss and gradients stay finite for repeated, collinear or coincident vertices.
   Gradients scale like 1 / extent (the loss is scale invariant), so they are finite while that is representable.
-- Non-finite coordinates of a real vertex raise `LossInputError` (``check_finite=False`` skips this check and the
-  device sync it costs).
+- Non-finite coordinates of a real vertex raise `LossInputError` (``check_finite=False`` skips this check and, where
+  no mask is given, the device sync it costs). On CUDA the MGIoU kernel flags them, and empty masks, as it reads the
+  vertices; `mgiou` reads that flag once and words the error from the checks here.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from losses import _kernels
+from losses._kernels import spec
 from losses._validate import LossInputError
 
 __all__ = ["box_corners", "convexity_loss", "mgiou", "mgiou_boxes"]
@@ -93,7 +95,8 @@ def _check_values(named: dict[str, tuple[torch.Tensor, str, torch.Tensor | None]
                                  "vertex per polygon")
 
 
-def _check_pair(pred, target, pred_mask, target_mask, check_finite: bool) -> None:
+def _check_pair(pred, target, pred_mask, target_mask) -> None:
+    """The structural checks of a pair: types, shapes, dtypes, devices (no device sync)."""
     _check_vertices(pred, "pred")
     _check_vertices(target, "target")
     if pred.shape[0] != target.shape[0]:
@@ -103,8 +106,13 @@ def _check_pair(pred, target, pred_mask, target_mask, check_finite: bool) -> Non
         raise LossInputError(f"target is on {target.device}; expected {pred.device}, the device of pred")
     _check_mask(pred_mask, "pred_mask", pred)
     _check_mask(target_mask, "target_mask", target)
-    _check_values({"pred": (pred, "pred_mask", pred_mask), "target": (target, "target_mask", target_mask)},
-                  check_finite)
+
+
+def _problem_bits(check_finite: bool, pred_mask, target_mask) -> int:
+    """The `losses._kernels.spec.mgiou_problems` bits the value checks of `mgiou` ask about."""
+    bits = (spec.MGIOU_PRED_NONFINITE | spec.MGIOU_TARGET_NONFINITE) if check_finite else 0
+    bits |= spec.MGIOU_PRED_EMPTY if pred_mask is not None else 0
+    return bits | (spec.MGIOU_TARGET_EMPTY if target_mask is not None else 0)
 
 
 # ------------------------------------------------------------------------------------------------------- geometry
@@ -224,8 +232,18 @@ def mgiou(pred: torch.Tensor, target: torch.Tensor, pred_mask: torch.Tensor | No
     interval's upper end and -g*n through its lower end). R2: a head must not start there. Two distinct single
     points give loss 1 with zero gradient likewise.
     """
-    _check_pair(pred, target, pred_mask, target_mask, check_finite)
-    return _mgiou_loss(pred, target, pred_mask, target_mask)
+    _check_pair(pred, target, pred_mask, target_mask)
+    named = {"pred": (pred, "pred_mask", pred_mask), "target": (target, "target_mask", target_mask)}
+    if not _kernels.mgiou_runs(pred, target):
+        _check_values(named, check_finite)
+        return _mgiou_loss(pred, target, pred_mask, target_mask)
+    # The kernel finds the value problems as it reads the vertices: one read of its flag is every value check.
+    loss, problems = _kernels.mgiou_loss_and_problems(pred, target, pred_mask, target_mask)
+    wanted = _problem_bits(check_finite, pred_mask, target_mask)
+    if wanted and int(problems) & wanted:
+        _check_values(named, check_finite)  # words the error
+        raise RuntimeError("the MGIoU kernel flagged an input problem that the value checks do not find")
+    return loss
 
 
 def _mgiou_loss(pred: torch.Tensor, target: torch.Tensor, pred_mask: torch.Tensor | None = None,

@@ -29,6 +29,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from losses._kernels import mgiou_loss, mgiou_runs, ops, spec
+from losses._validate import LossInputError
 from losses.mgiou import EDGE_EPS, SPREAD_EPS, _mgiou_similarity, _normalise, _prepare, mgiou
 
 HAS_TRITON = ops._triton is not None
@@ -262,6 +263,47 @@ def test_mgiou_spec_stationary_point_and_coincident_points():
     assert mgiou_loss(same, same.clone()).item() == 0.0
 
 
+def _problem_case(kind: str):
+    """(pred, target, pred_mask, target_mask) with one problem of `kind` (or none: junk in padded slots only)."""
+    pred, target = _SQUARE.repeat(3, 1, 1), _SQUARE.repeat(3, 1, 1) + 0.5
+    pred_mask = torch.ones(3, 4, dtype=torch.bool)
+    pred_mask[1, 2] = False
+    pred[1, 2] = math.nan  # padded: never read, never a problem
+    if kind == "pred nonfinite":
+        pred[2, 0, 1] = math.inf
+    elif kind == "target nonfinite":
+        target[0, 3, 0] = math.nan
+    elif kind == "pred empty":
+        pred_mask[2] = False
+    return pred, target, pred_mask, None
+
+
+_SQUARE = torch.tensor([[[0.0, 0.0], [2.0, 0.0], [2.0, 2.0], [0.0, 2.0]]])
+PROBLEMS = {"none": (0, None), "pred nonfinite": (spec.MGIOU_PRED_NONFINITE, "pred has 1 real vertex"),
+            "target nonfinite": (spec.MGIOU_TARGET_NONFINITE, "target has 1 real vertex"),
+            "pred empty": (spec.MGIOU_PRED_EMPTY, r"pred_mask has no real vertex in rows \[2\]")}
+
+
+@pytest.mark.parametrize("kind", PROBLEMS)
+def test_mgiou_spec_flags_each_problem_with_its_bit(kind):
+    assert int(spec.mgiou_forward(*_problem_case(kind))[2]) == PROBLEMS[kind][0]
+
+
+@pytest.mark.parametrize("kind", PROBLEMS)
+def test_mgiou_reads_the_forward_flag_as_its_value_checks(kind, monkeypatch):
+    """Where the kernel runs, `mgiou` checks values through the forward's flag; it raises what the eager checks
+    raise (here the spec stands in for the kernel on the CPU), and nothing for junk in padded slots."""
+    monkeypatch.setattr("losses._kernels.mgiou_runs", lambda pred, target: True)
+    expected = PROBLEMS[kind][1]
+    if expected is None:
+        assert torch.isfinite(mgiou(*_problem_case(kind))).all()
+    else:
+        with pytest.raises(LossInputError, match=expected):
+            mgiou(*_problem_case(kind))
+    if kind.endswith("nonfinite"):  # check_finite=False: the flag's non-finite bits are not asked about
+        mgiou(*_problem_case(kind), check_finite=False)
+
+
 def test_mgiou_kernel_runs_only_for_cuda_float32_computation():
     assert not mgiou_runs(torch.zeros(1, 3, 2), torch.zeros(1, 3, 2))
     if torch.cuda.is_available() and HAS_TRITON:
@@ -283,9 +325,10 @@ def test_mgiou_kernel_equals_spec(case):
     from losses._kernels import _triton
 
     pred, target, pred_mask, target_mask = _cuda(case)
-    want_loss, want_count = spec.mgiou_forward(pred, target, pred_mask, target_mask)
-    got_loss, got_count = _triton.mgiou_forward(pred, target, pred_mask, target_mask)
+    want_loss, want_count, want_problems = spec.mgiou_forward(pred, target, pred_mask, target_mask)
+    got_loss, got_count, got_problems = _triton.mgiou_forward(pred, target, pred_mask, target_mask)
     assert torch.equal(got_count, want_count), "valid-axis counts differ"
+    assert int(got_problems) == int(want_problems) == 0, "problems flagged for junk in padded slots"
     assert _rel(got_loss, want_loss) <= 1e-6, f"loss: relative difference {_rel(got_loss, want_loss):.2e}"
     upstream = torch.randn(pred.shape[0], device="cuda")
     want = spec.mgiou_backward(pred, target, pred_mask, target_mask, want_count, upstream)
@@ -296,6 +339,20 @@ def test_mgiou_kernel_equals_spec(case):
     gradient_scale = _gradient_scale(pred, target, pred_mask, target_mask)
     for name, actual, expected, exact in zip(("pred gradient", "target gradient"), got, want, truth):
         _assert_grads_close(name, actual, expected, exact, upstream, gradient_scale)
+
+
+@pytest.mark.cuda
+@needs_kernels
+@pytest.mark.parametrize("kind", PROBLEMS)
+def test_mgiou_kernel_flags_each_problem_as_the_spec(kind):
+    from losses._kernels import _triton
+
+    case = _cuda(_problem_case(kind))
+    assert int(_triton.mgiou_forward(*case)[2]) == int(spec.mgiou_forward(*case)[2]) == PROBLEMS[kind][0]
+    expected = PROBLEMS[kind][1]
+    if expected is not None:
+        with pytest.raises(LossInputError, match=expected):
+            mgiou(*case)
 
 
 @pytest.mark.cuda

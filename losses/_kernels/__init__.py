@@ -11,7 +11,9 @@ entry points (`ops`) choose per call, so callers never branch:
   (B, n, A) pairs;
 - `mgiou_loss(pred, target, pred_mask, target_mask)`: MGIoU (`losses.mgiou`) in one forward kernel and one
   hand-written backward kernel, for CUDA vertices computed in float32 (`mgiou_runs(pred, target)` says whether the
-  kernel runs; `losses.mgiou` dispatches to it there and keeps its own torch code everywhere else).
+  kernel runs; `losses.mgiou` dispatches to it there and keeps its own torch code everywhere else);
+  `mgiou_loss_and_problems` also returns the forward's flag of non-finite vertices and empty masks
+  (`spec.mgiou_problems`), which `losses.mgiou.mgiou` reads as its value checks.
 
 Where they run: `losses.assigner.task_aligned_assign` takes its metric from `assign_metrics` on accelerators (top-k,
 conflicts and soft targets stay its own torch steps; the CPU keeps its exact `nonzero` order), and the losses' fast
@@ -29,7 +31,16 @@ conflict resolution.)
 
 from __future__ import annotations
 
-from .ops import UNAVAILABLE_REASON, assign_metrics, available, dfl_expectation, mgiou_loss, mgiou_runs, positive_dfl
+from .ops import (
+    UNAVAILABLE_REASON,
+    assign_metrics,
+    available,
+    dfl_expectation,
+    mgiou_loss,
+    mgiou_loss_and_problems,
+    mgiou_runs,
+    positive_dfl,
+)
 
-__all__ = ["UNAVAILABLE_REASON", "assign_metrics", "available", "dfl_expectation", "mgiou_loss", "mgiou_runs",
-           "positive_dfl"]
+__all__ = ["UNAVAILABLE_REASON", "assign_metrics", "available", "dfl_expectation", "mgiou_loss",
+           "mgiou_loss_and_problems", "mgiou_runs", "positive_dfl"]

@@ -15,9 +15,15 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from . import spec
 from .spec import ASPECT_GAIN, BOX_EPS, INSIDE_EPS, MGIOU_EDGE_EPS, MGIOU_SPREAD_EPS
 
 _EXACT = {"enable_fp_fusion": False}
+# The MGIoU problem bits, as constants a kernel may read.
+_PRED_NONFINITE = tl.constexpr(spec.MGIOU_PRED_NONFINITE)
+_TARGET_NONFINITE = tl.constexpr(spec.MGIOU_TARGET_NONFINITE)
+_PRED_EMPTY = tl.constexpr(spec.MGIOU_PRED_EMPTY)
+_TARGET_EMPTY = tl.constexpr(spec.MGIOU_TARGET_EMPTY)
 _PAIR_BLOCK_N = 16
 _PAIR_BLOCK_A = 128
 _BIN_BLOCK_A = 128
@@ -322,6 +328,31 @@ def _mgiou_vertices(ptr, mask_ptr, rows, row_ok, V, VB: tl.constexpr, HAS_MASK: 
 
 
 @triton.jit
+def _mgiou_row_problems(ptr, mask_ptr, rows, row_ok, V, VB: tl.constexpr, HAS_MASK: tl.constexpr,
+                        NONFINITE: tl.constexpr, EMPTY: tl.constexpr):
+    """Per shape (BLOCK,) int32: NONFINITE where a real vertex has a non-finite coordinate, EMPTY where the mask row
+    has no real vertex (`spec.mgiou_problems`)."""
+    cols = tl.arange(0, VB)
+    ok = row_ok[:, None] & (cols[None, :] < V)
+    base = rows.to(tl.int64)[:, None] * V
+    if HAS_MASK:
+        ok = ok & (tl.load(mask_ptr + base + cols[None, :], mask=ok, other=0) != 0)
+    x = tl.load(ptr + (base + cols[None, :]) * 2, mask=ok, other=0.0)
+    y = tl.load(ptr + (base + cols[None, :]) * 2 + 1, mask=ok, other=0.0)
+    inf = float("inf")
+    nonfinite = tl.max((ok & ~((tl.abs(x) < inf) & (tl.abs(y) < inf))).to(tl.int32), 1)
+    problems = nonfinite * NONFINITE
+    if HAS_MASK:
+        problems += (row_ok & (tl.max(ok.to(tl.int32), 1) == 0)).to(tl.int32) * EMPTY
+    return problems
+
+
+@triton.jit
+def _or_combine(a, b):
+    return a | b
+
+
+@triton.jit
 def _mgiou_geometry(p_ptr, t_ptr, pm_ptr, tm_ptr, rows, row_ok, VP, VT, VB: tl.constexpr, HAS_PM: tl.constexpr,
                     HAS_TM: tl.constexpr):
     """Both shapes filled and normalised (centred on the joint box, divided by its longer side), and the scale."""
@@ -392,7 +423,7 @@ def _mgiou_accumulate(px, py, tx, ty, p_ok, t_ok, ax, ay, axis_sq, extra_valid, 
 
 
 @triton.jit
-def _mgiou_fwd_kernel(p_ptr, t_ptr, pm_ptr, tm_ptr, loss_ptr, count_ptr, N, VP, VT, VB: tl.constexpr,
+def _mgiou_fwd_kernel(p_ptr, t_ptr, pm_ptr, tm_ptr, loss_ptr, count_ptr, problems_ptr, N, VP, VT, VB: tl.constexpr,
                       HAS_PM: tl.constexpr, HAS_TM: tl.constexpr, EDGE_SQ: tl.constexpr, SPREAD_SQ: tl.constexpr,
                       BLOCK: tl.constexpr):
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -423,6 +454,10 @@ def _mgiou_fwd_kernel(p_ptr, t_ptr, pm_ptr, tm_ptr, loss_ptr, count_ptr, N, VP, 
     tl.store(loss_ptr + rows, (1.0 - similarity) * 0.5, mask=row_ok)
     # The count, negative where it counts x and y (the backward needs to know which axes were valid).
     tl.store(count_ptr + rows, tl.where(no_edge_axis, -count, count), mask=row_ok)
+    problems = _mgiou_row_problems(p_ptr, pm_ptr, rows, row_ok, VP, VB, HAS_PM, _PRED_NONFINITE, _PRED_EMPTY)
+    problems |= _mgiou_row_problems(t_ptr, tm_ptr, rows, row_ok, VT, VB, HAS_TM, _TARGET_NONFINITE, _TARGET_EMPTY)
+    found = tl.reduce(problems, 0, _or_combine)
+    tl.atomic_or(problems_ptr, found, mask=found != 0)
 
 
 @triton.jit
@@ -557,9 +592,10 @@ def mgiou_forward(pred, target, pred_mask, target_mask):
     n, vp, vt, grid, args, consts = _mgiou_launch(pred, target, pred_mask, target_mask)
     loss = torch.empty(n, dtype=torch.float32, device=pred.device)
     count = torch.empty(n, dtype=torch.int32, device=pred.device)
+    problems = torch.zeros((), dtype=torch.int32, device=pred.device)
     if n:
-        _mgiou_fwd_kernel[grid](*args, loss, count, n, vp, vt, **consts, **_EXACT)
-    return loss, count
+        _mgiou_fwd_kernel[grid](*args, loss, count, problems, n, vp, vt, **consts, **_EXACT)
+    return loss, count, problems
 
 
 def mgiou_backward(pred, target, pred_mask, target_mask, count, grad, need_pred=True, need_target=True):

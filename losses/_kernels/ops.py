@@ -133,20 +133,22 @@ _MGIOU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class _MGIoU(torch.autograd.Function):
-    """MGIoU loss (N,) with a hand-written backward; forward and backward each one kernel (or the spec)."""
+    """MGIoU loss (N,) with a hand-written backward, and the problems found (0-d, no gradient); forward and backward
+    each one kernel (or the spec)."""
 
     @staticmethod
     def forward(ctx, pred, target, pred_mask, target_mask):
         # Contiguous copies where needed: the kernels address (N, V, 2) rows densely, and the gradients they write are
         # allocated in that layout (an input's own strides, e.g. a transposed view's, would scramble them).
         pred, target = pred.contiguous(), target.contiguous()
-        loss, count = _backend(pred).mgiou_forward(pred, target, pred_mask, target_mask)
+        loss, count, problems = _backend(pred).mgiou_forward(pred, target, pred_mask, target_mask)
         ctx.save_for_backward(pred, target, pred_mask, target_mask, count)
-        return loss
+        ctx.mark_non_differentiable(problems)
+        return loss, problems
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, grad: torch.Tensor, _grad_problems=None):
         pred, target, pred_mask, target_mask, count = ctx.saved_tensors
         need_pred, need_target = ctx.needs_input_grad[:2]
         if _backend(pred) is _triton:
@@ -157,13 +159,20 @@ class _MGIoU(torch.autograd.Function):
         return (grad_pred if need_pred else None), (grad_target if need_target else None), None, None
 
 
-def mgiou_loss(pred: torch.Tensor, target: torch.Tensor, pred_mask: torch.Tensor | None = None,
-               target_mask: torch.Tensor | None = None) -> torch.Tensor:
+def mgiou_loss_and_problems(pred: torch.Tensor, target: torch.Tensor, pred_mask: torch.Tensor | None = None,
+                            target_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`losses.mgiou._mgiou_loss` (unchecked inputs) in one fused forward and one fused backward: the Triton kernel
     where `mgiou_runs`, else `spec.mgiou_forward` / `spec.mgiou_backward` (the same operations, in torch). float16
-    and bfloat16 vertices are computed in float32, as the reference computes them; the result is float32."""
+    and bfloat16 vertices are computed in float32, as the reference computes them; the loss is float32. Also returns
+    the 0-d `spec.mgiou_problems` flag the forward finds as it reads the vertices (not read here: no sync)."""
     if pred.dtype != torch.float32 and pred.dtype in _MGIOU_DTYPES:
         pred = pred.to(torch.float32)
     if target.dtype != torch.float32 and target.dtype in _MGIOU_DTYPES:
         target = target.to(torch.float32)
     return _MGIoU.apply(pred, target, pred_mask, target_mask)
+
+
+def mgiou_loss(pred: torch.Tensor, target: torch.Tensor, pred_mask: torch.Tensor | None = None,
+               target_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The loss of `mgiou_loss_and_problems`."""
+    return mgiou_loss_and_problems(pred, target, pred_mask, target_mask)[0]

@@ -31,6 +31,7 @@ __all__ = [
     "expectation_forward",
     "mgiou_backward",
     "mgiou_forward",
+    "mgiou_problems",
     "positive_dfl_backward_add",
     "positive_dfl_forward",
 ]
@@ -182,16 +183,41 @@ def positive_dfl_backward_add(
 # losses.mgiou's thresholds (relative to a pair's extent; tests/test_mgiou_kernel.py ties them to that module's).
 MGIOU_EDGE_EPS = 1e-6
 MGIOU_SPREAD_EPS = 1e-6
+# Bits of the problem flag `mgiou_forward` returns: the value checks of `losses.mgiou.mgiou`, found while the vertices
+# are read, so that the checks cost one read of a 0-d tensor.
+MGIOU_PRED_NONFINITE = 1  # a real pred vertex has a non-finite coordinate
+MGIOU_TARGET_NONFINITE = 2
+MGIOU_PRED_EMPTY = 4  # a pred_mask row has no real vertex
+MGIOU_TARGET_EMPTY = 8
+
+
+def mgiou_problems(pred: torch.Tensor, target: torch.Tensor, pred_mask: torch.Tensor | None,
+                   target_mask: torch.Tensor | None) -> torch.Tensor:
+    """0-d int32: the MGIOU_* bits of the problems found in any pair (a row without a real vertex is only empty: its
+    padded slots are never read, so their values are not a problem)."""
+    flags = []
+    for vertices, mask in ((pred, pred_mask), (target, target_mask)):
+        finite = torch.isfinite(vertices).all(dim=-1)
+        if mask is None:
+            flags.append(~finite.all())
+        else:
+            flags.append(~(finite | ~mask).all())
+    empty = [torch.zeros((), dtype=torch.bool, device=pred.device) if mask is None else ~mask.any(dim=1).all()
+             for mask in (pred_mask, target_mask)]
+    bits = torch.tensor([MGIOU_PRED_NONFINITE, MGIOU_TARGET_NONFINITE, MGIOU_PRED_EMPTY, MGIOU_TARGET_EMPTY],
+                        dtype=torch.int32, device=pred.device)
+    return (torch.stack(flags + empty).to(torch.int32) * bits).sum().to(torch.int32)
 
 
 def mgiou_sources(mask: torch.Tensor | None, n: int, v: int, device) -> torch.Tensor:
     """(N, V) slot each vertex slot reads: itself if real, else the nearest real slot before it, cyclically (leading
-    padded slots read the last real one); `losses.mgiou._fill_padded`'s rule. Without a mask every slot is real."""
+    padded slots read the last real one); `losses.mgiou._fill_padded`'s rule. Without a mask every slot is real. A row
+    without a real vertex (a problem `mgiou_problems` reports) reads slot 0, as the kernel does."""
     index = torch.arange(v, device=device).expand(n, v)
     if mask is None:
         return index
     last_real = torch.where(mask, index, -1).cummax(dim=1).values
-    return torch.where(last_real >= 0, last_real, last_real[:, -1:])
+    return torch.where(last_real >= 0, last_real, last_real[:, -1:]).clamp(min=0)
 
 
 def _mgiou_filled(vertices: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,10 +283,10 @@ def _mgiou_axes_terms(pred, target, pred_mask, target_mask):
 
 
 def mgiou_forward(pred: torch.Tensor, target: torch.Tensor, pred_mask: torch.Tensor | None,
-                  target_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                  target_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """MGIoU loss (N,) of float32 vertices (N, Vp, 2), (N, Vt, 2) with optional (N, V) bool masks, as
-    `losses.mgiou._mgiou_loss` computes it; and the valid-axis count (N,) int32 the backward reads (negative where
-    the valid axes are x and y, no edge normal being valid).
+    `losses.mgiou._mgiou_loss` computes it; the valid-axis count (N,) int32 the backward reads (negative where
+    the valid axes are x and y, no edge normal being valid); and the problems found (`mgiou_problems`).
 
     Operation order of the kernel: fill, normalise (centre = (low + high) * 0.5, divided by the longer side), edge
     normals, supports (separately rounded products), per axis the 1-D GIoU over the valid axes (pred's edges, then
@@ -276,7 +302,8 @@ def mgiou_forward(pred: torch.Tensor, target: torch.Tensor, pred_mask: torch.Ten
     similarity = torch.where(count > 0, mean, torch.ones_like(mean))
     # The count is negative where it counts x and y: the backward must know which axes were valid.
     no_edge_axis = ~terms["valid"][:, :-2].any(dim=1)
-    return (1 - similarity) / 2, torch.where(no_edge_axis, -count, count).to(torch.int32)
+    count = torch.where(no_edge_axis, -count, count).to(torch.int32)
+    return (1 - similarity) / 2, count, mgiou_problems(pred, target, pred_mask, target_mask)
 
 
 def mgiou_backward(pred: torch.Tensor, target: torch.Tensor, pred_mask: torch.Tensor | None,
