@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 
 from . import _kernels
+from ._kernels import spec
 from ._boxes import bbox_ciou, xywh2xyxy, xyxy2xywh
 from ._validate import LossInputError
 
@@ -102,30 +103,29 @@ def _assign(pd_scores, pd_bboxes, anchor_points, gt_labels, gt_bboxes, mask_gt, 
         candidate = _anchors_in_boxes(anchor_points, gt_bboxes, mask_gt, min_side) & mask_gt  # (B, n, A)
         overlaps, align = _metrics(pd_scores, pd_bboxes, labels, gt_bboxes, candidate, cfg, dense=False)
 
-    mask_pos = _top_candidates(align, mask_gt, cfg.topk) & candidate
-    mask_pos = _resolve_conflicts(mask_pos, overlaps)
     rescued = None
     if cfg.ensure_coverage:
+        mask_pos = spec.resolve_conflicts(spec.top_candidates(align, mask_gt, cfg.topk) & candidate, overlaps)
         mask_pos, rescued = _ensure_coverage(mask_pos, candidate, align, anchor_points, gt_bboxes)
-
-    fg_mask, target_gt_idx = mask_pos.to(torch.int8).max(1)  # background anchors point at gt 0, as Ultralytics
+        positives = spec.summarise_positives(mask_pos, align, overlaps)
+    else:  # one fused pass after torch's top-k where the kernels run (the same positives: tests/test_kernels.py)
+        positives = _kernels.assign_positives(align, overlaps, candidate, mask_gt, cfg.topk)
+    fg_mask, target_gt_idx = positives.fg, positives.gt_index
     target_labels = labels.gather(1, target_gt_idx).clamp(0)
     target_bboxes = gt_bboxes.gather(1, target_gt_idx.unsqueeze(-1).expand(-1, -1, 4))
 
     # Soft targets: each gt's metrics rescaled so its best positive reaches its best IoU. After conflict resolution an
     # anchor is positive for at most one gt, so its score is read at target_gt_idx instead of a max over all gts.
     zero = torch.zeros((), dtype=align.dtype, device=align.device)
-    best_align = torch.where(mask_pos, align, zero).amax(-1)  # (B, n)
-    best_overlap = torch.where(mask_pos, overlaps, zero).amax(-1)
-    own_align = align.gather(1, target_gt_idx.unsqueeze(1)).squeeze(1)  # (B, A)
-    norm = own_align * best_overlap.gather(1, target_gt_idx) / (best_align.gather(1, target_gt_idx) + cfg.eps)
-    norm = torch.where(fg_mask.bool(), norm, zero)
+    best_overlap = positives.best_overlap.gather(1, target_gt_idx)
+    norm = positives.own_align * best_overlap / (positives.best_align.gather(1, target_gt_idx) + cfg.eps)
+    norm = torch.where(fg_mask, norm, zero)
     if rescued is not None:
         # A rescued positive of a gt with zero metric everywhere still needs weight, or it teaches nothing.
         norm = torch.where(rescued & (norm == 0), torch.ones_like(norm), norm)
     target_scores = torch.zeros((b, a, nc), dtype=norm.dtype, device=norm.device)
     target_scores.scatter_(2, target_labels.unsqueeze(-1), norm.unsqueeze(-1))
-    return Assignment(target_labels, target_bboxes, target_scores, fg_mask.bool(), target_gt_idx)
+    return Assignment(target_labels, target_bboxes, target_scores, fg_mask, target_gt_idx)
 
 
 def _anchors_in_boxes(anchor_points, gt_bboxes, mask_gt, min_side: float) -> torch.Tensor:
@@ -168,24 +168,6 @@ def _metrics(pd_scores, pd_bboxes, labels, gt_bboxes, candidate, cfg, dense: boo
     overlaps[bi, gi, ai] = ciou
     align[bi, gi, ai] = cls_prob.pow(cfg.alpha) * ciou.pow(cfg.beta)
     return overlaps, align
-
-
-def _top_candidates(align, mask_gt, topk: int) -> torch.Tensor:
-    """(B, n, A) bool: the topk anchors of each real gt; an anchor picked more than once in a row is dropped."""
-    idx = align.topk(topk, dim=-1).indices
-    # Padding rows all point at anchor 0, so it is counted topk times and dropped (their rows are masked later).
-    idx = idx.masked_fill(~mask_gt, 0)
-    count_dtype = torch.int8 if topk < 128 else torch.int32
-    count = torch.zeros(align.shape, dtype=count_dtype, device=align.device)
-    count.scatter_add_(-1, idx, torch.ones_like(idx, dtype=count_dtype))
-    return count == 1
-
-
-def _resolve_conflicts(mask_pos, overlaps) -> torch.Tensor:
-    """An anchor positive for several gts keeps only the gt with the highest overlap."""
-    multi = mask_pos.sum(1, keepdim=True) > 1  # (B, 1, A)
-    best = torch.zeros_like(mask_pos).scatter_(1, overlaps.max(1).indices.unsqueeze(1), True)
-    return torch.where(multi, best, mask_pos)
 
 
 def _ensure_coverage(mask_pos, candidate, align, anchor_points, gt_bboxes):

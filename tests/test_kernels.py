@@ -4,8 +4,8 @@ CPU (CI): each spec against the reference it replaces (`losses.assigner`, `heads
 `losses._boxes.dfl_loss`), bit for bit where the operation order is the same, else within 1e-6 relative; the
 assigner's dense path (the metric spec, as accelerators run it) against its CPU path. The fast path that carries the
 DFL kernels is held to the reference loss in tests/test_fast_paths.py.
-GPU (`cuda` marker, skipped without CUDA or Triton): each Triton kernel against its spec on the same inputs; the
-default loss (fast path, graphs, kernels) against the eager reference (`cuda_graphs=False`).
+GPU (`cuda` marker, skipped without CUDA or Triton): each Triton kernel against its spec on the same inputs (the
+positives pass exactly, also at ties of overlap); the default loss (fast path, graphs, kernels) against the eager reference (`cuda_graphs=False`).
 """
 
 from __future__ import annotations
@@ -246,6 +246,26 @@ def test_assign_metrics_kernel_equals_spec(inputs):
     # overlap^beta multiplies an overlap's relative error by beta (up to 6 here): 1e-6 and 1e-5 cover both.
     for name, actual, want, tol in zip(("overlaps", "align"), got[1:], expected[1:], (1e-6, 1e-5)):
         assert _rel(actual, want) <= tol, f"{name}: relative difference {_rel(actual, want):.2e} > {tol}"
+
+
+@pytest.mark.cuda
+@needs_kernels
+@settings(max_examples=100)
+@given(assigner_inputs(exponents=GPU_EXPONENTS), st.booleans())
+def test_assign_positives_kernel_equals_spec(inputs, tied):
+    """The positives pass equals its spec exactly, also where overlaps tie between gts (`tied`: overlaps rounded to
+    quarters, so conflict resolution meets ties and must keep the first gt, as torch's max)."""
+    from losses._kernels import _triton
+
+    args = _cuda(_metric_args(*inputs))
+    candidate, overlaps, align = spec.assign_metrics(*args)
+    if tied:
+        overlaps = torch.where(candidate, (overlaps * 4).round() / 4, 0.0)
+    mask_gt, topk = args[5].unsqueeze(-1), inputs[-1].topk
+    expected = spec.assign_positives(align, overlaps, candidate, mask_gt, topk)
+    got = _triton.assign_positives(align, overlaps, candidate, mask_gt, topk)
+    for name, actual, want in zip(expected._fields, got, expected):
+        assert torch.equal(actual, want), f"{name}: kernel differs from the spec"
 
 
 @pytest.mark.cuda

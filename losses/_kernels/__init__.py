@@ -8,23 +8,26 @@ entry points (`ops`) choose per call, so callers never branch:
   `positive_dfl(...)`, the DFL cross-entropy at positives, whose gradient is added by the expectation's own backward
   (one pass writes the dense logits gradient);
 - `assign_metrics(...)`: the assigner's candidate mask, CIoU overlaps and alignment metric in one pass over the dense
-  (B, n, A) pairs;
+  (B, n, A) pairs; `assign_positives(...)`: from them, after torch's top-k, the positives (conflicts resolved) and
+  the per-gt best metric and overlap in one more pass;
 - `mgiou_loss(pred, target, pred_mask, target_mask)`: MGIoU (`losses.mgiou`) in one forward kernel and one
   hand-written backward kernel, for CUDA vertices computed in float32 (`mgiou_runs(pred, target)` says whether the
   kernel runs; `losses.mgiou` dispatches to it there and keeps its own torch code everywhere else);
   `mgiou_loss_and_problems` also returns the forward's flag of non-finite vertices and empty masks
   (`spec.mgiou_problems`), which `losses.mgiou.mgiou` reads as its value checks.
 
-Where they run: `losses.assigner.task_aligned_assign` takes its metric from `assign_metrics` on accelerators (top-k,
-conflicts and soft targets stay its own torch steps; the CPU keeps its exact `nonzero` order), and the losses' fast
-path (`losses._fast.FastPath._detection_core`) decodes with `dfl_expectation` and takes its DFL term from
-`.positive_loss`. There is no second loss beside the reference: the kernels are a backend of its computations.
+Where they run: `losses.assigner.task_aligned_assign` takes its metric from `assign_metrics` on accelerators (the CPU
+keeps its exact `nonzero` order) and its positives from `assign_positives` everywhere (the spec on the CPU; soft
+targets stay its own torch steps), and the losses' fast path (`losses._fast.FastPath._detection_core`) decodes with
+`dfl_expectation` and takes its DFL term from `.positive_loss`. There is no second loss beside the reference: the
+kernels are a backend of its computations.
 
-Tie-breaking contract: top-k and conflict resolution stay torch's, on the kernel's candidates (equal to the spec's)
-and metrics (bit-equal to the spec's for 99.7 % of pairs on an H200, the rest within two ulps: CUDA's atan and
-torch's differ in the last bit now and then). A choice among exactly equal metrics is torch.topk's, as on the
-reference path (which differs between CPU and CUDA too); exact ties of non-zero metric do not occur for real inputs,
-so a changed choice swaps only positives of zero metric, hence of zero target score and zero weight in every term.
+Tie-breaking contract: top-k stays torch's, on the kernel's candidates (equal to the spec's) and metrics (bit-equal to
+the spec's for 99.7 % of pairs on an H200, the rest within two ulps: CUDA's atan and torch's differ in the last bit
+now and then). A choice among exactly equal metrics is torch.topk's, as on the reference path (which differs between
+CPU and CUDA too); exact ties of non-zero metric do not occur for real inputs, so a changed choice swaps only
+positives of zero metric, hence of zero target score and zero weight in every term. Conflict resolution keeps the
+first gt of highest overlap, as torch's max does (its documented tie rule), in the kernel and the spec alike.
 (Caveats shared with the reference: metrics one ulp apart can swap order; a zero-weight positive still takes part in
 conflict resolution.)
 """
@@ -34,6 +37,7 @@ from __future__ import annotations
 from .ops import (
     UNAVAILABLE_REASON,
     assign_metrics,
+    assign_positives,
     available,
     dfl_expectation,
     mgiou_loss,
@@ -42,5 +46,5 @@ from .ops import (
     positive_dfl,
 )
 
-__all__ = ["UNAVAILABLE_REASON", "assign_metrics", "available", "dfl_expectation", "mgiou_loss",
+__all__ = ["UNAVAILABLE_REASON", "assign_metrics", "assign_positives", "available", "dfl_expectation", "mgiou_loss",
            "mgiou_loss_and_problems", "mgiou_runs", "positive_dfl"]

@@ -38,6 +38,15 @@ def assign_metrics(pd_scores, pd_bboxes, anchor_points, labels, gt_bboxes, mask_
                                       float(min_side), float(alpha), float(beta))
 
 
+def assign_positives(align, overlaps, candidate, mask_gt, topk: int) -> spec.Positives:
+    """The assignment's positives from the dense metrics; see `spec.assign_positives`. No gradient."""
+    backend = _backend(align)
+    if backend is _triton and overlaps.dtype != torch.float32:
+        backend = spec
+    with torch.no_grad():
+        return backend.assign_positives(align, overlaps, candidate, mask_gt.bool(), int(topk))
+
+
 # ------------------------------------------------------------------------------------------------ DFL
 class _PendingPositives:
     """Carries the positive DFL term's gradient from its backward to the expectation's backward, which adds it."""

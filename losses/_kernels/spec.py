@@ -6,6 +6,9 @@ same inputs, so that the kernel can be checked against it on the GPU and the spe
 
 - `assign_metrics`: the assigner's candidate mask, CIoU overlaps and alignment metric over the dense (B, n, A) pairs
   (`losses.assigner._anchors_in_boxes` followed by the dense `_metrics`); equal to the reference bit for bit.
+- `assign_positives`: the assigner's positives from those metrics (top-k per gt, conflicts resolved by overlap), as
+  the per-anchor gt index and metric and the per-gt best metric and overlap (`Positives`); the kernel takes torch's
+  top-k indices and does the rest in one pass over the pairs.
 - `expectation_forward` / `expectation_backward`: the DFL softmax expectation over bins and its analytic gradient
   (`heads._decode.dfl_expectation`).
 - `positive_dfl_forward` / `positive_dfl_backward_add`: the DFL cross-entropy at positive anchors (`losses._boxes
@@ -22,11 +25,14 @@ entries), because their gradients are added.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
 __all__ = [
+    "Positives",
     "assign_metrics",
+    "assign_positives",
     "expectation_backward",
     "expectation_forward",
     "mgiou_backward",
@@ -34,6 +40,9 @@ __all__ = [
     "mgiou_problems",
     "positive_dfl_backward_add",
     "positive_dfl_forward",
+    "resolve_conflicts",
+    "summarise_positives",
+    "top_candidates",
 ]
 
 BOX_EPS = 1e-7  # bbox_ciou's eps: heights, union, diagonal, alpha's denominator
@@ -101,6 +110,54 @@ def assign_metrics(
     score = pd_scores.transpose(1, 2).gather(1, labels.unsqueeze(-1).expand(b, n, pd_scores.shape[1]))
     align = torch.where(candidate, score.pow(alpha) * overlaps.pow(beta), zero)
     return candidate, overlaps, align
+
+
+class Positives(NamedTuple):
+    """The assignment's positives, per anchor and per gt: fg (B, A) bool; gt_index (B, A) long, the anchor's gt (0 on
+    background anchors); own_align (B, A), its metric for that gt; best_align, best_overlap (B, n), each gt's largest
+    metric and overlap over its positives (0 without any)."""
+
+    fg: torch.Tensor
+    gt_index: torch.Tensor
+    own_align: torch.Tensor
+    best_align: torch.Tensor
+    best_overlap: torch.Tensor
+
+
+def top_candidates(align: torch.Tensor, mask_gt: torch.Tensor, topk: int) -> torch.Tensor:
+    """(B, n, A) bool: the topk anchors of each real gt (mask_gt (B, n, 1)); an anchor picked more than once in a row
+    is dropped (Ultralytics' rule; only the padding rows, all pointed at anchor 0, have repeats)."""
+    idx = align.topk(topk, dim=-1).indices
+    idx = idx.masked_fill(~mask_gt, 0)
+    count_dtype = torch.int8 if topk < 128 else torch.int32
+    count = torch.zeros(align.shape, dtype=count_dtype, device=align.device)
+    count.scatter_add_(-1, idx, torch.ones_like(idx, dtype=count_dtype))
+    return count == 1
+
+
+def resolve_conflicts(mask_pos: torch.Tensor, overlaps: torch.Tensor) -> torch.Tensor:
+    """An anchor positive for several gts keeps only the gt of highest overlap (the first, at a tie) over all gts."""
+    multi = mask_pos.sum(1, keepdim=True) > 1  # (B, 1, A)
+    best = torch.zeros_like(mask_pos).scatter_(1, overlaps.max(1).indices.unsqueeze(1), True)
+    return torch.where(multi, best, mask_pos)
+
+
+def summarise_positives(mask_pos: torch.Tensor, align: torch.Tensor, overlaps: torch.Tensor) -> Positives:
+    """`Positives` of a (B, n, A) mask with at most one gt per anchor."""
+    fg, gt_index = mask_pos.to(torch.int8).max(1)  # background anchors point at gt 0, as Ultralytics
+    zero = torch.zeros((), dtype=align.dtype, device=align.device)
+    best_align = torch.where(mask_pos, align, zero).amax(-1)
+    best_overlap = torch.where(mask_pos, overlaps, zero).amax(-1)
+    own_align = align.gather(1, gt_index.unsqueeze(1)).squeeze(1)
+    return Positives(fg.bool(), gt_index, own_align, best_align, best_overlap)
+
+
+def assign_positives(align: torch.Tensor, overlaps: torch.Tensor, candidate: torch.Tensor, mask_gt: torch.Tensor,
+                     topk: int) -> Positives:
+    """The positives of the task-aligned assignment from the dense (B, n, A) metrics (`assign_metrics`' outputs):
+    each real gt's topk anchors by metric among its candidates, conflicts resolved by overlap."""
+    mask_pos = resolve_conflicts(top_candidates(align, mask_gt, topk) & candidate, overlaps)
+    return summarise_positives(mask_pos, align, overlaps)
 
 
 def _bins(reg_max: int, like: torch.Tensor) -> torch.Tensor:
