@@ -155,12 +155,24 @@ def _fused_dfl(logits, grad, image, anchor, target, grad_pos, reg_max):
     return branch.expectation.detach(), positive.detach(), x.grad
 
 
+def _float64(inputs):
+    return tuple(t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs)
+
+
 @given(dfl_inputs())
 def test_dfl_spec_equals_reference(inputs):
-    """Expectation, positive DFL and the one dense gradient of both agree with the reference within 1e-6."""
-    for name, actual, expected in zip(("expectation", "positive DFL", "logits gradient"), _fused_dfl(*inputs),
-                                      _reference_dfl(*inputs)):
+    """Expectation and positive DFL agree with the reference within 1e-6. The dense logits gradient is held to the
+    exact one (the reference in float64): within 2e-5 relative, or twice the float32 reference's own error where that
+    is larger. It is ill-conditioned where one bin dominates, (bin - E) cancelling, so two float32 computations in
+    different orders differ by up to 1e-4 there (measured over 1000 random draws: the reference 7.5e-5 off, the spec
+    5.4e-5), and a plain comparison of the two would only measure their rounding. (The fuzz profile's search found
+    the spec 1.2e-5 off where the reference is 2.8e-6 off, with the spec's old per-bin divisions as with today's.)"""
+    fused, reference, exact = _fused_dfl(*inputs), _reference_dfl(*inputs), _reference_dfl(*_float64(inputs))
+    for name, actual, expected in zip(("expectation", "positive DFL"), fused, reference):
         assert _rel(actual, expected) <= 1e-6, f"{name}: relative difference {_rel(actual, expected):.2e} > 1e-6"
+    error, own_error = _rel(fused[2], exact[2]), _rel(reference[2], exact[2])
+    assert error <= max(2e-5, 2 * own_error), (f"logits gradient: {error:.2e} off the float64 gradient (the float32 "
+                                                f"reference {own_error:.2e})")
 
 
 def test_dfl_expectation_rejects_wrong_channels():
