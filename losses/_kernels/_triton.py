@@ -234,24 +234,24 @@ def assign_positives(align, overlaps, candidate, mask_gt, topk):
 
 @triton.jit
 def _softmax_rows(logits_ptr, row, cols, A, R: tl.constexpr, R_P2: tl.constexpr):
-    """Bins (R_P2, BLOCK_A) of one (image, side) row: exp(logit - max) (0 on padded bins), its sum over the bins
-    (BLOCK_A,), bin numbers, the mask and the offsets."""
+    """Bins (R_P2, BLOCK_A) of one (image, side) row: probabilities (0 on padded bins), bin numbers, the mask."""
     bins = tl.arange(0, R_P2)
     ok = (bins[:, None] < R) & (cols[None, :] < A)
     offs = (row.to(tl.int64) * R + bins[:, None]) * A + cols[None, :]
     x = tl.load(logits_ptr + offs, mask=ok, other=0.0)
     x = tl.where(bins[:, None] < R, x, float("-inf"))
     top = tl.max(x, 0)
-    exp = libdevice.exp(x - top[None, :])
-    return exp, tl.sum(exp, 0), bins.to(tl.float32)[:, None], ok, offs
+    e = libdevice.exp(x - top[None, :])
+    probs = tl.math.div_rn(e, tl.sum(e, 0)[None, :])
+    return probs, bins.to(tl.float32)[:, None], ok, offs
 
 
 @triton.jit
 def _expectation_fwd_kernel(logits_ptr, out_ptr, A, R: tl.constexpr, R_P2: tl.constexpr, BLOCK_A: tl.constexpr):
     row = tl.program_id(1)
     cols = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
-    exp, total, bins, _, _ = _softmax_rows(logits_ptr, row, cols, A, R, R_P2)
-    tl.store(out_ptr + row.to(tl.int64) * A + cols, tl.math.div_rn(tl.sum(exp * bins, 0), total), mask=cols < A)
+    probs, bins, _, _ = _softmax_rows(logits_ptr, row, cols, A, R, R_P2)
+    tl.store(out_ptr + row.to(tl.int64) * A + cols, tl.sum(probs * bins, 0), mask=cols < A)
 
 
 @triton.jit
@@ -259,8 +259,7 @@ def _expectation_bwd_kernel(logits_ptr, exp_ptr, grad_ptr, out_ptr, A, R: tl.con
                             BLOCK_A: tl.constexpr):
     row = tl.program_id(1)
     cols = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
-    exp, total, bins, ok, offs = _softmax_rows(logits_ptr, row, cols, A, R, R_P2)
-    probs = exp * tl.math.div_rn(1.0, total)[None, :]
+    probs, bins, ok, offs = _softmax_rows(logits_ptr, row, cols, A, R, R_P2)
     at = row.to(tl.int64) * A + cols
     expectation = tl.load(exp_ptr + at, mask=cols < A, other=0.0)
     grad = tl.load(grad_ptr + at, mask=cols < A, other=0.0)

@@ -164,24 +164,21 @@ def _bins(reg_max: int, like: torch.Tensor) -> torch.Tensor:
     return torch.arange(reg_max, dtype=like.dtype, device=like.device).view(reg_max, 1)
 
 
-def _exp_over_bins(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """exp(logit - max) over dim 2 of (B, 4, R, A) and its sum over the bins (B, 4, 1, A): the softmax's parts."""
-    exp = (logits - logits.amax(2, keepdim=True)).exp()
-    return exp, exp.sum(2, keepdim=True)
+def _softmax_over_bins(logits: torch.Tensor) -> torch.Tensor:
+    """softmax over dim 2 of (B, 4, R, A), max-subtracted."""
+    shifted = logits - logits.amax(2, keepdim=True)
+    exp = shifted.exp()
+    return exp / exp.sum(2, keepdim=True)
 
 
 def expectation_forward(logits: torch.Tensor) -> torch.Tensor:
-    """(B, 4, R, A) bin logits -> (B, 4, A): E[bin] under the softmax over bins, as sum(exp * bin) / sum(exp) (one
-    division per anchor side, not one per bin)."""
-    exp, total = _exp_over_bins(logits)
-    return (exp * _bins(logits.shape[2], logits)).sum(2) / total.squeeze(2)
+    """(B, 4, R, A) bin logits -> (B, 4, A): E[bin] under the softmax over bins."""
+    return (_softmax_over_bins(logits) * _bins(logits.shape[2], logits)).sum(2)
 
 
 def expectation_backward(logits: torch.Tensor, expectation: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """d/dlogits of <grad, E>: p_i * (bin_i - E) * grad, (B, 4, R, A); the softmax is recomputed, not saved, its
-    probabilities as exp * (1 / sum) (one division per anchor side)."""
-    exp, total = _exp_over_bins(logits)
-    probs = exp * (1 / total)
+    """d/dlogits of <grad, E>: p_i * (bin_i - E) * grad, (B, 4, R, A); the softmax is recomputed, not saved."""
+    probs = _softmax_over_bins(logits)
     return (_bins(logits.shape[2], logits) - expectation.unsqueeze(2)) * probs * grad.unsqueeze(2)
 
 
