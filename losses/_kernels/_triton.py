@@ -28,7 +28,7 @@ _PAIR_BLOCK_N = 16
 _PAIR_BLOCK_A = 128
 _BIN_BLOCK_A = 128
 _POS_BLOCK_K = 32
-_POSITIVES_TILE = 4096  # (gt, anchor) pairs per program of the positives pass
+_POSITIVES_BLOCK_A = 256
 _MGIOU_BLOCK = 64  # pairs per program
 
 
@@ -165,41 +165,41 @@ def assign_metrics(pd_scores, pd_bboxes, anchor_points, labels, gt_bboxes, mask_
 
 
 # ------------------------------------------------------------------------------------------------ assignment positives
-# One program per (image, block of anchors) holds all of the image's gt slots (N_P2 >= n) as one tile: which gts picked
-# each anchor among their top-k (torch's indices, compared one rank at a time), the positive count, the first positive
-# gt and the first gt of highest overlap. Then the anchor's gt, its metric, and (atomically) each gt's largest metric
-# and overlap over its positives.
+# One program per (image, block of anchors) walks the gts in order: whether each picked the anchor among its top-k
+# (torch's indices), the running positive count, the first positive gt and the first gt of highest overlap. Then the
+# anchor's gt, its metric, and (atomically) each gt's largest metric and overlap over its positives.
 @triton.jit
 def _assign_positives_kernel(idx_ptr, real_ptr, cand_ptr, overlap_ptr, align_ptr,
                              fg_ptr, gt_index_ptr, own_ptr, best_align_ptr, best_overlap_ptr,
-                             n, A, K: tl.constexpr, N_P2: tl.constexpr, BLOCK_A: tl.constexpr):
+                             n, A, K: tl.constexpr, K_P2: tl.constexpr, BLOCK_A: tl.constexpr):
     b64 = tl.program_id(1).to(tl.int64)
     ai = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
-    gi = tl.arange(0, N_P2)
     a_ok = ai < A
-    g_ok = gi < n
-    rows = b64 * n + gi
-    real = tl.load(real_ptr + rows, mask=g_ok, other=0) != 0
-    hits = tl.zeros((N_P2, BLOCK_A), tl.int32)
-    for k in range(0, K):
-        idx = tl.load(idx_ptr + rows * K + k, mask=g_ok, other=-1)
-        idx = tl.where(real | ~g_ok, idx, 0)  # padding rows all point at anchor 0 (picked K times: dropped unless K = 1)
-        hits += (idx[:, None] == ai[None, :]).to(tl.int32)
-    pair = rows[:, None] * A + ai[None, :]
-    pair_ok = g_ok[:, None] & a_ok[None, :]
-    candidate = tl.load(cand_ptr + pair, mask=pair_ok, other=0) != 0
-    positive = (hits == 1) & candidate
-    n_pos = tl.sum(positive.to(tl.int32), 0)
-    first_pos = tl.min(tl.where(positive, gi[:, None], N_P2), 0)
-    overlap = tl.load(overlap_ptr + pair, mask=pair_ok, other=-float("inf"))
-    best = tl.max(overlap, 0)
-    best_gt = tl.min(tl.where(overlap == best[None, :], gi[:, None], N_P2), 0)  # the first, as torch's max picks
-    best_gt = tl.minimum(best_gt, n - 1)  # a NaN overlap (unchecked input) matches nothing: stay in bounds
+    ks = tl.arange(0, K_P2)
+    k_ok = ks < K
+    n_pos = tl.zeros((BLOCK_A,), tl.int32)
+    first_pos = tl.zeros((BLOCK_A,), tl.int32)
+    best_overlap = tl.full((BLOCK_A,), -float("inf"), tl.float32)
+    best_gt = tl.zeros((BLOCK_A,), tl.int32)
+    for g in range(0, n):
+        row = b64 * n + g
+        real = tl.load(real_ptr + row) != 0
+        idx = tl.load(idx_ptr + row * K + ks, mask=k_ok, other=0)
+        idx = tl.where(real, idx, 0)  # padding rows all point at anchor 0 (picked K times: dropped unless K == 1)
+        hits = tl.sum(((ai[:, None] == idx[None, :]) & k_ok[None, :]).to(tl.int32), 1)
+        candidate = tl.load(cand_ptr + row * A + ai, mask=a_ok, other=0) != 0
+        positive = (hits == 1) & candidate
+        first_pos = tl.where(positive & (n_pos == 0), g, first_pos)
+        n_pos += positive.to(tl.int32)
+        overlap = tl.load(overlap_ptr + row * A + ai, mask=a_ok, other=0.0)
+        better = overlap > best_overlap  # strictly: the first gt of highest overlap, as torch's max picks
+        best_overlap = tl.where(better, overlap, best_overlap)
+        best_gt = tl.where(better, g, best_gt)
     fg = n_pos > 0
     gt = tl.where(n_pos > 1, best_gt, tl.where(fg, first_pos, 0))
-    own = (b64 * n + gt) * A + ai
-    own_align = tl.load(align_ptr + own, mask=a_ok, other=0.0)
-    own_overlap = tl.load(overlap_ptr + own, mask=a_ok, other=0.0)
+    pair = (b64 * n + gt) * A + ai
+    own_align = tl.load(align_ptr + pair, mask=a_ok, other=0.0)
+    own_overlap = tl.load(overlap_ptr + pair, mask=a_ok, other=0.0)
     out = b64 * A + ai
     tl.store(fg_ptr + out, fg.to(tl.int8), mask=a_ok)
     tl.store(gt_index_ptr + out, gt.to(tl.int64), mask=a_ok)
@@ -221,13 +221,11 @@ def assign_positives(align, overlaps, candidate, mask_gt, topk):
     best_align = torch.zeros((b, n), dtype=torch.float32, device=device)
     best_overlap = torch.zeros((b, n), dtype=torch.float32, device=device)
     idx = align.topk(topk, dim=-1).indices.contiguous()
-    n_p2 = max(2, triton.next_power_of_2(n))
-    block_a = max(16, min(256, _POSITIVES_TILE // n_p2))  # about _POSITIVES_TILE pairs per program
-    grid = (triton.cdiv(a, block_a), b)
+    grid = (triton.cdiv(a, _POSITIVES_BLOCK_A), b)
     _assign_positives_kernel[grid](
         idx, mask_gt.contiguous().view(torch.uint8), candidate.contiguous().view(torch.int8), overlaps.contiguous(),
         align.contiguous(), fg.view(torch.int8), gt_index, own_align, best_align, best_overlap, n, a,
-        K=topk, N_P2=n_p2, BLOCK_A=block_a,
+        K=topk, K_P2=max(2, triton.next_power_of_2(topk)), BLOCK_A=_POSITIVES_BLOCK_A,
     )
     return spec.Positives(fg, gt_index, own_align, best_align, best_overlap)
 
