@@ -101,7 +101,7 @@ def _device_time(evt) -> float:
     return 0.0
 
 
-def profile_one(name: str, step, setup, device: str, steps: int, top: int = 8) -> str:
+def profile_one(name: str, step, setup, device: str, steps: int, top: int = 8, ops: bool = False) -> str:
     for _ in range(5):
         setup()
         step()
@@ -132,6 +132,10 @@ def profile_one(name: str, step, setup, device: str, steps: int, top: int = 8) -
         lines.append(f"   device time of all kernels {total / 1e3:.2f} ms/step; top kernels (us/step, calls/step):")
     for e in kernels[:top]:
         lines.append(f"   {_device_time(e) / steps:8.1f}  {e.count / steps:5.0f}  {e.key[:100]}")
+    if ops:
+        aten = sorted((e for e in events if e.key.startswith("aten::")), key=lambda e: e.count, reverse=True)
+        lines.append("   host ops by calls/step (self CPU us/step): " + ", ".join(
+            f"{e.key[6:]} {e.count / steps:.0f} ({e.self_cpu_time_total / steps:.0f})" for e in aten[:top]))
     return "\n".join(lines)
 
 
@@ -142,7 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cpu", action="store_true", help="tiny CPU shapes: operator counts, no kernels")
     parser.add_argument("--option", action="append", default=[], metavar="NAME=BOOL",
                         help="loss constructor option for ours, e.g. cuda_graphs=1 (ignored where not accepted)")
-    parser.add_argument("--top", type=int, default=8, help="kernels listed per workload")
+    parser.add_argument("--top", type=int, default=8, help="kernels (and with --ops, host ops) listed per workload")
+    parser.add_argument("--ops", action="store_true", help="also list the aten ops issued per step, by count")
     parser.add_argument("--only", default="", help="comma-separated substrings of workload names to keep")
     args = parser.parse_args(argv)
     device = "cpu" if args.cpu else "cuda"
@@ -157,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
             continue
         try:
             step, setup = workload(kind, shape, device, options)
-            report.append(profile_one(label, step, setup, device, args.steps, args.top))
+            report.append(profile_one(label, step, setup, device, args.steps, args.top, args.ops))
         except Exception as exc:  # one broken workload must not hide the others' profiles
             report.append(f"== {label}: failed: {type(exc).__name__}: {exc}")
         print(report[-1], flush=True)

@@ -166,7 +166,7 @@ def test_dfl_spec_equals_reference(inputs):
     is larger. It is ill-conditioned where one bin dominates, (bin - E) cancelling, so two float32 computations in
     different orders differ by up to 1e-4 there (measured over 1000 random draws: the reference 7.5e-5 off, the spec
     5.4e-5), and a plain comparison of the two would only measure their rounding. (The fuzz profile's search found
-    the spec 1.2e-5 off where the reference is 2.8e-6 off, with the spec's old per-bin divisions as with today's.)"""
+    the spec 1.2e-5 off where the reference is 2.8e-6 off.)"""
     fused, reference, exact = _fused_dfl(*inputs), _reference_dfl(*inputs), _reference_dfl(*_float64(inputs))
     for name, actual, expected in zip(("expectation", "positive DFL"), fused, reference):
         assert _rel(actual, expected) <= 1e-6, f"{name}: relative difference {_rel(actual, expected):.2e} > 1e-6"
