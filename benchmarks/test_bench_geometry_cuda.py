@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from benchmarks._inputs import DEVICES, N_VERTICES, STRIDES, loss_shape, make_assigner_inputs, make_polygon_pairs
 
