@@ -29,7 +29,6 @@ _PAIR_BLOCK_A = 128
 _BIN_BLOCK_A = 128
 _POS_BLOCK_K = 32
 _POSITIVES_BLOCK_A = 256
-_POSITIVES_UNROLL = 8  # gts per unrolled step of the positives pass
 _MGIOU_BLOCK = 64  # pairs per program
 
 
@@ -172,8 +171,7 @@ def assign_metrics(pd_scores, pd_bboxes, anchor_points, labels, gt_bboxes, mask_
 @triton.jit
 def _assign_positives_kernel(idx_ptr, real_ptr, cand_ptr, overlap_ptr, align_ptr,
                              fg_ptr, gt_index_ptr, own_ptr, best_align_ptr, best_overlap_ptr,
-                             n, A, K: tl.constexpr, K_P2: tl.constexpr, BLOCK_A: tl.constexpr,
-                             UNROLL: tl.constexpr):
+                             n, A, K: tl.constexpr, K_P2: tl.constexpr, BLOCK_A: tl.constexpr):
     b64 = tl.program_id(1).to(tl.int64)
     ai = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
     a_ok = ai < A
@@ -183,23 +181,20 @@ def _assign_positives_kernel(idx_ptr, real_ptr, cand_ptr, overlap_ptr, align_ptr
     first_pos = tl.zeros((BLOCK_A,), tl.int32)
     best_overlap = tl.full((BLOCK_A,), -float("inf"), tl.float32)
     best_gt = tl.zeros((BLOCK_A,), tl.int32)
-    for first in range(0, n, UNROLL):  # UNROLL gts per step, unrolled: their loads are in flight together
-        for j in tl.static_range(UNROLL):
-            g = first + j
-            live = g < n  # past the last gt: loads stay in bounds on the last row, nothing counts
-            row = b64 * n + tl.minimum(g, n - 1)
-            real = tl.load(real_ptr + row) != 0
-            idx = tl.load(idx_ptr + row * K + ks, mask=k_ok, other=0)
-            idx = tl.where(real, idx, 0)  # padding rows all point at anchor 0 (picked K times: dropped unless K = 1)
-            hits = tl.sum(((ai[:, None] == idx[None, :]) & k_ok[None, :]).to(tl.int32), 1)
-            candidate = tl.load(cand_ptr + row * A + ai, mask=a_ok, other=0) != 0
-            positive = (hits == 1) & candidate & live
-            first_pos = tl.where(positive & (n_pos == 0), g, first_pos)
-            n_pos += positive.to(tl.int32)
-            overlap = tl.load(overlap_ptr + row * A + ai, mask=a_ok, other=0.0)
-            better = (overlap > best_overlap) & live  # strictly: the first gt of highest overlap, as torch's max
-            best_overlap = tl.where(better, overlap, best_overlap)
-            best_gt = tl.where(better, g, best_gt)
+    for g in range(0, n):
+        row = b64 * n + g
+        real = tl.load(real_ptr + row) != 0
+        idx = tl.load(idx_ptr + row * K + ks, mask=k_ok, other=0)
+        idx = tl.where(real, idx, 0)  # padding rows all point at anchor 0 (picked K times: dropped unless K == 1)
+        hits = tl.sum(((ai[:, None] == idx[None, :]) & k_ok[None, :]).to(tl.int32), 1)
+        candidate = tl.load(cand_ptr + row * A + ai, mask=a_ok, other=0) != 0
+        positive = (hits == 1) & candidate
+        first_pos = tl.where(positive & (n_pos == 0), g, first_pos)
+        n_pos += positive.to(tl.int32)
+        overlap = tl.load(overlap_ptr + row * A + ai, mask=a_ok, other=0.0)
+        better = overlap > best_overlap  # strictly: the first gt of highest overlap, as torch's max picks
+        best_overlap = tl.where(better, overlap, best_overlap)
+        best_gt = tl.where(better, g, best_gt)
     fg = n_pos > 0
     gt = tl.where(n_pos > 1, best_gt, tl.where(fg, first_pos, 0))
     pair = (b64 * n + gt) * A + ai
@@ -214,9 +209,8 @@ def _assign_positives_kernel(idx_ptr, real_ptr, cand_ptr, overlap_ptr, align_ptr
     tl.atomic_max(best_overlap_ptr + b64 * n + gt, own_overlap, mask=a_ok & fg)
 
 
-def assign_positives(align, overlaps, candidate, mask_gt, topk, unroll: int = _POSITIVES_UNROLL):
-    """The kernel behind `spec.assign_positives` (same arguments and results; torch's top-k indices). `unroll`: gts
-    per unrolled step (1 is the plain loop)."""
+def assign_positives(align, overlaps, candidate, mask_gt, topk):
+    """The kernel behind `spec.assign_positives` (same arguments and results; torch's top-k indices)."""
     b, n, a = align.shape
     if n == 0 or b * a == 0:
         return spec.assign_positives(align, overlaps, candidate, mask_gt, topk)
@@ -231,7 +225,7 @@ def assign_positives(align, overlaps, candidate, mask_gt, topk, unroll: int = _P
     _assign_positives_kernel[grid](
         idx, mask_gt.contiguous().view(torch.uint8), candidate.contiguous().view(torch.int8), overlaps.contiguous(),
         align.contiguous(), fg.view(torch.int8), gt_index, own_align, best_align, best_overlap, n, a,
-        K=topk, K_P2=max(2, triton.next_power_of_2(topk)), BLOCK_A=_POSITIVES_BLOCK_A, UNROLL=unroll,
+        K=topk, K_P2=max(2, triton.next_power_of_2(topk)), BLOCK_A=_POSITIVES_BLOCK_A,
     )
     return spec.Positives(fg, gt_index, own_align, best_align, best_overlap)
 
