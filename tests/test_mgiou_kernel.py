@@ -304,6 +304,17 @@ def test_mgiou_reads_the_forward_flag_as_its_value_checks(kind, monkeypatch):
         mgiou(*_problem_case(kind), check_finite=False)
 
 
+def test_mgiou_reports_a_flag_the_checks_cannot_explain(monkeypatch):
+    """A flag raised on inputs the eager checks accept is a kernel fault: it is reported as such, never ignored."""
+    monkeypatch.setattr("losses._kernels.mgiou_runs", lambda pred, target: True)
+    case = _problem_case("none")
+    loss = torch.zeros(case[0].shape[0])
+    flagged = torch.tensor(spec.MGIOU_PRED_NONFINITE, dtype=torch.int32)
+    monkeypatch.setattr("losses._kernels.mgiou_loss_and_problems", lambda *args: (loss, flagged))
+    with pytest.raises(RuntimeError, match="flagged an input problem that the value checks do not find"):
+        mgiou(*case)
+
+
 def test_mgiou_kernel_runs_only_for_cuda_float32_computation():
     assert not mgiou_runs(torch.zeros(1, 3, 2), torch.zeros(1, 3, 2))
     if torch.cuda.is_available() and HAS_TRITON:
