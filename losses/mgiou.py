@@ -68,25 +68,19 @@ def _check_mask(mask, name: str, vertices: torch.Tensor) -> None:
         raise LossInputError(f"{name} is on {mask.device}; expected {vertices.device}, the device of the vertices")
 
 
-def _real_finite(vertices: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Per-vertex flag: finite, or padded (a padded vertex is never read, whatever it holds)."""
-    finite = torch.isfinite(vertices).all(dim=-1)
-    return finite if mask is None else finite | ~mask
-
-
 def _check_values(named: dict[str, tuple[torch.Tensor, str, torch.Tensor | None]], check_finite: bool) -> None:
     """One device sync for all value checks (name -> (vertices, mask name, mask)); the slow path words the error."""
     flags = []
     for vertices, _, mask in named.values():
         if check_finite:
-            flags.append(_real_finite(vertices, mask).all())
+            flags.append(spec.real_finite(vertices, mask).all())
         if mask is not None:
             flags.append(mask.any(dim=1).all())
     if not flags or bool(torch.stack(flags).all()):
         return
     for name, (vertices, mask_name, mask) in named.items():
-        if check_finite and not bool(_real_finite(vertices, mask).all()):
-            bad = int((~_real_finite(vertices, mask)).sum())
+        if check_finite and not bool(spec.real_finite(vertices, mask).all()):
+            bad = int((~spec.real_finite(vertices, mask)).sum())
             raise LossInputError(f"{name} has {bad} real vertex(es) with a non-finite coordinate; expected finite "
                                  "coordinates for every real vertex (non-finite predictions are never replaced silently)")
         if mask is not None and not bool(mask.any(dim=1).all()):

@@ -16,14 +16,24 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from . import spec
-from .spec import ASPECT_GAIN, BOX_EPS, INSIDE_EPS, MGIOU_EDGE_EPS, MGIOU_SPREAD_EPS
+from .spec import (
+    ASPECT_GAIN,
+    BOX_EPS,
+    INSIDE_EPS,
+    MGIOU_EDGE_EPS,
+    MGIOU_PRED_EMPTY,
+    MGIOU_PRED_NONFINITE,
+    MGIOU_SPREAD_EPS,
+    MGIOU_TARGET_EMPTY,
+    MGIOU_TARGET_NONFINITE,
+)
 
 _EXACT = {"enable_fp_fusion": False}
 # The MGIoU problem bits, as constants a kernel may read.
-_PRED_NONFINITE = tl.constexpr(spec.MGIOU_PRED_NONFINITE)
-_TARGET_NONFINITE = tl.constexpr(spec.MGIOU_TARGET_NONFINITE)
-_PRED_EMPTY = tl.constexpr(spec.MGIOU_PRED_EMPTY)
-_TARGET_EMPTY = tl.constexpr(spec.MGIOU_TARGET_EMPTY)
+_PRED_NONFINITE = tl.constexpr(MGIOU_PRED_NONFINITE)
+_TARGET_NONFINITE = tl.constexpr(MGIOU_TARGET_NONFINITE)
+_PRED_EMPTY = tl.constexpr(MGIOU_PRED_EMPTY)
+_TARGET_EMPTY = tl.constexpr(MGIOU_TARGET_EMPTY)
 _PAIR_BLOCK_N = 16
 _PAIR_BLOCK_A = 128
 _BIN_BLOCK_A = 128

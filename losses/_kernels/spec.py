@@ -38,6 +38,7 @@ __all__ = [
     "mgiou_backward",
     "mgiou_forward",
     "mgiou_problems",
+    "real_finite",
     "positive_dfl_backward_add",
     "positive_dfl_forward",
     "resolve_conflicts",
@@ -248,22 +249,23 @@ MGIOU_PRED_EMPTY = 4  # a pred_mask row has no real vertex
 MGIOU_TARGET_EMPTY = 8
 
 
+def real_finite(vertices: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Per-vertex flag (N, V): finite, or padded (a padded vertex is never read, whatever it holds)."""
+    finite = torch.isfinite(vertices).all(dim=-1)
+    return finite if mask is None else finite | ~mask
+
+
 def mgiou_problems(pred: torch.Tensor, target: torch.Tensor, pred_mask: torch.Tensor | None,
                    target_mask: torch.Tensor | None) -> torch.Tensor:
     """0-d int32: the MGIOU_* bits of the problems found in any pair (a row without a real vertex is only empty: its
     padded slots are never read, so their values are not a problem)."""
-    flags = []
-    for vertices, mask in ((pred, pred_mask), (target, target_mask)):
-        finite = torch.isfinite(vertices).all(dim=-1)
-        if mask is None:
-            flags.append(~finite.all())
-        else:
-            flags.append(~(finite | ~mask).all())
-    empty = [torch.zeros((), dtype=torch.bool, device=pred.device) if mask is None else ~mask.any(dim=1).all()
-             for mask in (pred_mask, target_mask)]
+    no = torch.zeros((), dtype=torch.bool, device=pred.device)
+    found = torch.stack((~real_finite(pred, pred_mask).all(), ~real_finite(target, target_mask).all(),
+                         no if pred_mask is None else ~pred_mask.any(dim=1).all(),
+                         no if target_mask is None else ~target_mask.any(dim=1).all()))
     bits = torch.tensor([MGIOU_PRED_NONFINITE, MGIOU_TARGET_NONFINITE, MGIOU_PRED_EMPTY, MGIOU_TARGET_EMPTY],
                         dtype=torch.int32, device=pred.device)
-    return (torch.stack(flags + empty).to(torch.int32) * bits).sum().to(torch.int32)
+    return (found.to(torch.int32) * bits).sum(dtype=torch.int32)
 
 
 def mgiou_sources(mask: torch.Tensor | None, n: int, v: int, device) -> torch.Tensor:
