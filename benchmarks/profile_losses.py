@@ -1,17 +1,21 @@
 """What bounds a loss step: kernel launches, host syncs and the top kernels, from torch.profiler.
 
-    python benchmarks/profile_losses.py [--steps 5] [--out profile.txt] [--cpu]
+    python benchmarks/profile_losses.py [--steps 5] [--out profile.txt] [--cpu] [--timeline]
 
 For each workload (ours and Ultralytics' at the issue's shapes) it warms up, times 20 fwd+bwd steps with CUDA events
 (median), then profiles `--steps` steps and reports per step: kernels launched, CUDA graph launches, host syncs
 (`aten::_local_scalar_dense` is every `.item()`/`bool(tensor)`/`int(tensor)`; `aten::nonzero` syncs for its
 output size), and the top kernels by device time. `--cpu` runs the tiny CPU shapes (operator counts only).
+`--timeline` adds, for one profiled step, where the device waited on the host: its busy time against the step's
+wall time, and each idle gap of at least 10 us with the host ops that ran during it (from the profiler's trace).
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
+import json
+import tempfile
 import statistics
 import sys
 import time
@@ -138,6 +142,58 @@ def profile_one(name: str, step, setup, device: str, steps: int, top: int = 8, o
             f"{e.key[6:]} {e.count / steps:.0f} ({e.self_cpu_time_total / steps:.0f})" for e in aten[:top]))
     return "\n".join(lines)
 
+DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+MIN_GAP_US = 10.0
+
+
+def _busy_intervals(device_events: list[dict]) -> list[tuple[float, float]]:
+    """The union of the device events' [start, end) intervals (us), in order."""
+    merged: list[list[float]] = []
+    for start, end in sorted((e["ts"], e["ts"] + e["dur"]) for e in device_events):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(s, e) for s, e in merged]
+
+
+def timeline(trace: dict, top: int = 4) -> list[str]:
+    """Device busy time, the step's wall time and the device's idle gaps (with the host ops running in each) of a
+    chrome trace of one step (torch.profiler's export)."""
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "dur" in e]
+    device = [e for e in events if e.get("cat") in DEVICE_CATEGORIES]
+    host = [e for e in events if e.get("cat") in ("cpu_op", "cuda_runtime", "cuda_driver")]
+    if not device or not host:
+        return ["   timeline: no device events in the trace"]
+    busy = _busy_intervals(device)
+    start = min(e["ts"] for e in host)
+    end = max(busy[-1][1], max(e["ts"] + e["dur"] for e in host))
+    lines = [f"   timeline of one step: wall {end - start:.0f} us, device busy {sum(e - s for s, e in busy):.0f} us; "
+             f"idle gaps >= {MIN_GAP_US:.0f} us (offset, length: host ops running then, longest first):"]
+    edges = [(start, busy[0][0])] + [(busy[i][1], busy[i + 1][0]) for i in range(len(busy) - 1)] + [(busy[-1][1], end)]
+    for gap_start, gap_end in edges:
+        if gap_end - gap_start < MIN_GAP_US:
+            continue
+        during = [e for e in host if e["ts"] < gap_end and e["ts"] + e["dur"] > gap_start]
+        during.sort(key=lambda e: min(e["ts"] + e["dur"], gap_end) - max(e["ts"], gap_start), reverse=True)
+        names = ", ".join(dict.fromkeys(e["name"][:40] for e in during))
+        names = ", ".join(names.split(", ")[:top])
+        lines.append(f"   {gap_start - start:8.0f} {gap_end - gap_start:7.0f}  {names}")
+    return lines
+
+
+def trace_one_step(step, setup) -> dict:
+    """A chrome trace (as a dict) of one profiled step."""
+    setup()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        return json.loads(path.read_text())
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -148,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="loss constructor option for ours, e.g. cuda_graphs=1 (ignored where not accepted)")
     parser.add_argument("--top", type=int, default=8, help="kernels (and with --ops, host ops) listed per workload")
     parser.add_argument("--ops", action="store_true", help="also list the aten ops issued per step, by count")
+    parser.add_argument("--timeline", action="store_true", help="also the device's idle gaps in one step (CUDA)")
     parser.add_argument("--only", default="", help="comma-separated substrings of workload names to keep")
     args = parser.parse_args(argv)
     device = "cpu" if args.cpu else "cuda"
@@ -163,6 +220,8 @@ def main(argv: list[str] | None = None) -> None:
         try:
             step, setup = workload(kind, shape, device, options)
             report.append(profile_one(label, step, setup, device, args.steps, args.top, args.ops))
+            if args.timeline and device == "cuda":
+                report[-1] += "\n" + "\n".join(timeline(trace_one_step(step, setup)))
         except Exception as exc:  # one broken workload must not hide the others' profiles
             report.append(f"== {label}: failed: {type(exc).__name__}: {exc}")
         print(report[-1], flush=True)
