@@ -378,7 +378,9 @@ class FastPath:
         image, anchor = index // a, index % a
         zero = torch.zeros((), dtype=target_scores.dtype, device=index.device)
         weight = torch.where(valid, target_scores[image, anchor].sum(-1), zero)
-        pred_pos = pred_bboxes[image, anchor]
+        # index_select on the flat (B*A, 4) view: its backward is one index_add (the indices are distinct), where
+        # indexing by (image, anchor) would sort them for an accumulating index_put.
+        pred_pos = pred_bboxes.reshape(-1, 4).index_select(0, index)
         target_pos = assignment.target_bboxes[image, anchor] / stride_tensor[anchor]
         # Filler entries take their own prediction as target: finite terms, and weight 0 keeps them out of the sums.
         target_pos = torch.where(valid[:, None], target_pos, pred_pos.detach())

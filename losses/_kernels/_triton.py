@@ -230,7 +230,9 @@ def assign_positives(align, overlaps, candidate, mask_gt, topk):
     own_align = torch.empty((b, a), dtype=torch.float32, device=device)
     best_align = torch.zeros((b, n), dtype=torch.float32, device=device)
     best_overlap = torch.zeros((b, n), dtype=torch.float32, device=device)
-    idx = align.topk(topk, dim=-1).indices.contiguous()
+    # Unsorted: the kernel only asks which anchors were picked, and CUDA's top-k selects the same set either way (the
+    # sort runs after the selection); skips a sort of the k results.
+    idx = align.topk(topk, dim=-1, sorted=False).indices.contiguous()
     grid = (triton.cdiv(a, _POSITIVES_BLOCK_A), b)
     _assign_positives_kernel[grid](
         idx, mask_gt.contiguous().view(torch.uint8), candidate.contiguous().view(torch.int8), overlaps.contiguous(),
@@ -387,7 +389,8 @@ def _max_combine(a, b):
 
 @triton.jit
 def _mgiou_vertices(ptr, mask_ptr, rows, row_ok, V, VB: tl.constexpr, HAS_MASK: tl.constexpr):
-    """Filled vertices x, y (BLOCK, VB) of BLOCK shapes with V slots, the slot each reads, and the slot mask."""
+    """Filled vertices x, y (BLOCK, VB) of BLOCK shapes with V slots, the slot each reads, the slot mask, and which
+    shapes have a real vertex (BLOCK,)."""
     cols = tl.arange(0, VB)
     ok = row_ok[:, None] & (cols[None, :] < V)
     base = rows.to(tl.int64)[:, None] * V
@@ -395,32 +398,29 @@ def _mgiou_vertices(ptr, mask_ptr, rows, row_ok, V, VB: tl.constexpr, HAS_MASK: 
         real = tl.load(mask_ptr + base + cols[None, :], mask=ok, other=0) != 0
         last = tl.associative_scan(tl.where(real, cols[None, :], -1), 1, _max_combine)
         # The last slot's running maximum is the last real slot: what leading padded slots read.
-        source = tl.where(last >= 0, last, tl.max(last, 1)[:, None])
+        last_real = tl.max(last, 1)
+        source = tl.where(last >= 0, last, last_real[:, None])
         source = tl.maximum(source, 0)
+        has_real = last_real >= 0
     else:
         source = cols[None, :] + 0 * rows[:, None]
+        has_real = row_ok
     x = tl.load(ptr + (base + source) * 2, mask=ok, other=0.0)
     y = tl.load(ptr + (base + source) * 2 + 1, mask=ok, other=0.0)
-    return x, y, source, ok
+    return x, y, source, ok, has_real
 
 
 @triton.jit
-def _mgiou_row_problems(ptr, mask_ptr, rows, row_ok, V, VB: tl.constexpr, HAS_MASK: tl.constexpr,
-                        NONFINITE: tl.constexpr, EMPTY: tl.constexpr):
-    """Per shape (BLOCK,) int32: NONFINITE where a real vertex has a non-finite coordinate, EMPTY where the mask row
-    has no real vertex (`spec.mgiou_problems`)."""
-    cols = tl.arange(0, VB)
-    ok = row_ok[:, None] & (cols[None, :] < V)
-    base = rows.to(tl.int64)[:, None] * V
-    if HAS_MASK:
-        ok = ok & (tl.load(mask_ptr + base + cols[None, :], mask=ok, other=0) != 0)
-    x = tl.load(ptr + (base + cols[None, :]) * 2, mask=ok, other=0.0)
-    y = tl.load(ptr + (base + cols[None, :]) * 2 + 1, mask=ok, other=0.0)
+def _mgiou_row_problems(x, y, ok, has_real, row_ok, HAS_MASK: tl.constexpr, NONFINITE: tl.constexpr,
+                        EMPTY: tl.constexpr):
+    """Per shape (BLOCK,) int32 from its filled vertices: NONFINITE where a real vertex has a non-finite coordinate
+    (each real vertex fills its own slot, padded slots repeat real ones), EMPTY where the mask row has no real vertex
+    (its slots all read padded slot 0, whatever it holds: not a non-finite problem); `spec.mgiou_problems`."""
     inf = float("inf")
-    nonfinite = tl.max((ok & ~((tl.abs(x) < inf) & (tl.abs(y) < inf))).to(tl.int32), 1)
-    problems = nonfinite * NONFINITE
+    bad = tl.max((ok & ~((tl.abs(x) < inf) & (tl.abs(y) < inf))).to(tl.int32), 1)
+    problems = (bad * has_real.to(tl.int32)) * NONFINITE
     if HAS_MASK:
-        problems += (row_ok & (tl.max(ok.to(tl.int32), 1) == 0)).to(tl.int32) * EMPTY
+        problems += (row_ok & ~has_real).to(tl.int32) * EMPTY
     return problems
 
 
@@ -432,9 +432,12 @@ def _or_combine(a, b):
 @triton.jit
 def _mgiou_geometry(p_ptr, t_ptr, pm_ptr, tm_ptr, rows, row_ok, VP, VT, VB: tl.constexpr, HAS_PM: tl.constexpr,
                     HAS_TM: tl.constexpr):
-    """Both shapes filled and normalised (centred on the joint box, divided by its longer side), and the scale."""
-    px, py, p_src, p_ok = _mgiou_vertices(p_ptr, pm_ptr, rows, row_ok, VP, VB, HAS_PM)
-    tx, ty, t_src, t_ok = _mgiou_vertices(t_ptr, tm_ptr, rows, row_ok, VT, VB, HAS_TM)
+    """Both shapes filled and normalised (centred on the joint box, divided by its longer side), the scale, and the
+    problems (`spec.mgiou_problems` bits) of each pair."""
+    px, py, p_src, p_ok, p_real = _mgiou_vertices(p_ptr, pm_ptr, rows, row_ok, VP, VB, HAS_PM)
+    tx, ty, t_src, t_ok, t_real = _mgiou_vertices(t_ptr, tm_ptr, rows, row_ok, VT, VB, HAS_TM)
+    problems = _mgiou_row_problems(px, py, p_ok, p_real, row_ok, HAS_PM, _PRED_NONFINITE, _PRED_EMPTY)
+    problems |= _mgiou_row_problems(tx, ty, t_ok, t_real, row_ok, HAS_TM, _TARGET_NONFINITE, _TARGET_EMPTY)
     inf = float("inf")
     lx = tl.minimum(tl.min(tl.where(p_ok, px, inf), 1), tl.min(tl.where(t_ok, tx, inf), 1))
     ly = tl.minimum(tl.min(tl.where(p_ok, py, inf), 1), tl.min(tl.where(t_ok, ty, inf), 1))
@@ -449,7 +452,7 @@ def _mgiou_geometry(p_ptr, t_ptr, pm_ptr, tm_ptr, rows, row_ok, VP, VT, VB: tl.c
     py = tl.math.div_rn(py - cy, scale)
     tx = tl.math.div_rn(tx - cx, scale)
     ty = tl.math.div_rn(ty - cy, scale)
-    return px, py, tx, ty, p_ok, t_ok, p_src, t_src, scale
+    return px, py, tx, ty, p_ok, t_ok, p_src, t_src, scale, problems
 
 
 @triton.jit
@@ -497,44 +500,6 @@ def _mgiou_accumulate(px, py, tx, ty, p_ok, t_ok, ax, ay, axis_sq, extra_valid, 
     total += tl.where(valid, tl.math.div_rn(overlap, tl.where(valid, hull, 1.0)), 0.0)
     count += valid.to(tl.int32)
     return total, count
-
-
-@triton.jit
-def _mgiou_fwd_kernel(p_ptr, t_ptr, pm_ptr, tm_ptr, loss_ptr, count_ptr, problems_ptr, N, VP, VT, VB: tl.constexpr,
-                      HAS_PM: tl.constexpr, HAS_TM: tl.constexpr, EDGE_SQ: tl.constexpr, SPREAD_SQ: tl.constexpr,
-                      BLOCK: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    row_ok = rows < N
-    cols = tl.arange(0, VB)
-    px, py, tx, ty, p_ok, t_ok, _, _, _ = _mgiou_geometry(p_ptr, t_ptr, pm_ptr, tm_ptr, rows, row_ok, VP, VT, VB,
-                                                          HAS_PM, HAS_TM)
-    total = tl.zeros((BLOCK,), tl.float32)
-    count = tl.zeros((BLOCK,), tl.int32)
-    for m in range(0, VP):  # edge normals: pred's, then target's
-        nx, ny, nsq = _mgiou_normal(px, py, cols, m, VP)
-        total, count = _mgiou_accumulate(px, py, tx, ty, p_ok, t_ok, nx, ny, nsq, nsq > EDGE_SQ, total, count,
-                                         SPREAD_SQ)
-    for m in range(0, VT):
-        nx, ny, nsq = _mgiou_normal(tx, ty, cols, m, VT)
-        total, count = _mgiou_accumulate(px, py, tx, ty, p_ok, t_ok, nx, ny, nsq, nsq > EDGE_SQ, total, count,
-                                         SPREAD_SQ)
-    no_edge_axis = count == 0
-    one = tl.full((BLOCK,), 1.0, tl.float32)
-    zero = tl.zeros((BLOCK,), tl.float32)
-    for k in range(0, 2):  # x and y, only where no edge normal is valid
-        ax = tl.where(k == 0, one, zero)
-        ay = tl.where(k == 0, zero, one)
-        total, count = _mgiou_accumulate(px, py, tx, ty, p_ok, t_ok, ax, ay, one, no_edge_axis, total, count,
-                                         SPREAD_SQ)
-    mean = tl.math.div_rn(total, tl.maximum(count, 1).to(tl.float32))
-    similarity = tl.where(count > 0, mean, 1.0)
-    tl.store(loss_ptr + rows, (1.0 - similarity) * 0.5, mask=row_ok)
-    # The count, negative where it counts x and y (the backward needs to know which axes were valid).
-    tl.store(count_ptr + rows, tl.where(no_edge_axis, -count, count), mask=row_ok)
-    problems = _mgiou_row_problems(p_ptr, pm_ptr, rows, row_ok, VP, VB, HAS_PM, _PRED_NONFINITE, _PRED_EMPTY)
-    problems |= _mgiou_row_problems(t_ptr, tm_ptr, rows, row_ok, VT, VB, HAS_TM, _TARGET_NONFINITE, _TARGET_EMPTY)
-    found = tl.reduce(problems, 0, _or_combine)
-    tl.atomic_or(problems_ptr, found, mask=found != 0)
 
 
 @triton.jit
@@ -610,44 +575,64 @@ def _mgiou_store_grad(ptr, gx, gy, source, ok, rows, cols, V, scale, HAS_MASK: t
 
 
 @triton.jit
-def _mgiou_bwd_kernel(p_ptr, t_ptr, pm_ptr, tm_ptr, count_ptr, grad_ptr, gp_ptr, gt_ptr, N, VP, VT,
-                      VB: tl.constexpr, HAS_PM: tl.constexpr, HAS_TM: tl.constexpr, NEED_P: tl.constexpr,
-                      NEED_T: tl.constexpr, EDGE_SQ: tl.constexpr, SPREAD_SQ: tl.constexpr, BLOCK: tl.constexpr):
+def _mgiou_kernel(p_ptr, t_ptr, pm_ptr, tm_ptr, loss_ptr, problems_ptr, gp_ptr, gt_ptr, N, VP, VT, VB: tl.constexpr,
+                  HAS_PM: tl.constexpr, HAS_TM: tl.constexpr, NEED_P: tl.constexpr, NEED_T: tl.constexpr,
+                  WITH_GRAD: tl.constexpr, EDGE_SQ: tl.constexpr, SPREAD_SQ: tl.constexpr, BLOCK: tl.constexpr):
+    """Loss, problem flag and, where asked (NEED_P, NEED_T), each pair's loss gradient: one pass over the vertices."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     row_ok = rows < N
     cols = tl.arange(0, VB)
-    px, py, tx, ty, p_ok, t_ok, p_src, t_src, scale = _mgiou_geometry(p_ptr, t_ptr, pm_ptr, tm_ptr, rows, row_ok, VP,
-                                                                      VT, VB, HAS_PM, HAS_TM)
-    signed_count = tl.load(count_ptr + rows, mask=row_ok, other=0)
-    no_edge_axis = signed_count <= 0
-    count = tl.abs(signed_count)
-    grad = tl.load(grad_ptr + rows, mask=row_ok, other=0.0)
-    g = tl.where(count > 0, tl.math.div_rn(-(grad * 0.5), tl.maximum(count, 1).to(tl.float32)), 0.0)
-    gpx = tl.zeros((BLOCK, VB), tl.float32)
-    gpy = tl.zeros((BLOCK, VB), tl.float32)
-    gtx = tl.zeros((BLOCK, VB), tl.float32)
-    gty = tl.zeros((BLOCK, VB), tl.float32)
-    for m in range(0, VP):
+    px, py, tx, ty, p_ok, t_ok, p_src, t_src, scale, problems = _mgiou_geometry(
+        p_ptr, t_ptr, pm_ptr, tm_ptr, rows, row_ok, VP, VT, VB, HAS_PM, HAS_TM)
+    found = tl.reduce(problems, 0, _or_combine)
+    tl.atomic_or(problems_ptr, found, mask=found != 0)
+    total = tl.zeros((BLOCK,), tl.float32)
+    count = tl.zeros((BLOCK,), tl.int32)
+    for m in range(0, VP):  # edge normals: pred's, then target's
         nx, ny, nsq = _mgiou_normal(px, py, cols, m, VP)
-        gpx, gpy, gtx, gty, g_ax, g_ay = _mgiou_axis_backward(px, py, tx, ty, p_ok, t_ok, cols, nx, ny, nsq,
-                                                              nsq > EDGE_SQ, g, gpx, gpy, gtx, gty, VB, SPREAD_SQ)
-        gpx, gpy = _mgiou_edge_backward(gpx, gpy, cols, m, VP, g_ax, g_ay)
+        total, count = _mgiou_accumulate(px, py, tx, ty, p_ok, t_ok, nx, ny, nsq, nsq > EDGE_SQ, total, count,
+                                         SPREAD_SQ)
     for m in range(0, VT):
         nx, ny, nsq = _mgiou_normal(tx, ty, cols, m, VT)
-        gpx, gpy, gtx, gty, g_ax, g_ay = _mgiou_axis_backward(px, py, tx, ty, p_ok, t_ok, cols, nx, ny, nsq,
-                                                              nsq > EDGE_SQ, g, gpx, gpy, gtx, gty, VB, SPREAD_SQ)
-        gtx, gty = _mgiou_edge_backward(gtx, gty, cols, m, VT, g_ax, g_ay)
+        total, count = _mgiou_accumulate(px, py, tx, ty, p_ok, t_ok, nx, ny, nsq, nsq > EDGE_SQ, total, count,
+                                         SPREAD_SQ)
+    no_edge_axis = count == 0
     one = tl.full((BLOCK,), 1.0, tl.float32)
     zero = tl.zeros((BLOCK,), tl.float32)
-    for k in range(0, 2):
+    for k in range(0, 2):  # x and y, only where no edge normal is valid
         ax = tl.where(k == 0, one, zero)
         ay = tl.where(k == 0, zero, one)
-        gpx, gpy, gtx, gty, _, _ = _mgiou_axis_backward(px, py, tx, ty, p_ok, t_ok, cols, ax, ay, one, no_edge_axis,
-                                                        g, gpx, gpy, gtx, gty, VB, SPREAD_SQ)
-    if NEED_P:
-        _mgiou_store_grad(gp_ptr, gpx, gpy, p_src, p_ok, rows, cols, VP, scale, HAS_PM)
-    if NEED_T:
-        _mgiou_store_grad(gt_ptr, gtx, gty, t_src, t_ok, rows, cols, VT, scale, HAS_TM)
+        total, count = _mgiou_accumulate(px, py, tx, ty, p_ok, t_ok, ax, ay, one, no_edge_axis, total, count,
+                                         SPREAD_SQ)
+    mean = tl.math.div_rn(total, tl.maximum(count, 1).to(tl.float32))
+    similarity = tl.where(count > 0, mean, 1.0)
+    tl.store(loss_ptr + rows, (1.0 - similarity) * 0.5, mask=row_ok)
+    if WITH_GRAD:  # NEED_P or NEED_T
+        # d loss / d GIoU of each valid axis: -1/2 / count (the loss is (1 - mean GIoU) / 2).
+        g = tl.where(count > 0, tl.math.div_rn(-0.5 + zero, tl.maximum(count, 1).to(tl.float32)), 0.0)
+        gpx = tl.zeros((BLOCK, VB), tl.float32)
+        gpy = tl.zeros((BLOCK, VB), tl.float32)
+        gtx = tl.zeros((BLOCK, VB), tl.float32)
+        gty = tl.zeros((BLOCK, VB), tl.float32)
+        for m in range(0, VP):
+            nx, ny, nsq = _mgiou_normal(px, py, cols, m, VP)
+            gpx, gpy, gtx, gty, g_ax, g_ay = _mgiou_axis_backward(px, py, tx, ty, p_ok, t_ok, cols, nx, ny, nsq,
+                                                                  nsq > EDGE_SQ, g, gpx, gpy, gtx, gty, VB, SPREAD_SQ)
+            gpx, gpy = _mgiou_edge_backward(gpx, gpy, cols, m, VP, g_ax, g_ay)
+        for m in range(0, VT):
+            nx, ny, nsq = _mgiou_normal(tx, ty, cols, m, VT)
+            gpx, gpy, gtx, gty, g_ax, g_ay = _mgiou_axis_backward(px, py, tx, ty, p_ok, t_ok, cols, nx, ny, nsq,
+                                                                  nsq > EDGE_SQ, g, gpx, gpy, gtx, gty, VB, SPREAD_SQ)
+            gtx, gty = _mgiou_edge_backward(gtx, gty, cols, m, VT, g_ax, g_ay)
+        for k in range(0, 2):
+            ax = tl.where(k == 0, one, zero)
+            ay = tl.where(k == 0, zero, one)
+            gpx, gpy, gtx, gty, _, _ = _mgiou_axis_backward(px, py, tx, ty, p_ok, t_ok, cols, ax, ay, one,
+                                                            no_edge_axis, g, gpx, gpy, gtx, gty, VB, SPREAD_SQ)
+        if NEED_P:
+            _mgiou_store_grad(gp_ptr, gpx, gpy, p_src, p_ok, rows, cols, VP, scale, HAS_PM)
+        if NEED_T:
+            _mgiou_store_grad(gt_ptr, gtx, gty, t_src, t_ok, rows, cols, VT, scale, HAS_TM)
 
 
 def _mgiou_launch(pred, target, pred_mask, target_mask):
@@ -664,25 +649,16 @@ def _mgiou_launch(pred, target, pred_mask, target_mask):
     return n, vp, vt, (triton.cdiv(n, _MGIOU_BLOCK),), args, consts
 
 
-def mgiou_forward(pred, target, pred_mask, target_mask):
+def mgiou_forward(pred, target, pred_mask, target_mask, need_pred=False, need_target=False):
     """The kernel behind `spec.mgiou_forward` (float32 CUDA vertices; same arguments and results)."""
     n, vp, vt, grid, args, consts = _mgiou_launch(pred, target, pred_mask, target_mask)
     loss = torch.empty(n, dtype=torch.float32, device=pred.device)
-    count = torch.empty(n, dtype=torch.int32, device=pred.device)
     problems = torch.zeros((), dtype=torch.int32, device=pred.device)
-    if n:
-        _mgiou_fwd_kernel[grid](*args, loss, count, problems, n, vp, vt, **consts, **_EXACT)
-    return loss, count, problems
-
-
-def mgiou_backward(pred, target, pred_mask, target_mask, count, grad, need_pred=True, need_target=True):
-    """The kernel behind `spec.mgiou_backward`; a gradient not needed is returned as None."""
-    n, vp, vt, grid, args, consts = _mgiou_launch(pred, target, pred_mask, target_mask)
     # Contiguous (N, V, 2), the layout the kernel writes (empty_like would copy a non-contiguous input's strides).
     grad_pred = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device) if need_pred else None
     grad_target = torch.empty(target.shape, dtype=target.dtype, device=target.device) if need_target else None
-    if n and (need_pred or need_target):
-        _mgiou_bwd_kernel[grid](*args, count, grad.contiguous(), pred if grad_pred is None else grad_pred,
-                                target if grad_target is None else grad_target, n, vp, vt, NEED_P=need_pred,
-                                NEED_T=need_target, **consts, **_EXACT)
-    return grad_pred, grad_target
+    if n:
+        _mgiou_kernel[grid](*args, loss, problems, pred if grad_pred is None else grad_pred,
+                            target if grad_target is None else grad_target, n, vp, vt, NEED_P=need_pred,
+                            NEED_T=need_target, WITH_GRAD=need_pred or need_target, **consts, **_EXACT)
+    return loss, problems, grad_pred, grad_target
