@@ -1,7 +1,7 @@
 """The fused MGIoU (`losses._kernels.mgiou_loss`): its spec equals the reference on the CPU; the kernel equals the spec
 and the reference on the GPU.
 
-CPU (CI): `spec.mgiou_forward` / `spec.mgiou_backward`, run through the same autograd Function as the kernel, against
+CPU (CI): `spec.mgiou_forward` (loss and per-pair gradients), run through the same autograd Function as the kernel, against
 the reference torch code of `losses.mgiou` (value and autograd gradients of pred and target) on Hypothesis-drawn
 pairs: convex, arbitrary, axis-aligned and rotated boxes, exact copies (ties at every interval end), single points,
 collinear and repeated vertices, padded slots holding junk (NaN, Inf, huge), differing vertex counts, float16/bfloat16
@@ -286,7 +286,7 @@ PROBLEMS = {"none": (0, None), "pred nonfinite": (spec.MGIOU_PRED_NONFINITE, "pr
 
 @pytest.mark.parametrize("kind", PROBLEMS)
 def test_mgiou_spec_flags_each_problem_with_its_bit(kind):
-    assert int(spec.mgiou_forward(*_problem_case(kind))[2]) == PROBLEMS[kind][0]
+    assert int(spec.mgiou_forward(*_problem_case(kind))[1]) == PROBLEMS[kind][0]
 
 
 @pytest.mark.parametrize("kind", PROBLEMS)
@@ -336,20 +336,19 @@ def test_mgiou_kernel_equals_spec(case):
     from losses._kernels import _triton
 
     pred, target, pred_mask, target_mask = _cuda(case)
-    want_loss, want_count, want_problems = spec.mgiou_forward(pred, target, pred_mask, target_mask)
-    got_loss, got_count, got_problems = _triton.mgiou_forward(pred, target, pred_mask, target_mask)
-    assert torch.equal(got_count, want_count), "valid-axis counts differ"
+    want_loss, want_problems, *want = spec.mgiou_forward(pred, target, pred_mask, target_mask, True, True)
+    got_loss, got_problems, *got = _triton.mgiou_forward(pred, target, pred_mask, target_mask, True, True)
     assert int(got_problems) == int(want_problems) == 0, "problems flagged for junk in padded slots"
     assert _rel(got_loss, want_loss) <= 1e-6, f"loss: relative difference {_rel(got_loss, want_loss):.2e}"
+    without_gradients = _triton.mgiou_forward(pred, target, pred_mask, target_mask)
+    assert torch.equal(without_gradients[0], got_loss) and without_gradients[2:] == (None, None)
     upstream = torch.randn(pred.shape[0], device="cuda")
-    want = spec.mgiou_backward(pred, target, pred_mask, target_mask, want_count, upstream)
-    got = _triton.mgiou_backward(pred, target, pred_mask, target_mask, got_count, upstream)
-    truth_count = spec.mgiou_forward(pred.double(), target.double(), pred_mask, target_mask)[1]
-    truth = spec.mgiou_backward(pred.double(), target.double(), pred_mask, target_mask, truth_count,
-                                upstream.double())
+    truth = spec.mgiou_forward(pred.double(), target.double(), pred_mask, target_mask, True, True)[2:]
     gradient_scale = _gradient_scale(pred, target, pred_mask, target_mask)
+    per_pair = upstream[:, None, None]
     for name, actual, expected, exact in zip(("pred gradient", "target gradient"), got, want, truth):
-        _assert_grads_close(name, actual, expected, exact, upstream, gradient_scale)
+        _assert_grads_close(name, actual * per_pair, expected * per_pair, exact * per_pair.double(), upstream,
+                            gradient_scale)
 
 
 @pytest.mark.cuda
@@ -359,7 +358,7 @@ def test_mgiou_kernel_flags_each_problem_as_the_spec(kind):
     from losses._kernels import _triton
 
     case = _cuda(_problem_case(kind))
-    assert int(_triton.mgiou_forward(*case)[2]) == int(spec.mgiou_forward(*case)[2]) == PROBLEMS[kind][0]
+    assert int(_triton.mgiou_forward(*case)[1]) == int(spec.mgiou_forward(*case)[1]) == PROBLEMS[kind][0]
     expected = PROBLEMS[kind][1]
     if expected is not None:
         with pytest.raises(LossInputError, match=expected):

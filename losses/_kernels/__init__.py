@@ -10,8 +10,8 @@ entry points (`ops`) choose per call, so callers never branch:
 - `assign_metrics(...)`: the assigner's candidate mask, CIoU overlaps and alignment metric in one pass over the dense
   (B, n, A) pairs; `assign_positives(...)`: from them, after torch's top-k, the positives (conflicts resolved) and
   the per-gt best metric and overlap in one more pass;
-- `mgiou_loss(pred, target, pred_mask, target_mask)`: MGIoU (`losses.mgiou`) in one forward kernel and one
-  hand-written backward kernel, for CUDA vertices computed in float32 (`mgiou_runs(pred, target)` says whether the
+- `mgiou_loss(pred, target, pred_mask, target_mask)`: MGIoU (`losses.mgiou`) and its hand-written gradient in one
+  kernel (the backward a multiply), for CUDA vertices computed in float32 (`mgiou_runs(pred, target)` says whether the
   kernel runs; `losses.mgiou` dispatches to it there and keeps its own torch code everywhere else);
   `mgiou_loss_and_problems` also returns the forward's flag of non-finite vertices and empty masks
   (`spec.mgiou_problems`), which `losses.mgiou.mgiou` reads as its value checks.

@@ -142,43 +142,47 @@ _MGIOU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class _MGIoU(torch.autograd.Function):
-    """MGIoU loss (N,) with a hand-written backward, and the problems found (0-d, no gradient); forward and backward
-    each one kernel (or the spec)."""
+    """MGIoU loss (N,) and the problems found (0-d, no gradient). One kernel (or the spec) computes the loss and, where
+    an input needs one, each pair's gradient; the backward multiplies that by the upstream gradient (a torch op, no
+    second pass over the vertices, no second launch)."""
 
     @staticmethod
-    def forward(ctx, pred, target, pred_mask, target_mask):
+    def forward(ctx, pred, target, pred_mask, target_mask, need_pred: bool, need_target: bool):
         # Contiguous copies where needed: the kernels address (N, V, 2) rows densely, and the gradients they write are
         # allocated in that layout (an input's own strides, e.g. a transposed view's, would scramble them).
         pred, target = pred.contiguous(), target.contiguous()
-        loss, count, problems = _backend(pred).mgiou_forward(pred, target, pred_mask, target_mask)
-        ctx.save_for_backward(pred, target, pred_mask, target_mask, count)
+        loss, problems, grad_pred, grad_target = _backend(pred).mgiou_forward(pred, target, pred_mask, target_mask,
+                                                                              need_pred, need_target)
+        ctx.save_for_backward(grad_pred, grad_target)
         ctx.mark_non_differentiable(problems)
+        ctx.set_materialize_grads(False)  # no zeros built for the flag's (absent) gradient
         return loss, problems
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: torch.Tensor, _grad_problems=None):
-        pred, target, pred_mask, target_mask, count = ctx.saved_tensors
-        need_pred, need_target = ctx.needs_input_grad[:2]
-        if _backend(pred) is _triton:
-            grad_pred, grad_target = _triton.mgiou_backward(pred, target, pred_mask, target_mask, count, grad,
-                                                            need_pred, need_target)
-        else:
-            grad_pred, grad_target = spec.mgiou_backward(pred, target, pred_mask, target_mask, count, grad)
-        return (grad_pred if need_pred else None), (grad_target if need_target else None), None, None
+    def backward(ctx, grad: torch.Tensor | None, _grad_problems=None):
+        grad_pred, grad_target = ctx.saved_tensors
+        if grad is None:
+            return None, None, None, None, None, None
+        per_pair = grad[:, None, None]  # broadcast as it comes (a sum's gradient is an expanded view: no copy)
+        return (None if grad_pred is None else grad_pred * per_pair,
+                None if grad_target is None else grad_target * per_pair, None, None, None, None)
 
 
 def mgiou_loss_and_problems(pred: torch.Tensor, target: torch.Tensor, pred_mask: torch.Tensor | None = None,
                             target_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`losses.mgiou._mgiou_loss` (unchecked inputs) in one fused forward and one fused backward: the Triton kernel
-    where `mgiou_runs`, else `spec.mgiou_forward` / `spec.mgiou_backward` (the same operations, in torch). float16
-    and bfloat16 vertices are computed in float32, as the reference computes them; the loss is float32. Also returns
-    the 0-d `spec.mgiou_problems` flag the forward finds as it reads the vertices (not read here: no sync)."""
+    """`losses.mgiou._mgiou_loss` (unchecked inputs) in one fused pass, forward and gradient together: the Triton
+    kernel where `mgiou_runs`, else `spec.mgiou_forward` (the same operations, in torch). float16 and bfloat16
+    vertices are computed in float32, as the reference computes them; the loss is float32. Also returns the 0-d
+    `spec.mgiou_problems` flag found as the vertices are read (not read here: no sync). The gradient is computed only
+    for inputs that require one while grad mode is on."""
+    grad_on = torch.is_grad_enabled()
+    need_pred, need_target = grad_on and pred.requires_grad, grad_on and target.requires_grad
     if pred.dtype != torch.float32 and pred.dtype in _MGIOU_DTYPES:
         pred = pred.to(torch.float32)
     if target.dtype != torch.float32 and target.dtype in _MGIOU_DTYPES:
         target = target.to(torch.float32)
-    return _MGIoU.apply(pred, target, pred_mask, target_mask)
+    return _MGIoU.apply(pred, target, pred_mask, target_mask, need_pred, need_target)
 
 
 def mgiou_loss(pred: torch.Tensor, target: torch.Tensor, pred_mask: torch.Tensor | None = None,

@@ -13,9 +13,9 @@ same inputs, so that the kernel can be checked against it on the GPU and the spe
   (`heads._decode.dfl_expectation`).
 - `positive_dfl_forward` / `positive_dfl_backward_add`: the DFL cross-entropy at positive anchors (`losses._boxes
   .dfl_loss` of the gathered logits) and its gradient, added into the dense logits gradient in place;
-- `mgiou_forward` / `mgiou_backward`: MGIoU (`losses.mgiou._mgiou_loss`: fill, normalise, axes, supports, 1-D GIoU
-  mean) and its hand-written gradient, with autograd's rules at ties (first extreme vertex; halves at equal interval
-  ends).
+- `mgiou_forward`: MGIoU (`losses.mgiou._mgiou_loss`: fill, normalise, axes, supports, 1-D GIoU mean) and, in the
+  same pass, its hand-written gradient per pair, with autograd's rules at ties (first extreme vertex; halves at equal
+  interval ends); a backward is then one multiply by the upstream gradient.
 
 Layouts: logits are the head's own (B, 4, R, A) view; positives are (image, anchor) index pairs (K,) with targets
 (K, 4) in bins. Index pairs may repeat only where the repeats carry a zero upstream gradient (the fast path's filler
@@ -35,7 +35,6 @@ __all__ = [
     "assign_positives",
     "expectation_backward",
     "expectation_forward",
-    "mgiou_backward",
     "mgiou_forward",
     "mgiou_problems",
     "real_finite",
@@ -342,10 +341,12 @@ def _mgiou_axes_terms(pred, target, pred_mask, target_mask):
 
 
 def mgiou_forward(pred: torch.Tensor, target: torch.Tensor, pred_mask: torch.Tensor | None,
-                  target_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  target_mask: torch.Tensor | None, need_pred: bool = False, need_target: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """MGIoU loss (N,) of float32 vertices (N, Vp, 2), (N, Vt, 2) with optional (N, V) bool masks, as
-    `losses.mgiou._mgiou_loss` computes it; the valid-axis count (N,) int32 the backward reads (negative where
-    the valid axes are x and y, no edge normal being valid); and the problems found (`mgiou_problems`).
+    `losses.mgiou._mgiou_loss` computes it; the problems found (`mgiou_problems`); and, where asked, the gradient of
+    each pair's loss with respect to its pred and its target vertices (N, Vp, 2), (N, Vt, 2), 0 at padded slots (else
+    None). A backward multiplies them by the upstream gradient of each pair: one pass computes everything.
 
     Operation order of the kernel: fill, normalise (centre = (low + high) * 0.5, divided by the longer side), edge
     normals, supports (separately rounded products), per axis the 1-D GIoU over the valid axes (pred's edges, then
@@ -359,30 +360,26 @@ def mgiou_forward(pred: torch.Tensor, target: torch.Tensor, pred_mask: torch.Ten
     count = terms["valid"].sum(dim=1)
     mean = total / count.clamp(min=1).to(total.dtype)
     similarity = torch.where(count > 0, mean, torch.ones_like(mean))
-    # The count is negative where it counts x and y: the backward must know which axes were valid.
-    no_edge_axis = ~terms["valid"][:, :-2].any(dim=1)
-    count = torch.where(no_edge_axis, -count, count).to(torch.int32)
-    return (1 - similarity) / 2, count, mgiou_problems(pred, target, pred_mask, target_mask)
+    grads = _mgiou_gradients(terms, count) if (need_pred or need_target) else (None, None)
+    return ((1 - similarity) / 2, mgiou_problems(pred, target, pred_mask, target_mask),
+            grads[0] if need_pred else None, grads[1] if need_target else None)
 
 
-def mgiou_backward(pred: torch.Tensor, target: torch.Tensor, pred_mask: torch.Tensor | None,
-                   target_mask: torch.Tensor | None, count: torch.Tensor, grad: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients (of <grad, mgiou_forward>) of pred and target, (N, Vp, 2) and (N, Vt, 2); 0 at padded slots.
+def _mgiou_gradients(f: dict, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of each pair's loss with respect to its pred and target vertices, (N, Vp, 2) and (N, Vt, 2); 0 at
+    padded slots; from the forward's terms `f` and valid-axis count.
 
     The rules of autograd through the reference: an extreme projection's gradient goes to the first vertex that
     reaches it (as argmin/argmax pick), min/max of two equal interval ends split it in halves (torch.minimum and
     torch.maximum), the normalisation's statistics are constants, and a padded slot's gradient goes to the slot it
-    reads. Per axis, with G = -grad / 2 / count on valid axes: dL/doverlap = G / hull (direct), dL/dhull =
+    reads. Per axis, with G = -1/2 / count on valid axes: dL/doverlap = G / hull (direct), dL/dhull =
     -G * overlap / hull^2; they reach the four interval ends, from them the extreme vertices (times the axis) and the
     axis (times the vertex), and an edge's normal (-e_y, e_x) passes its gradient to the edge's two vertices.
     """
-    f = _mgiou_axes_terms(pred, target, pred_mask, target_mask)
     p, t, axes = f["p"], f["t"], f["axes"]
     n_p, n_t = p.shape[1], t.shape[1]
-    count = count.abs()  # which axes are valid is recomputed here; the forward's count is what it divided by
     c = count.clamp(min=1).to(p.dtype)
-    g = torch.where(count > 0, -(grad / 2) / c, torch.zeros_like(grad))
+    g = torch.where(count > 0, -0.5 / c, torch.zeros_like(c))
     g_axis = torch.where(f["valid"], g[:, None], torch.zeros_like(f["giou"]))
     g_overlap = g_axis / f["safe_hull"]
     g_hull = -(g_overlap * f["giou"])
