@@ -3,8 +3,8 @@
 Importing this module needs Triton; `losses._kernels` imports it behind a guard. Every kernel is launched with
 `enable_fp_fusion=False`, divisions are round-to-nearest (`div_rn`) and exp/log/atan/pow are libdevice's, so that the
 arithmetic rounds as torch's one-op-at-a-time kernels do: on an H200 the candidate mask equals the spec's and 99.7 %
-of the metrics are bit-equal, the rest within two ulps (tests/test_kernels.py; docs/benchmarks.md). The MGIoU kernels
-equal `spec.mgiou_forward` bit for bit under Triton's interpreter and within 1e-6 / 1e-5 (value / gradient) on the GPU
+of the metrics are bit-equal, the rest within two ulps (tests/test_kernels.py; docs/benchmarks.md). The MGIoU kernel
+equals `spec.mgiou_forward` bit for bit under Triton's interpreter and within 1e-6 / 1e-5 (value / gradient) on the GPU
 (tests/test_mgiou_kernel.py).
 """
 
