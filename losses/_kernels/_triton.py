@@ -3,9 +3,10 @@
 Importing this module needs Triton; `losses._kernels` imports it behind a guard. Every kernel is launched with
 `enable_fp_fusion=False`, divisions are round-to-nearest (`div_rn`) and exp/log/atan/pow are libdevice's, so that the
 arithmetic rounds as torch's one-op-at-a-time kernels do: on an H200 the candidate mask equals the spec's and 99.7 %
-of the metrics are bit-equal, the rest within two ulps (tests/test_kernels.py; docs/benchmarks.md). The MGIoU kernel
-equals `spec.mgiou_forward` bit for bit under Triton's interpreter and within 1e-6 / 1e-5 (value / gradient) on the GPU
-(tests/test_mgiou_kernel.py).
+of the metrics are bit-equal, the rest within two ulps (tests/test_kernels.py; docs/benchmarks.md). The MGIoU kernel's
+loss equals `spec.mgiou_forward`'s bit for bit under Triton's interpreter (its gradients sum in another order: within
+5e-7 of the largest but at stationary points, where both are rounding noise) and within 1e-6 / 1e-5 (value /
+gradient) on the GPU (tests/test_mgiou_kernel.py).
 """
 
 from __future__ import annotations
@@ -381,7 +382,9 @@ def positive_dfl_backward_add(grad_logits, logits, image, anchor, target, grad):
 # ---------------------------------------------------------------------------------------------------------- MGIoU
 # One program takes _MGIOU_BLOCK pairs; a pair's vertices lie along the second dimension (VB slots, a power of two).
 # The axes are visited one after the other in a loop (pred's edge normals, target's, then x and y), so the vertex
-# counts are runtime values and one compilation serves every count up to VB.
+# counts are runtime values and one compilation serves every count up to VB. Reductions across the slots are what
+# costs: per axis the four interval ends are four (each gives its first extreme slot too); an edge's vertices and the
+# extreme vertices are read again from memory rather than picked out of the tiles.
 @triton.jit
 def _max_combine(a, b):
     return tl.maximum(a, b)
@@ -432,8 +435,8 @@ def _or_combine(a, b):
 @triton.jit
 def _mgiou_geometry(p_ptr, t_ptr, pm_ptr, tm_ptr, rows, row_ok, VP, VT, VB: tl.constexpr, HAS_PM: tl.constexpr,
                     HAS_TM: tl.constexpr):
-    """Both shapes filled and normalised (centred on the joint box, divided by its longer side), the scale, and the
-    problems (`spec.mgiou_problems` bits) of each pair."""
+    """Both shapes filled and normalised (centred on the joint box, divided by its longer side), the slot each
+    filled slot reads, the frame (centre and scale, (BLOCK,) each) and the problems (`spec.mgiou_problems` bits)."""
     px, py, p_src, p_ok, p_real = _mgiou_vertices(p_ptr, pm_ptr, rows, row_ok, VP, VB, HAS_PM)
     tx, ty, t_src, t_ok, t_real = _mgiou_vertices(t_ptr, tm_ptr, rows, row_ok, VT, VB, HAS_TM)
     problems = _mgiou_row_problems(px, py, p_ok, p_real, row_ok, HAS_PM, _PRED_NONFINITE, _PRED_EMPTY)
@@ -443,128 +446,144 @@ def _mgiou_geometry(p_ptr, t_ptr, pm_ptr, tm_ptr, rows, row_ok, VP, VT, VB: tl.c
     ly = tl.minimum(tl.min(tl.where(p_ok, py, inf), 1), tl.min(tl.where(t_ok, ty, inf), 1))
     hx = tl.maximum(tl.max(tl.where(p_ok, px, -inf), 1), tl.max(tl.where(t_ok, tx, -inf), 1))
     hy = tl.maximum(tl.max(tl.where(p_ok, py, -inf), 1), tl.max(tl.where(t_ok, ty, -inf), 1))
-    cx = tl.where(row_ok, (lx + hx) * 0.5, 0.0)[:, None]  # rows past N: no vertex, keep their lanes finite
-    cy = tl.where(row_ok, (ly + hy) * 0.5, 0.0)[:, None]
+    cx = tl.where(row_ok, (lx + hx) * 0.5, 0.0)  # rows past N: no vertex, keep their lanes finite
+    cy = tl.where(row_ok, (ly + hy) * 0.5, 0.0)
     extent = tl.maximum(hx - lx, hy - ly)
     scale = tl.where(extent > 0, extent, 1.0)
-    scale = tl.where(row_ok, scale, 1.0)[:, None]
-    px = tl.math.div_rn(px - cx, scale)
-    py = tl.math.div_rn(py - cy, scale)
-    tx = tl.math.div_rn(tx - cx, scale)
-    ty = tl.math.div_rn(ty - cy, scale)
-    return px, py, tx, ty, p_ok, t_ok, p_src, t_src, scale, problems
+    scale = tl.where(row_ok, scale, 1.0)
+    px = tl.math.div_rn(px - cx[:, None], scale[:, None])
+    py = tl.math.div_rn(py - cy[:, None], scale[:, None])
+    tx = tl.math.div_rn(tx - cx[:, None], scale[:, None])
+    ty = tl.math.div_rn(ty - cy[:, None], scale[:, None])
+    return px, py, tx, ty, p_ok, t_ok, p_src, t_src, cx, cy, scale, problems
 
 
 @triton.jit
-def _mgiou_column(x, cols, m):
-    """x[:, m] (BLOCK,), exactly (one slot survives the maximum)."""
-    return tl.max(tl.where(cols[None, :] == m, x, -float("inf")), 1)
+def _mgiou_vertex(ptr, rows, row_ok, V, slot, source, cols, cx, cy, scale, HAS_MASK: tl.constexpr):
+    """The filled, normalised vertex in slot `slot` (BLOCK,) of each shape, x and y (BLOCK,): read again from memory
+    (a cache hit) and rounded as the tile's own values are, so that no reduction across the slots picks it out (a
+    mask costs one, for the slot it reads)."""
+    if HAS_MASK:
+        slot = tl.sum(tl.where(cols[None, :] == slot[:, None], source, 0), 1)
+    at = (rows.to(tl.int64) * V + slot) * 2
+    x = tl.load(ptr + at, mask=row_ok, other=0.0)
+    y = tl.load(ptr + at + 1, mask=row_ok, other=0.0)
+    return tl.math.div_rn(x - cx, scale), tl.math.div_rn(y - cy, scale)
 
 
 @triton.jit
-def _mgiou_normal(x, y, cols, m, V):
-    """Normal (-e_y, e_x) of edge m (vertex m to vertex m + 1, cyclically) and its squared length."""
-    nxt = (m + 1) % V
-    ex = _mgiou_column(x, cols, nxt) - _mgiou_column(x, cols, m)
-    ey = _mgiou_column(y, cols, nxt) - _mgiou_column(y, cols, m)
-    nx = -ey
-    ny = ex
-    return nx, ny, nx * nx + ny * ny
-
-
-@triton.jit
-def _mgiou_extremes(x, y, ok, ax, ay):
-    """Projections (BLOCK, VB) on the axes (BLOCK,) and their lowest and highest value over the real slots."""
+def _mgiou_support(x, y, ok, ax, ay, WITH_GRAD: tl.constexpr):
+    """Lowest and highest projection (BLOCK,) of the real slots on the axes (BLOCK,) and, WITH_GRAD, the first slot
+    reaching each (argmin/argmax's choice; one reduction gives value and slot)."""
     proj = x * ax[:, None] + y * ay[:, None]
-    lo = tl.min(tl.where(ok, proj, float("inf")), 1)
-    hi = tl.max(tl.where(ok, proj, -float("inf")), 1)
-    return proj, lo, hi
+    inf = float("inf")
+    if WITH_GRAD:
+        lo, lo_at = tl.min(tl.where(ok, proj, inf), 1, return_indices=True, return_indices_tie_break_left=True)
+        hi, hi_at = tl.max(tl.where(ok, proj, -inf), 1, return_indices=True, return_indices_tie_break_left=True)
+    else:
+        lo = tl.min(tl.where(ok, proj, inf), 1)
+        hi = tl.max(tl.where(ok, proj, -inf), 1)
+        lo_at = tl.full(lo.shape, 0, tl.int32)  # not needed without a gradient
+        hi_at = lo_at
+    return lo, hi, lo_at, hi_at
 
 
 @triton.jit
-def _mgiou_axis(px, py, tx, ty, p_ok, t_ok, ax, ay, axis_sq, SPREAD_SQ: tl.constexpr):
-    """One axis: the 1-D overlap and hull of both shapes' intervals, and whether the hull is wide enough."""
-    _, p_lo, p_hi = _mgiou_extremes(px, py, p_ok, ax, ay)
-    _, t_lo, t_hi = _mgiou_extremes(tx, ty, t_ok, ax, ay)
-    overlap = tl.minimum(p_hi, t_hi) - tl.maximum(p_lo, t_lo)
-    hull = (p_hi - p_lo) + (t_hi - t_lo) - overlap
-    spread = hull * hull > SPREAD_SQ * axis_sq
-    return overlap, hull, spread
+def _mgiou_add(g, cols, slot, value):
+    """g (BLOCK, VB) plus `value` (BLOCK,) in slot `slot` (BLOCK,) of each row."""
+    return g + tl.where(cols[None, :] == slot[:, None], value[:, None], 0.0)
 
 
 @triton.jit
-def _mgiou_accumulate(px, py, tx, ty, p_ok, t_ok, ax, ay, axis_sq, extra_valid, total, count, SPREAD_SQ: tl.constexpr):
-    """Add one axis's 1-D GIoU to the running sum and count where the axis is valid."""
-    overlap, hull, spread = _mgiou_axis(px, py, tx, ty, p_ok, t_ok, ax, ay, axis_sq, SPREAD_SQ)
-    valid = spread & extra_valid
-    total += tl.where(valid, tl.math.div_rn(overlap, tl.where(valid, hull, 1.0)), 0.0)
-    count += valid.to(tl.int32)
-    return total, count
-
-
-@triton.jit
-def _mgiou_first(proj, ok, value, cols, VB: tl.constexpr):
-    """One-hot (BLOCK, VB) of the first real slot whose projection equals `value` (argmin/argmax's choice)."""
-    first = tl.min(tl.where(ok & (proj == value[:, None]), cols[None, :], VB), 1)
-    return cols[None, :] == first[:, None]
-
-
-@triton.jit
-def _mgiou_axis_backward(px, py, tx, ty, p_ok, t_ok, cols, ax, ay, axis_sq, extra_valid, g, gpx, gpy, gtx, gty,
-                         VB: tl.constexpr, SPREAD_SQ: tl.constexpr):
-    """One axis's gradient: added to the vertices reaching the four interval ends; returns the axis's own."""
-    p_proj, p_lo, p_hi = _mgiou_extremes(px, py, p_ok, ax, ay)
-    t_proj, t_lo, t_hi = _mgiou_extremes(tx, ty, t_ok, ax, ay)
+def _mgiou_axis(p, t, geo, ax, ay, axis_sq, extra_valid, total, count, gpx, gpy, gtx, gty,
+                VB: tl.constexpr, HAS_PM: tl.constexpr, HAS_TM: tl.constexpr, WITH_GRAD: tl.constexpr,
+                SPREAD_SQ: tl.constexpr):
+    """One axis: its 1-D GIoU added to the running sum and count where valid and, WITH_GRAD, its gradient for a unit
+    upstream gradient of each valid axis's GIoU (`spec._mgiou_unit_gradients`): added to the four extreme vertices
+    (times the axis); returned for the axis itself (the extreme vertices, times the gradients of the ends)."""
+    p_ptr, px, py, p_ok, p_src, VP = p
+    t_ptr, tx, ty, t_ok, t_src, VT = t
+    rows, row_ok, cols, cx, cy, scale = geo
+    p_lo, p_hi, p_lo_at, p_hi_at = _mgiou_support(px, py, p_ok, ax, ay, WITH_GRAD)
+    t_lo, t_hi, t_lo_at, t_hi_at = _mgiou_support(tx, ty, t_ok, ax, ay, WITH_GRAD)
     overlap = tl.minimum(p_hi, t_hi) - tl.maximum(p_lo, t_lo)
     hull = (p_hi - p_lo) + (t_hi - t_lo) - overlap
     valid = (hull * hull > SPREAD_SQ * axis_sq) & extra_valid
     safe_hull = tl.where(valid, hull, 1.0)
-    g_axis = tl.where(valid, g, 0.0)
-    g_overlap = tl.math.div_rn(g_axis, safe_hull)
-    g_hull = -(g_overlap * tl.where(valid, tl.math.div_rn(overlap, safe_hull), 0.0))
-    g_ends = g_overlap - g_hull
-    w_hi = tl.where(p_hi < t_hi, 1.0, tl.where(p_hi == t_hi, 0.5, 0.0))
-    w_lo = tl.where(p_lo > t_lo, 1.0, tl.where(p_lo == t_lo, 0.5, 0.0))
-    d_p_hi = g_hull + g_ends * w_hi
-    d_t_hi = g_hull + g_ends * (1.0 - w_hi)
-    d_p_lo = -g_hull - g_ends * w_lo
-    d_t_lo = -g_hull - g_ends * (1.0 - w_lo)
-    at_p_hi = _mgiou_first(p_proj, p_ok, p_hi, cols, VB)
-    at_p_lo = _mgiou_first(p_proj, p_ok, p_lo, cols, VB)
-    at_t_hi = _mgiou_first(t_proj, t_ok, t_hi, cols, VB)
-    at_t_lo = _mgiou_first(t_proj, t_ok, t_lo, cols, VB)
-    gpx += tl.where(at_p_hi, (d_p_hi * ax)[:, None], 0.0)
-    gpy += tl.where(at_p_hi, (d_p_hi * ay)[:, None], 0.0)
-    gpx += tl.where(at_p_lo, (d_p_lo * ax)[:, None], 0.0)
-    gpy += tl.where(at_p_lo, (d_p_lo * ay)[:, None], 0.0)
-    gtx += tl.where(at_t_hi, (d_t_hi * ax)[:, None], 0.0)
-    gty += tl.where(at_t_hi, (d_t_hi * ay)[:, None], 0.0)
-    gtx += tl.where(at_t_lo, (d_t_lo * ax)[:, None], 0.0)
-    gty += tl.where(at_t_lo, (d_t_lo * ay)[:, None], 0.0)
-    g_ax = (d_p_hi * tl.sum(tl.where(at_p_hi, px, 0.0), 1) + d_p_lo * tl.sum(tl.where(at_p_lo, px, 0.0), 1)
-            + d_t_hi * tl.sum(tl.where(at_t_hi, tx, 0.0), 1) + d_t_lo * tl.sum(tl.where(at_t_lo, tx, 0.0), 1))
-    g_ay = (d_p_hi * tl.sum(tl.where(at_p_hi, py, 0.0), 1) + d_p_lo * tl.sum(tl.where(at_p_lo, py, 0.0), 1)
-            + d_t_hi * tl.sum(tl.where(at_t_hi, ty, 0.0), 1) + d_t_lo * tl.sum(tl.where(at_t_lo, ty, 0.0), 1))
-    return gpx, gpy, gtx, gty, g_ax, g_ay
+    giou = tl.where(valid, tl.math.div_rn(overlap, safe_hull), 0.0)
+    total += giou
+    count += valid.to(tl.int32)
+    g_ax = tl.zeros_like(ax)
+    g_ay = tl.zeros_like(ay)
+    if WITH_GRAD:
+        u_overlap = tl.where(valid, tl.math.div_rn(tl.full(ax.shape, 1.0, tl.float32), safe_hull), 0.0)
+        u_hull = -(u_overlap * giou)
+        u_ends = u_overlap - u_hull  # overlap's total: direct, and through hull = ... - overlap
+        w_hi = tl.where(p_hi < t_hi, 1.0, tl.where(p_hi == t_hi, 0.5, 0.0))  # min/max of equal ends: halves
+        w_lo = tl.where(p_lo > t_lo, 1.0, tl.where(p_lo == t_lo, 0.5, 0.0))
+        d_p_hi = u_hull + u_ends * w_hi
+        d_t_hi = u_hull + u_ends * (1.0 - w_hi)
+        d_p_lo = -u_hull - u_ends * w_lo
+        d_t_lo = -u_hull - u_ends * (1.0 - w_lo)
+        gpx = _mgiou_add(_mgiou_add(gpx, cols, p_hi_at, d_p_hi * ax), cols, p_lo_at, d_p_lo * ax)
+        gpy = _mgiou_add(_mgiou_add(gpy, cols, p_hi_at, d_p_hi * ay), cols, p_lo_at, d_p_lo * ay)
+        gtx = _mgiou_add(_mgiou_add(gtx, cols, t_hi_at, d_t_hi * ax), cols, t_lo_at, d_t_lo * ax)
+        gty = _mgiou_add(_mgiou_add(gty, cols, t_hi_at, d_t_hi * ay), cols, t_lo_at, d_t_lo * ay)
+        x, y = _mgiou_vertex(p_ptr, rows, row_ok, VP, p_hi_at, p_src, cols, cx, cy, scale, HAS_PM)
+        g_ax += d_p_hi * x
+        g_ay += d_p_hi * y
+        x, y = _mgiou_vertex(p_ptr, rows, row_ok, VP, p_lo_at, p_src, cols, cx, cy, scale, HAS_PM)
+        g_ax += d_p_lo * x
+        g_ay += d_p_lo * y
+        x, y = _mgiou_vertex(t_ptr, rows, row_ok, VT, t_hi_at, t_src, cols, cx, cy, scale, HAS_TM)
+        g_ax += d_t_hi * x
+        g_ay += d_t_hi * y
+        x, y = _mgiou_vertex(t_ptr, rows, row_ok, VT, t_lo_at, t_src, cols, cx, cy, scale, HAS_TM)
+        g_ax += d_t_lo * x
+        g_ay += d_t_lo * y
+    return total, count, gpx, gpy, gtx, gty, g_ax, g_ay
 
 
 @triton.jit
-def _mgiou_edge_backward(gx, gy, cols, m, V, g_ax, g_ay):
-    """Normal (-e_y, e_x) of edge m = v[m + 1] - v[m]: its gradient to the edge's two vertices."""
-    g_ex = g_ay[:, None]
-    g_ey = -g_ax[:, None]
-    nxt = cols[None, :] == (m + 1) % V
-    this = cols[None, :] == m
-    gx += tl.where(nxt, g_ex, 0.0) - tl.where(this, g_ex, 0.0)
-    gy += tl.where(nxt, g_ey, 0.0) - tl.where(this, g_ey, 0.0)
-    return gx, gy
+def _mgiou_edges(p, t, geo, total, count, gpx, gpy, gtx, gty, VB: tl.constexpr,
+                 HAS_PM: tl.constexpr, HAS_TM: tl.constexpr, OF_PRED: tl.constexpr, HAS_MASK: tl.constexpr,
+                 WITH_GRAD: tl.constexpr, EDGE_SQ: tl.constexpr, SPREAD_SQ: tl.constexpr):
+    """The axes of one shape's edges (pred's if OF_PRED, else target's), in order: the normal (-e_y, e_x) of edge m
+    (vertex m to vertex m + 1, cyclically), valid where not shorter than the edge threshold; each normal passes its
+    own gradient on to its edge's two vertices. HAS_MASK: that shape's (HAS_PM or HAS_TM)."""
+    if OF_PRED:
+        ptr, _, _, _, source, V = p
+    else:
+        ptr, _, _, _, source, V = t
+    rows, row_ok, cols, cx, cy, scale = geo
+    slot = rows * 0
+    x0, y0 = _mgiou_vertex(ptr, rows, row_ok, V, slot, source, cols, cx, cy, scale, HAS_MASK)
+    for _ in range(0, V):
+        nxt = tl.where(slot + 1 < V, slot + 1, 0)
+        x1, y1 = _mgiou_vertex(ptr, rows, row_ok, V, nxt, source, cols, cx, cy, scale, HAS_MASK)
+        nx = -(y1 - y0)
+        ny = x1 - x0
+        nsq = nx * nx + ny * ny
+        total, count, gpx, gpy, gtx, gty, g_ax, g_ay = _mgiou_axis(
+            p, t, geo, nx, ny, nsq, nsq > EDGE_SQ, total, count, gpx, gpy, gtx, gty, VB, HAS_PM,
+            HAS_TM, WITH_GRAD, SPREAD_SQ)
+        if WITH_GRAD:  # edge e = v[nxt] - v[slot]: d e_x = d normal_y, d e_y = -d normal_x
+            if OF_PRED:
+                gpx = _mgiou_add(_mgiou_add(gpx, cols, nxt, g_ay), cols, slot, -g_ay)
+                gpy = _mgiou_add(_mgiou_add(gpy, cols, nxt, -g_ax), cols, slot, g_ax)
+            else:
+                gtx = _mgiou_add(_mgiou_add(gtx, cols, nxt, g_ay), cols, slot, -g_ay)
+                gty = _mgiou_add(_mgiou_add(gty, cols, nxt, -g_ax), cols, slot, g_ax)
+        x0, y0, slot = x1, y1, nxt
+    return total, count, gpx, gpy, gtx, gty
 
 
 @triton.jit
-def _mgiou_store_grad(ptr, gx, gy, source, ok, rows, cols, V, scale, HAS_MASK: tl.constexpr):
-    """Unnormalise (divide by the scale) and hand each filled slot's gradient to the slot it reads."""
-    gx = tl.math.div_rn(gx, scale)
-    gy = tl.math.div_rn(gy, scale)
+def _mgiou_store_grad(ptr, gx, gy, g, source, ok, rows, cols, V, scale, HAS_MASK: tl.constexpr):
+    """Scale the unit gradient by each pair's g, unnormalise (divide by the scale) and hand each filled slot's
+    gradient to the slot it reads."""
+    gx = tl.math.div_rn(gx * g[:, None], scale[:, None])
+    gy = tl.math.div_rn(gy * g[:, None], scale[:, None])
     if HAS_MASK:
         reads = source[:, None, :] == cols[None, :, None]  # (BLOCK, slot i, slot j): slot j reads slot i
         gx = tl.sum(tl.where(reads, gx[:, None, :], 0.0), 2)
@@ -578,61 +597,48 @@ def _mgiou_store_grad(ptr, gx, gy, source, ok, rows, cols, V, scale, HAS_MASK: t
 def _mgiou_kernel(p_ptr, t_ptr, pm_ptr, tm_ptr, loss_ptr, problems_ptr, gp_ptr, gt_ptr, N, VP, VT, VB: tl.constexpr,
                   HAS_PM: tl.constexpr, HAS_TM: tl.constexpr, NEED_P: tl.constexpr, NEED_T: tl.constexpr,
                   WITH_GRAD: tl.constexpr, EDGE_SQ: tl.constexpr, SPREAD_SQ: tl.constexpr, BLOCK: tl.constexpr):
-    """Loss, problem flag and, where asked (NEED_P, NEED_T), each pair's loss gradient: one pass over the vertices."""
+    """Loss, problem flag and, where asked (NEED_P, NEED_T), each pair's loss gradient: one pass over the axes, each
+    axis's extremes found once for both (the gradient for a unit upstream gradient per axis, scaled at the end)."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     row_ok = rows < N
     cols = tl.arange(0, VB)
-    px, py, tx, ty, p_ok, t_ok, p_src, t_src, scale, problems = _mgiou_geometry(
+    px, py, tx, ty, p_ok, t_ok, p_src, t_src, cx, cy, scale, problems = _mgiou_geometry(
         p_ptr, t_ptr, pm_ptr, tm_ptr, rows, row_ok, VP, VT, VB, HAS_PM, HAS_TM)
     found = tl.reduce(problems, 0, _or_combine)
     tl.atomic_or(problems_ptr, found, mask=found != 0)
+    p = (p_ptr, px, py, p_ok, p_src, VP)
+    t = (t_ptr, tx, ty, t_ok, t_src, VT)
+    geo = (rows, row_ok, cols, cx, cy, scale)
     total = tl.zeros((BLOCK,), tl.float32)
     count = tl.zeros((BLOCK,), tl.int32)
-    for m in range(0, VP):  # edge normals: pred's, then target's
-        nx, ny, nsq = _mgiou_normal(px, py, cols, m, VP)
-        total, count = _mgiou_accumulate(px, py, tx, ty, p_ok, t_ok, nx, ny, nsq, nsq > EDGE_SQ, total, count,
-                                         SPREAD_SQ)
-    for m in range(0, VT):
-        nx, ny, nsq = _mgiou_normal(tx, ty, cols, m, VT)
-        total, count = _mgiou_accumulate(px, py, tx, ty, p_ok, t_ok, nx, ny, nsq, nsq > EDGE_SQ, total, count,
-                                         SPREAD_SQ)
+    gpx = tl.zeros((BLOCK, VB), tl.float32)
+    gpy = tl.zeros((BLOCK, VB), tl.float32)
+    gtx = tl.zeros((BLOCK, VB), tl.float32)
+    gty = tl.zeros((BLOCK, VB), tl.float32)
+    # Edge normals: pred's, then target's; each passes its gradient on to its own shape's vertices.
+    total, count, gpx, gpy, gtx, gty = _mgiou_edges(p, t, geo, total, count, gpx, gpy, gtx, gty, VB, HAS_PM, HAS_TM,
+                                                    True, HAS_PM, WITH_GRAD, EDGE_SQ, SPREAD_SQ)
+    total, count, gpx, gpy, gtx, gty = _mgiou_edges(p, t, geo, total, count, gpx, gpy, gtx, gty, VB, HAS_PM, HAS_TM,
+                                                    False, HAS_TM, WITH_GRAD, EDGE_SQ, SPREAD_SQ)
     no_edge_axis = count == 0
     one = tl.full((BLOCK,), 1.0, tl.float32)
     zero = tl.zeros((BLOCK,), tl.float32)
-    for k in range(0, 2):  # x and y, only where no edge normal is valid
+    for k in range(0, 2):  # x and y, only where no edge normal is valid (constant axes: no gradient of their own)
         ax = tl.where(k == 0, one, zero)
         ay = tl.where(k == 0, zero, one)
-        total, count = _mgiou_accumulate(px, py, tx, ty, p_ok, t_ok, ax, ay, one, no_edge_axis, total, count,
-                                         SPREAD_SQ)
+        total, count, gpx, gpy, gtx, gty, _, _ = _mgiou_axis(
+            p, t, geo, ax, ay, one, no_edge_axis, total, count, gpx, gpy, gtx, gty, VB, HAS_PM,
+            HAS_TM, WITH_GRAD, SPREAD_SQ)
     mean = tl.math.div_rn(total, tl.maximum(count, 1).to(tl.float32))
     similarity = tl.where(count > 0, mean, 1.0)
     tl.store(loss_ptr + rows, (1.0 - similarity) * 0.5, mask=row_ok)
     if WITH_GRAD:  # NEED_P or NEED_T
         # d loss / d GIoU of each valid axis: -1/2 / count (the loss is (1 - mean GIoU) / 2).
         g = tl.where(count > 0, tl.math.div_rn(-0.5 + zero, tl.maximum(count, 1).to(tl.float32)), 0.0)
-        gpx = tl.zeros((BLOCK, VB), tl.float32)
-        gpy = tl.zeros((BLOCK, VB), tl.float32)
-        gtx = tl.zeros((BLOCK, VB), tl.float32)
-        gty = tl.zeros((BLOCK, VB), tl.float32)
-        for m in range(0, VP):
-            nx, ny, nsq = _mgiou_normal(px, py, cols, m, VP)
-            gpx, gpy, gtx, gty, g_ax, g_ay = _mgiou_axis_backward(px, py, tx, ty, p_ok, t_ok, cols, nx, ny, nsq,
-                                                                  nsq > EDGE_SQ, g, gpx, gpy, gtx, gty, VB, SPREAD_SQ)
-            gpx, gpy = _mgiou_edge_backward(gpx, gpy, cols, m, VP, g_ax, g_ay)
-        for m in range(0, VT):
-            nx, ny, nsq = _mgiou_normal(tx, ty, cols, m, VT)
-            gpx, gpy, gtx, gty, g_ax, g_ay = _mgiou_axis_backward(px, py, tx, ty, p_ok, t_ok, cols, nx, ny, nsq,
-                                                                  nsq > EDGE_SQ, g, gpx, gpy, gtx, gty, VB, SPREAD_SQ)
-            gtx, gty = _mgiou_edge_backward(gtx, gty, cols, m, VT, g_ax, g_ay)
-        for k in range(0, 2):
-            ax = tl.where(k == 0, one, zero)
-            ay = tl.where(k == 0, zero, one)
-            gpx, gpy, gtx, gty, _, _ = _mgiou_axis_backward(px, py, tx, ty, p_ok, t_ok, cols, ax, ay, one,
-                                                            no_edge_axis, g, gpx, gpy, gtx, gty, VB, SPREAD_SQ)
         if NEED_P:
-            _mgiou_store_grad(gp_ptr, gpx, gpy, p_src, p_ok, rows, cols, VP, scale, HAS_PM)
+            _mgiou_store_grad(gp_ptr, gpx, gpy, g, p_src, p_ok, rows, cols, VP, scale, HAS_PM)
         if NEED_T:
-            _mgiou_store_grad(gt_ptr, gtx, gty, t_src, t_ok, rows, cols, VT, scale, HAS_TM)
+            _mgiou_store_grad(gt_ptr, gtx, gty, g, t_src, t_ok, rows, cols, VT, scale, HAS_TM)
 
 
 def _mgiou_launch(pred, target, pred_mask, target_mask):

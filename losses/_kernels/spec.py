@@ -372,23 +372,37 @@ def _mgiou_gradients(f: dict, count: torch.Tensor) -> tuple[torch.Tensor, torch.
     The rules of autograd through the reference: an extreme projection's gradient goes to the first vertex that
     reaches it (as argmin/argmax pick), min/max of two equal interval ends split it in halves (torch.minimum and
     torch.maximum), the normalisation's statistics are constants, and a padded slot's gradient goes to the slot it
-    reads. Per axis, with G = -1/2 / count on valid axes: dL/doverlap = G / hull (direct), dL/dhull =
-    -G * overlap / hull^2; they reach the four interval ends, from them the extreme vertices (times the axis) and the
-    axis (times the vertex), and an edge's normal (-e_y, e_x) passes its gradient to the edge's two vertices.
+    reads. The loss is (1 - mean GIoU) / 2, so every valid axis's GIoU has the same gradient G = -1/2 / count: the
+    gradient is G times the one for a unit gradient of each valid axis's GIoU (`_mgiou_unit_gradients`), which the
+    kernel accumulates axis by axis before it knows the count.
+    """
+    c = count.clamp(min=1).to(f["p"].dtype)
+    g = torch.where(count > 0, -0.5 / c, torch.zeros_like(c))[:, None, None]
+    out = []
+    for g_v, source in zip(_mgiou_unit_gradients(f), (f["p_source"], f["t_source"])):
+        g_v = (g_v * g) / f["scale"]
+        out.append(torch.zeros_like(g_v).scatter_add_(1, source.unsqueeze(-1).expand(-1, -1, 2), g_v))
+    return out[0], out[1]
+
+
+def _mgiou_unit_gradients(f: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of the sum of the valid axes' GIoUs with respect to the filled, normalised pred and target vertices.
+
+    Per valid axis: dGIoU/doverlap = 1 / hull (direct), dGIoU/dhull = -overlap / hull^2; they reach the four interval
+    ends, from them the extreme vertices (times the axis) and the axis (times the vertex), and an edge's normal
+    (-e_y, e_x) passes its gradient to the edge's two vertices.
     """
     p, t, axes = f["p"], f["t"], f["axes"]
     n_p, n_t = p.shape[1], t.shape[1]
-    c = count.clamp(min=1).to(p.dtype)
-    g = torch.where(count > 0, -0.5 / c, torch.zeros_like(c))
-    g_axis = torch.where(f["valid"], g[:, None], torch.zeros_like(f["giou"]))
-    g_overlap = g_axis / f["safe_hull"]
-    g_hull = -(g_overlap * f["giou"])
-    g_ends = g_overlap - g_hull  # overlap's total: direct, and through hull = ... - overlap
+    zeros = torch.zeros_like(f["giou"])
+    u_overlap = torch.where(f["valid"], 1 / f["safe_hull"], zeros)
+    u_hull = -(u_overlap * f["giou"])
+    u_ends = u_overlap - u_hull  # overlap's total: direct, and through hull = ... - overlap
     half, zero, one = (torch.full((), x, dtype=p.dtype, device=p.device) for x in (0.5, 0.0, 1.0))
     w_hi = torch.where(f["p_hi"] < f["t_hi"], one, torch.where(f["p_hi"] == f["t_hi"], half, zero))
     w_lo = torch.where(f["p_lo"] > f["t_lo"], one, torch.where(f["p_lo"] == f["t_lo"], half, zero))
-    d = {"p_hi": g_hull + g_ends * w_hi, "t_hi": g_hull + g_ends * (1 - w_hi),
-         "p_lo": -g_hull - g_ends * w_lo, "t_lo": -g_hull - g_ends * (1 - w_lo)}
+    d = {"p_hi": u_hull + u_ends * w_hi, "t_hi": u_hull + u_ends * (1 - w_hi),
+         "p_lo": -u_hull - u_ends * w_lo, "t_lo": -u_hull - u_ends * (1 - w_lo)}
 
     def extreme(v, at):
         return torch.gather(v, 1, at.unsqueeze(-1).expand(-1, -1, 2))  # (N, M, 2)
@@ -402,8 +416,4 @@ def _mgiou_gradients(f: dict, count: torch.Tensor) -> tuple[torch.Tensor, torch.
     for g_v, g_normal in ((g_p, g_axes[:, :n_p]), (g_t, g_axes[:, n_p:n_p + n_t])):
         g_edge = torch.stack((g_normal[..., 1], -g_normal[..., 0]), dim=-1)  # normal (-e_y, e_x)
         g_v += torch.roll(g_edge, shifts=1, dims=1) - g_edge  # edge i = v[i + 1] - v[i]
-    out = []
-    for g_v, source in ((g_p, f["p_source"]), (g_t, f["t_source"])):
-        g_v = g_v / f["scale"]
-        out.append(torch.zeros_like(g_v).scatter_add_(1, source.unsqueeze(-1).expand(-1, -1, 2), g_v))
-    return out[0], out[1]
+    return g_p, g_t
