@@ -21,7 +21,12 @@ the geometry: a plain relative comparison of two noises would be meaningless the
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -321,6 +326,58 @@ def test_mgiou_kernel_runs_only_for_cuda_float32_computation():
         cuda = torch.zeros(1, 3, 2, device="cuda")
         assert mgiou_runs(cuda, cuda) and mgiou_runs(cuda.half(), cuda)
         assert not mgiou_runs(cuda.double(), cuda)
+
+
+# ---------------------------------------------------------------------------------------------- kernel (interpreter)
+INTERPRETED_CASES = [(family, vp, vt, masked) for family in FAMILIES
+                     for vp, vt, masked in ((8, 8, False), (6, 6, True), (1, 4, False), (3, 6, True))]
+
+
+def interpreted_kernel_against_spec(n: int = 70) -> list[str]:
+    """Run in a process with TRITON_INTERPRET=1 (Triton's CPU interpreter): the MGIoU kernel against the spec on CPU
+    tensors, each family and vertex-count case, masks with junk in the padded slots, exact copies where the counts
+    are equal (every interval end ties with the other shape's). Returns the mismatches."""
+    from losses._kernels import _triton
+
+    gen = torch.Generator().manual_seed(0)
+    failures = []
+    for family, vp, vt, masked in INTERPRETED_CASES:
+        pred = _family(family, n, vp, gen).float()
+        target = _family("convex" if family == "point" else family, n, vt, gen).float()
+        pred_mask, target_mask = (_mask(n, vp, gen), _mask(n, vt, gen)) if masked else (None, None)
+        if masked:
+            pred = torch.where(pred_mask[..., None], pred, torch.full((), math.nan))
+        if vp == vt:
+            same = torch.arange(n) % 3 == 0
+            target = torch.where(same[:, None, None], pred, target)
+            target_mask = torch.where(same[:, None], pred_mask, target_mask) if masked else None
+        case = (pred, target, pred_mask, target_mask)
+        got, want = _triton.mgiou_forward(*case, True, True), spec.mgiou_forward(*case, True, True)
+        name = f"{family} {vp}x{vt}{' masked' if masked else ''}"
+        if not torch.equal(got[0], want[0]) or int(got[1]) != int(want[1]):
+            failures.append(f"{name}: loss or problems differ")
+        if not torch.equal(_triton.mgiou_forward(*case)[0], got[0]):
+            failures.append(f"{name}: the loss without gradients differs")
+        ones = torch.ones(n)
+        for label, g, w in (("pred", got[2], want[2]), ("target", got[3], want[3])):
+            try:  # the spec as the truth: the bound is 1e-5 of the gradient and of the pair's natural scale
+                _assert_grads_close(f"{name} {label} gradient", g, w, w, ones, _gradient_scale(*case))
+            except AssertionError as error:
+                failures.append(str(error))
+    return failures
+
+
+def test_mgiou_kernel_equals_spec_under_the_interpreter():
+    """CI has no GPU: the kernel's arithmetic, masks and tie rules are checked by Triton's CPU interpreter (loss bit
+    for bit; gradients, summed in another order, within the gradient bound)."""
+    pytest.importorskip("triton")
+    code = ("import json, tests.test_mgiou_kernel as t; "
+            "print(json.dumps(t.interpreted_kernel_against_spec()))")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == []
 
 
 # ---------------------------------------------------------------------------------------------------- kernel (GPU)
