@@ -251,13 +251,17 @@ def test_assign_metrics_kernel_equals_spec(inputs):
     from losses._kernels import _triton
 
     args = _cuda(_metric_args(*inputs))
-    expected = spec.assign_metrics(*args)
+    expected, exact = spec.assign_metrics(*args), spec.assign_metrics(*_float64(args))
     got = _triton.assign_metrics(*args)
     assert torch.equal(got[0], expected[0]), "candidate masks differ"
-    # CUDA's atan and torch's differ in the last bit now and then (measured on an H200), and align = s^alpha *
-    # overlap^beta multiplies an overlap's relative error by beta (up to 6 here): 1e-6 and 1e-5 cover both.
-    for name, actual, want, tol in zip(("overlaps", "align"), got[1:], expected[1:], (1e-6, 1e-5)):
-        assert _rel(actual, want) <= tol, f"{name}: relative difference {_rel(actual, want):.2e} > {tol}"
+    # CUDA's atan and torch's differ in the last bit now and then (measured on an H200), CIoU's subtraction can
+    # magnify that (an overlap of 1.14e-6 relative difference was measured), and align = s^alpha * overlap^beta
+    # multiplies an overlap's relative error by beta (up to 6 here). So each is held to the float64 spec: within 1e-6
+    # (1e-5 for align) of it, or twice the float32 spec's own error where that is larger.
+    for name, actual, want, true, tol in zip(("overlaps", "align"), got[1:], expected[1:], exact[1:], (1e-6, 1e-5)):
+        error, own_error = _rel(actual, true), _rel(want, true)
+        assert error <= max(tol, 2 * own_error), (f"{name}: {error:.2e} off the float64 spec (the float32 spec: "
+                                                  f"{own_error:.2e})")
 
 
 @pytest.mark.cuda
