@@ -208,16 +208,27 @@ def loss_batches(draw):
 
 
 def _loss_and_grads(criterion, preds, batch, device):
+    """The loss components and the gradient of their sum for each prediction that receives one (name -> tensor)."""
     leaves = {k: v.to(device).requires_grad_() for k, v in preds.items() if k != "feats"}
     inputs = {**leaves, "feats": [f.to(device) for f in preds["feats"]]}
     loss, _ = criterion(inputs, {k: v.to(device) for k, v in batch.items()})
     loss.sum().backward()
-    return [loss.detach()] + [leaves[k].grad for k in ("boxes", "scores", "polygons") if leaves[k].grad is not None]
+    return loss.detach(), {k: leaf.grad for k, leaf in leaves.items() if leaf.grad is not None}
+
+
+def _flat(grads: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([g.flatten() for g in grads.values()])
 
 
 def _check_loss_path(preds, batch, device, tol=1e-5):
     """The fast path (the default on CUDA; asked for on the CPU, where its core runs eagerly on the kernels' specs)
-    against the eager reference (`cuda_graphs=False`)."""
+    against the eager reference (`cuda_graphs=False`).
+
+    The loss components are compared as one vector and so is the gradient of their sum over all predictions: the
+    error that matters is relative to the whole gradient. Per prediction it is not meaningful where a term is
+    negligible. Measured on an H200: with wild predictions the box and DFL terms were 2e-20 (classification 62),
+    their alignment metrics near-tied at the top-k boundary, and one ulp between the CUDA metric kernel and torch
+    swapped a positive. The box gradient moved by 5.5e-5 of its own norm, which is 1e-20 of the loss."""
     fast = None if device == "cuda" else True
     for mode, reference, fused in (
         ("detection", DetectionLoss(NC_LOSS, STRIDES, cuda_graphs=False), DetectionLoss(NC_LOSS, STRIDES,
@@ -225,11 +236,13 @@ def _check_loss_path(preds, batch, device, tol=1e-5):
         ("mgiou", PolygonLoss(NC_LOSS, STRIDES, np=6, mode="mgiou", cuda_graphs=False),
          PolygonLoss(NC_LOSS, STRIDES, np=6, mode="mgiou", cuda_graphs=fast)),
     ):
-        expected = _loss_and_grads(reference, preds, batch, device)
-        got = _loss_and_grads(fused, preds, batch, device)
-        assert len(got) == len(expected)
-        for i, (actual, want) in enumerate(zip(got, expected)):
-            assert _rel(actual, want) <= tol, f"{mode}, output {i}: relative difference {_rel(actual, want):.2e}"
+        want_loss, want_grads = _loss_and_grads(reference, preds, batch, device)
+        loss, grads = _loss_and_grads(fused, preds, batch, device)
+        assert _rel(loss, want_loss) <= tol, f"{mode}: loss relative difference {_rel(loss, want_loss):.2e}"
+        assert grads.keys() == want_grads.keys(), f"{mode}: gradients of {sorted(grads)}; expected {sorted(want_grads)}"
+        error = _rel(_flat(grads), _flat(want_grads))
+        by_name = {k: f"{_rel(grads[k], want_grads[k]):.1e}" for k in grads}
+        assert error <= tol, f"{mode}: gradient relative difference {error:.2e} (per prediction: {by_name})"
 
 
 @given(loss_batches())
@@ -252,16 +265,19 @@ def test_assign_metrics_kernel_equals_spec(inputs):
 
     args = _cuda(_metric_args(*inputs))
     expected, exact = spec.assign_metrics(*args), spec.assign_metrics(*_float64(args))
-    got = _triton.assign_metrics(*args)
-    assert torch.equal(got[0], expected[0]), "candidate masks differ"
-    # CUDA's atan and torch's differ in the last bit now and then (measured on an H200), CIoU's subtraction can
-    # magnify that (an overlap of 1.14e-6 relative difference was measured), and align = s^alpha * overlap^beta
-    # multiplies an overlap's relative error by beta (up to 6 here). So each is held to the float64 spec: within 1e-6
-    # (1e-5 for align) of it, or twice the float32 spec's own error where that is larger.
-    for name, actual, want, true, tol in zip(("overlaps", "align"), got[1:], expected[1:], exact[1:], (1e-6, 1e-5)):
-        error, own_error = _rel(actual, true), _rel(want, true)
-        assert error <= max(tol, 2 * own_error), (f"{name}: {error:.2e} off the float64 spec (the float32 spec: "
-                                                  f"{own_error:.2e})")
+    candidate, overlaps, align = _triton.assign_metrics(*args)
+    assert torch.equal(candidate, expected[0]), "candidate masks differ"
+    # CIoU is IoU minus penalties, each of order 1, and can cancel down to 1e-4 or less: an error relative to the
+    # result is meaningless there (the float32 spec itself was 2e-6 off float64, the kernel 4e-6, both a few ulps
+    # of the terms). So the overlaps are held to the float64 spec absolutely, at about 16 ulps of 1...
+    overlap_error = (overlaps.double() - exact[1]).abs().max().item()
+    assert overlap_error <= 1e-6, f"overlaps: {overlap_error:.2e} off the float64 spec"
+    # ... and align = s^alpha * overlap^beta is checked on the kernel's own overlaps (at a small overlap, beta < 1
+    # magnifies any overlap error without bound).
+    pd_scores, _, _, labels, _, _, _, alpha, beta = _float64(args)
+    score = pd_scores.transpose(1, 2).gather(1, labels.unsqueeze(-1).expand(-1, -1, pd_scores.shape[1]))
+    want = torch.where(candidate, score.pow(alpha) * overlaps.double().pow(beta), 0.0)
+    assert _rel(align, want) <= 1e-5, f"align: relative difference {_rel(align, want):.2e} from s^alpha * overlap^beta"
 
 
 @pytest.mark.cuda
