@@ -495,15 +495,25 @@ def _mgiou_add(g, cols, slot, value):
 
 
 @triton.jit
+def _mgiou_pull(g_ax, g_ay, d, shape, slot, geo, HAS_MASK: tl.constexpr):
+    """The axis gradient (g_ax, g_ay) plus `d` (BLOCK,), an interval end's gradient, times the vertex in `slot`
+    (BLOCK,) of `shape` that reaches that end."""
+    ptr, _, _, _, source, V = shape
+    rows, row_ok, cols, cx, cy, scale = geo
+    x, y = _mgiou_vertex(ptr, rows, row_ok, V, slot, source, cols, cx, cy, scale, HAS_MASK)
+    return g_ax + d * x, g_ay + d * y
+
+
+@triton.jit
 def _mgiou_axis(p, t, geo, ax, ay, axis_sq, extra_valid, total, count, gpx, gpy, gtx, gty,
                 VB: tl.constexpr, HAS_PM: tl.constexpr, HAS_TM: tl.constexpr, WITH_GRAD: tl.constexpr,
                 SPREAD_SQ: tl.constexpr):
     """One axis: its 1-D GIoU added to the running sum and count where valid and, WITH_GRAD, its gradient for a unit
     upstream gradient of each valid axis's GIoU (`spec._mgiou_unit_gradients`): added to the four extreme vertices
     (times the axis); returned for the axis itself (the extreme vertices, times the gradients of the ends)."""
-    p_ptr, px, py, p_ok, p_src, VP = p
-    t_ptr, tx, ty, t_ok, t_src, VT = t
-    rows, row_ok, cols, cx, cy, scale = geo
+    _, px, py, p_ok, _, _ = p
+    _, tx, ty, t_ok, _, _ = t
+    cols = geo[2]
     p_lo, p_hi, p_lo_at, p_hi_at = _mgiou_support(px, py, p_ok, ax, ay, WITH_GRAD)
     t_lo, t_hi, t_lo_at, t_hi_at = _mgiou_support(tx, ty, t_ok, ax, ay, WITH_GRAD)
     overlap = tl.minimum(p_hi, t_hi) - tl.maximum(p_lo, t_lo)
@@ -529,18 +539,10 @@ def _mgiou_axis(p, t, geo, ax, ay, axis_sq, extra_valid, total, count, gpx, gpy,
         gpy = _mgiou_add(_mgiou_add(gpy, cols, p_hi_at, d_p_hi * ay), cols, p_lo_at, d_p_lo * ay)
         gtx = _mgiou_add(_mgiou_add(gtx, cols, t_hi_at, d_t_hi * ax), cols, t_lo_at, d_t_lo * ax)
         gty = _mgiou_add(_mgiou_add(gty, cols, t_hi_at, d_t_hi * ay), cols, t_lo_at, d_t_lo * ay)
-        x, y = _mgiou_vertex(p_ptr, rows, row_ok, VP, p_hi_at, p_src, cols, cx, cy, scale, HAS_PM)
-        g_ax += d_p_hi * x
-        g_ay += d_p_hi * y
-        x, y = _mgiou_vertex(p_ptr, rows, row_ok, VP, p_lo_at, p_src, cols, cx, cy, scale, HAS_PM)
-        g_ax += d_p_lo * x
-        g_ay += d_p_lo * y
-        x, y = _mgiou_vertex(t_ptr, rows, row_ok, VT, t_hi_at, t_src, cols, cx, cy, scale, HAS_TM)
-        g_ax += d_t_hi * x
-        g_ay += d_t_hi * y
-        x, y = _mgiou_vertex(t_ptr, rows, row_ok, VT, t_lo_at, t_src, cols, cx, cy, scale, HAS_TM)
-        g_ax += d_t_lo * x
-        g_ay += d_t_lo * y
+        g_ax, g_ay = _mgiou_pull(g_ax, g_ay, d_p_hi, p, p_hi_at, geo, HAS_PM)
+        g_ax, g_ay = _mgiou_pull(g_ax, g_ay, d_p_lo, p, p_lo_at, geo, HAS_PM)
+        g_ax, g_ay = _mgiou_pull(g_ax, g_ay, d_t_hi, t, t_hi_at, geo, HAS_TM)
+        g_ax, g_ay = _mgiou_pull(g_ax, g_ay, d_t_lo, t, t_lo_at, geo, HAS_TM)
     return total, count, gpx, gpy, gtx, gty, g_ax, g_ay
 
 
