@@ -5,7 +5,8 @@ CPU (CI): each spec against the reference it replaces (`losses.assigner`, `heads
 assigner's dense path (the metric spec, as accelerators run it) against its CPU path. The fast path that carries the
 DFL kernels is held to the reference loss in tests/test_fast_paths.py.
 GPU (`cuda` marker, skipped without CUDA or Triton): each Triton kernel against its spec on the same inputs (the
-positives pass exactly, also at ties of overlap); the default loss (fast path, graphs, kernels) against the eager reference (`cuda_graphs=False`).
+positives pass exactly, also at ties of overlap; the metrics against the float64 spec); the default loss (fast path,
+graphs, kernels) against the eager reference (`cuda_graphs=False`), loss and whole gradient within 1e-5.
 """
 
 from __future__ import annotations
