@@ -548,15 +548,17 @@ def _mgiou_axis(p, t, geo, ax, ay, axis_sq, extra_valid, total, count, gpx, gpy,
 
 @triton.jit
 def _mgiou_edges(p, t, geo, total, count, gpx, gpy, gtx, gty, VB: tl.constexpr,
-                 HAS_PM: tl.constexpr, HAS_TM: tl.constexpr, OF_PRED: tl.constexpr, HAS_MASK: tl.constexpr,
+                 HAS_PM: tl.constexpr, HAS_TM: tl.constexpr, OF_PRED: tl.constexpr,
                  WITH_GRAD: tl.constexpr, EDGE_SQ: tl.constexpr, SPREAD_SQ: tl.constexpr):
     """The axes of one shape's edges (pred's if OF_PRED, else target's), in order: the normal (-e_y, e_x) of edge m
     (vertex m to vertex m + 1, cyclically), valid where not shorter than the edge threshold; each normal passes its
-    own gradient on to its edge's two vertices. HAS_MASK: that shape's (HAS_PM or HAS_TM)."""
+    own gradient on to its edge's two vertices."""
     if OF_PRED:
         ptr, _, _, _, source, V = p
+        HAS_MASK: tl.constexpr = HAS_PM
     else:
         ptr, _, _, _, source, V = t
+        HAS_MASK: tl.constexpr = HAS_TM
     rows, row_ok, cols, cx, cy, scale = geo
     slot = rows * 0
     x0, y0 = _mgiou_vertex(ptr, rows, row_ok, V, slot, source, cols, cx, cy, scale, HAS_MASK)
@@ -619,9 +621,9 @@ def _mgiou_kernel(p_ptr, t_ptr, pm_ptr, tm_ptr, loss_ptr, problems_ptr, gp_ptr, 
     gty = tl.zeros((BLOCK, VB), tl.float32)
     # Edge normals: pred's, then target's; each passes its gradient on to its own shape's vertices.
     total, count, gpx, gpy, gtx, gty = _mgiou_edges(p, t, geo, total, count, gpx, gpy, gtx, gty, VB, HAS_PM, HAS_TM,
-                                                    True, HAS_PM, WITH_GRAD, EDGE_SQ, SPREAD_SQ)
+                                                    True, WITH_GRAD, EDGE_SQ, SPREAD_SQ)
     total, count, gpx, gpy, gtx, gty = _mgiou_edges(p, t, geo, total, count, gpx, gpy, gtx, gty, VB, HAS_PM, HAS_TM,
-                                                    False, HAS_TM, WITH_GRAD, EDGE_SQ, SPREAD_SQ)
+                                                    False, WITH_GRAD, EDGE_SQ, SPREAD_SQ)
     no_edge_axis = count == 0
     one = tl.full((BLOCK,), 1.0, tl.float32)
     zero = tl.zeros((BLOCK,), tl.float32)
