@@ -31,6 +31,7 @@ import torch
 
 __all__ = [
     "Positives",
+    "alignment",
     "assign_metrics",
     "assign_positives",
     "expectation_backward",
@@ -104,12 +105,18 @@ def assign_metrics(
     shape_weight = v / (1 - iou + v + BOX_EPS)
     ciou = (iou - (centre2 / diag2 + v * shape_weight)).clamp(0)
 
-    zero = torch.zeros((), dtype=ciou.dtype, device=ciou.device)
-    overlaps = torch.where(candidate, ciou, zero)
+    overlaps = torch.where(candidate, ciou, torch.zeros((), dtype=ciou.dtype, device=ciou.device))
+    return candidate, overlaps, alignment(pd_scores, labels, candidate, overlaps, alpha, beta)
+
+
+def alignment(pd_scores: torch.Tensor, labels: torch.Tensor, candidate: torch.Tensor, overlaps: torch.Tensor,
+              alpha: float, beta: float) -> torch.Tensor:
+    """align (B, n, A) = score[label] ** alpha * overlaps ** beta on the candidates, exactly 0 elsewhere (shapes as in
+    `assign_metrics`)."""
     b, n = labels.shape
     score = pd_scores.transpose(1, 2).gather(1, labels.unsqueeze(-1).expand(b, n, pd_scores.shape[1]))
-    align = torch.where(candidate, score.pow(alpha) * overlaps.pow(beta), zero)
-    return candidate, overlaps, align
+    zero = torch.zeros((), dtype=overlaps.dtype, device=overlaps.device)
+    return torch.where(candidate, score.pow(alpha) * overlaps.pow(beta), zero)
 
 
 class Positives(NamedTuple):
