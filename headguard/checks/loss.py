@@ -425,8 +425,9 @@ def check_loss_dtype_matrix(subject, ctx, training, pred, target):
     head = subject.build_head()
     preds = detached_preds(train_preds(subject, head, feats))
     combination = f"{readable(pred)} predictions with {readable(target)} targets"
-    remedy = ("; expected finite loss and gradients, or an up-front ValueError/TypeError naming the tensor and its "
-              "dtype: compute in a dtype where every epsilon is representable (float32 at least), or reject the "
+    expected = ("; expected finite loss and gradients, or an up-front ValueError/TypeError naming the tensor and its "
+                "dtype: ")
+    remedy = (f"{expected}compute in a dtype where every epsilon is representable (float32 at least), or reject the "
               "dtype up front")
     try:
         vector, _, grads = _grad_run(subject.build_loss(head), preds, _targets_in(base, target), pred)
@@ -435,7 +436,9 @@ def check_loss_dtype_matrix(subject, ctx, training, pred, target):
         if err is not None and _clear(err):
             return
         # The unclear error is the finding (a failed property, shrunk), not a crash of the check.
-        raise CheckFailure(f"{combination} neither work nor raise a clear error: {failure.message}{remedy}") from None
+        cast = (f"{expected}convert predictions and targets to one compute dtype where the loss reads them, or reject "
+                "the dtype up front")
+        raise CheckFailure(f"{combination} neither work nor raise a clear error: {failure.message}{cast}") from None
     if not all_finite(vector):
         raise CheckFailure(f"{combination} neither work nor raise a clear error: the loss is non-finite "
                            f"({vector.detach().tolist()}){remedy}")
