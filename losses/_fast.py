@@ -11,7 +11,8 @@ Core: anchors' decode, assignment and every term, with the positives gathered th
 of `nonzero()`: no host sync and no data-dependent shape, so `GraphedCore` captures it, forward and backward, as CUDA
 graphs and replays it, reading the predictions straight from the static buffers (its `preloaded` inputs). On the CPU
 (or when capture fails) the same core runs eagerly. The core's hot parts are the fused kernels of `losses._kernels`
-(the DFL expectation with the positive DFL term, and through `task_aligned_assign` the assignment metric chain);
+(the DFL expectation with the positive DFL term, the box term at the positives with its CIoU gradient, and through
+`task_aligned_assign` the assignment metric chain);
 where Triton does not run, their pure-torch specs. Results equal the reference path up to summation order
 (tests/test_fast_paths.py).
 
@@ -30,7 +31,6 @@ import torch.nn.functional as F
 from heads._decode import decode_polygons, dist2bbox, make_anchors
 
 from . import _kernels
-from ._boxes import bbox2dist, bbox_ciou
 from ._graphs import GraphedCore, GraphedFunction
 from ._validate import LossInputError, deferred_checks
 from ._vertex import vertex_term
@@ -362,11 +362,12 @@ class FastPath:
         # The fused DFL branch: the expectation for the decode and, below, the cross-entropy at the positives, whose
         # gradient the expectation's backward adds in its one dense write of the logits gradient.
         branch = _kernels.dfl_expectation(boxes, det.reg_max)
-        pred_bboxes = dist2bbox(branch.expectation.transpose(1, 2), anchor_points, xywh=False)  # (B, A, 4) grid units
+        expectation = branch.expectation  # (B, 4, A) grid units; its gradient comes from the box and DFL terms
+        pred_bboxes = dist2bbox(expectation.detach().transpose(1, 2), anchor_points, xywh=False)  # (B, A, 4)
         scores_t = scores.transpose(1, 2)
         assignment = task_aligned_assign(
             scores_t.detach().sigmoid(),
-            (pred_bboxes.detach() * stride_tensor).to(bboxes.dtype),
+            (pred_bboxes * stride_tensor).to(bboxes.dtype),
             anchor_points * stride_tensor,
             labels, bboxes, mask.unsqueeze(-1), det.strides, det.assigner,
         )
@@ -376,16 +377,10 @@ class FastPath:
 
         index, valid = positive_index(assignment.fg_mask, min(b * a, b * labels.shape[1] * det.assigner.topk))
         image, anchor = index // a, index % a
-        zero = torch.zeros((), dtype=target_scores.dtype, device=index.device)
-        weight = torch.where(valid, target_scores[image, anchor].sum(-1), zero)
-        # index_select on the flat (B*A, 4) view: its backward is one index_add (the indices are distinct), where
-        # indexing by (image, anchor) would sort them for an accumulating index_put.
-        pred_pos = pred_bboxes.reshape(-1, 4).index_select(0, index)
-        target_pos = assignment.target_bboxes[image, anchor] / stride_tensor[anchor]
-        # Filler entries take their own prediction as target: finite terms, and weight 0 keeps them out of the sums.
-        target_pos = torch.where(valid[:, None], target_pos, pred_pos.detach())
-        box_term = ((1.0 - bbox_ciou(pred_pos, target_pos)) * weight).sum() / tss
-        ltrb = bbox2dist(anchor_points[anchor], target_pos, det.reg_max - 1)
+        # weight * (1 - CIoU) with its gradient, the weights and the DFL targets, fused (filler entries: weight 0).
+        box_loss, weight, ltrb = _kernels.positive_boxes(expectation, anchor_points, stride_tensor, index, valid,
+                                                         assignment.target_bboxes, target_scores, det.reg_max)
+        box_term = box_loss.sum() / tss
         dfl_term = (branch.positive_loss(image, anchor, ltrb) * weight).sum() / tss
         g = det.gains
         terms = torch.stack((box_term * g.box, cls_term * g.cls, dfl_term * g.dfl))

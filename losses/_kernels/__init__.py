@@ -10,6 +10,9 @@ entry points (`ops`) choose per call, so callers never branch:
 - `assign_metrics(...)`: the assigner's candidate mask, CIoU overlaps and alignment metric in one pass over the dense
   (B, n, A) pairs; `assign_positives(...)`: from them, after torch's top-k, the positives (conflicts resolved) and
   the per-gt best metric and overlap in one more pass;
+- `positive_boxes(...)`: the box term at the fast path's positives (weight * (1 - CIoU), with the weights and the DFL
+  targets), its hand-written CIoU gradient computed in the forward and written into the expectation's dense gradient
+  by the backward (`spec.ciou_gradient`: autograd's rules for `losses._boxes.bbox_ciou`, ties included);
 - `mgiou_loss(pred, target, pred_mask, target_mask)`: MGIoU (`losses.mgiou`) and its hand-written gradient in one
   kernel (the backward a multiply), for CUDA vertices computed in float32 (`mgiou_runs(pred, target)` says whether the
   kernel runs; `losses.mgiou` dispatches to it there and keeps its own torch code everywhere else);
@@ -19,7 +22,8 @@ entry points (`ops`) choose per call, so callers never branch:
 Where they run: `losses.assigner.task_aligned_assign` takes its metric from `assign_metrics` on accelerators (the CPU
 keeps its exact `nonzero` order) and its positives from `assign_positives` everywhere (the spec on the CPU; soft
 targets stay its own torch steps), and the losses' fast path (`losses._fast.FastPath._detection_core`) decodes with
-`dfl_expectation` and takes its DFL term from `.positive_loss`. There is no second loss beside the reference: the
+`dfl_expectation`, takes its box term, weights and DFL targets from `positive_boxes` and its DFL term from
+`.positive_loss`. There is no second loss beside the reference: the
 kernels are a backend of its computations.
 
 Tie-breaking contract: top-k stays torch's, on the kernel's candidates (equal to the spec's) and metrics (bit-equal to
@@ -43,8 +47,9 @@ from .ops import (
     mgiou_loss,
     mgiou_loss_and_problems,
     mgiou_runs,
+    positive_boxes,
     positive_dfl,
 )
 
 __all__ = ["UNAVAILABLE_REASON", "assign_metrics", "assign_positives", "available", "dfl_expectation", "mgiou_loss",
-           "mgiou_loss_and_problems", "mgiou_runs", "positive_dfl"]
+           "mgiou_loss_and_problems", "mgiou_runs", "positive_boxes", "positive_dfl"]

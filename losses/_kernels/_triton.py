@@ -39,6 +39,7 @@ _PAIR_BLOCK_N = 16
 _PAIR_BLOCK_A = 128
 _BIN_BLOCK_A = 128
 _POS_BLOCK_K = 32
+_BOX_BLOCK_K = 128
 _POSITIVES_BLOCK_A = 256
 _MGIOU_BLOCK = 64  # pairs per program
 
@@ -377,6 +378,140 @@ def positive_dfl_backward_add(grad_logits, logits, image, anchor, target, grad):
                                        grad.contiguous(), grad_logits, k, a, R=r, R_P2=r_p2, BLOCK_K=_POS_BLOCK_K,
                                        **_EXACT)
     return grad_logits
+
+
+# ---------------------------------------------------------------------------------------------------------- box term
+@triton.jit
+def _tie_share(x, other, WINS_ABOVE: tl.constexpr):
+    """spec._tie_share: 1 where x wins (x > other with WINS_ABOVE, else x < other), 1/2 at a tie, else 0."""
+    if WINS_ABOVE:
+        wins = x > other
+    else:
+        wins = x < other
+    return tl.where(x == other, 0.5, tl.where(wins, 1.0, 0.0))
+
+
+@triton.jit
+def _positive_boxes_kernel(exp_ptr, anchor_ptr, stride_ptr, index_ptr, valid_ptr, tbox_ptr, tscore_ptr,
+                           loss_ptr, weight_ptr, dfl_ptr, grad_ptr, K, A, NC, DFL_MAX, EPS: tl.constexpr,
+                           GAIN: tl.constexpr, BLOCK_K: tl.constexpr):
+    k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = k < K
+    index = tl.load(index_ptr + k, mask=k_ok, other=0).to(tl.int64)
+    valid = (tl.load(valid_ptr + k, mask=k_ok, other=0) != 0) & k_ok
+    image = index // A
+    anchor = index % A
+    px = tl.load(anchor_ptr + anchor * 2, mask=k_ok, other=0.0)
+    py = tl.load(anchor_ptr + anchor * 2 + 1, mask=k_ok, other=0.0)
+    row = image * 4 * A + anchor
+    ax1 = px - tl.load(exp_ptr + row, mask=k_ok, other=0.0)
+    ay1 = py - tl.load(exp_ptr + row + A, mask=k_ok, other=0.0)
+    ax2 = px + tl.load(exp_ptr + row + 2 * A, mask=k_ok, other=0.0)
+    ay2 = py + tl.load(exp_ptr + row + 3 * A, mask=k_ok, other=0.0)
+    stride = tl.load(stride_ptr + anchor, mask=k_ok, other=1.0)
+    bx1 = tl.where(valid, tl.math.div_rn(tl.load(tbox_ptr + index * 4, mask=valid, other=0.0), stride), ax1)
+    by1 = tl.where(valid, tl.math.div_rn(tl.load(tbox_ptr + index * 4 + 1, mask=valid, other=0.0), stride), ay1)
+    bx2 = tl.where(valid, tl.math.div_rn(tl.load(tbox_ptr + index * 4 + 2, mask=valid, other=0.0), stride), ax2)
+    by2 = tl.where(valid, tl.math.div_rn(tl.load(tbox_ptr + index * 4 + 3, mask=valid, other=0.0), stride), ay2)
+    weight = tl.zeros((BLOCK_K,), tl.float32)
+    for c in range(NC):  # one-hot scores: the sum is exact in any order
+        weight += tl.load(tscore_ptr + index * NC + c, mask=valid, other=0.0)
+
+    tl.store(dfl_ptr + k * 4, tl.minimum(tl.maximum(px - bx1, 0.0), DFL_MAX), mask=k_ok)
+    tl.store(dfl_ptr + k * 4 + 1, tl.minimum(tl.maximum(py - by1, 0.0), DFL_MAX), mask=k_ok)
+    tl.store(dfl_ptr + k * 4 + 2, tl.minimum(tl.maximum(bx2 - px, 0.0), DFL_MAX), mask=k_ok)
+    tl.store(dfl_ptr + k * 4 + 3, tl.minimum(tl.maximum(by2 - py, 0.0), DFL_MAX), mask=k_ok)
+
+    # CIoU(pred, target) in spec.ciou_parts' order.
+    aw = ax2 - ax1
+    ah = ay2 - ay1 + EPS
+    bw = bx2 - bx1
+    bh = by2 - by1 + EPS
+    inter_w = tl.minimum(ax2, bx2) - tl.maximum(ax1, bx1)
+    inter_h = tl.minimum(ay2, by2) - tl.maximum(ay1, by1)
+    inter = tl.maximum(inter_w, 0.0) * tl.maximum(inter_h, 0.0)
+    union = aw * ah + bw * bh - inter + EPS
+    iou = tl.math.div_rn(inter, union)
+    cw = tl.maximum(ax2, bx2) - tl.minimum(ax1, bx1)
+    ch = tl.maximum(ay2, by2) - tl.minimum(ay1, by1)
+    diag2 = cw * cw + ch * ch + EPS
+    dx = bx1 + bx2 - ax1 - ax2
+    dy = by1 + by2 - ay1 - ay2
+    centre2 = tl.math.div_rn(dx * dx + dy * dy, 4.0)
+    ratio = tl.math.div_rn(aw, ah)
+    angle_gap = libdevice.atan(tl.math.div_rn(bw, bh)) - libdevice.atan(ratio)
+    v = GAIN * (angle_gap * angle_gap)
+    shape_weight = tl.math.div_rn(v, 1.0 - iou + v + EPS)
+    ciou = iou - (tl.math.div_rn(centre2, diag2) + v * shape_weight)
+    tl.store(loss_ptr + k, (1.0 - ciou) * weight, mask=k_ok)
+    tl.store(weight_ptr + k, weight, mask=k_ok)
+
+    # spec.ciou_gradient.
+    iou_over_union = tl.math.div_rn(inter, union)
+    d_inter = tl.math.div_rn(1.0, union) + tl.math.div_rn(iou_over_union, union)
+    d_area = -tl.math.div_rn(iou_over_union, union)
+    d_inter_w = d_inter * tl.maximum(inter_h, 0.0) * tl.where(inter_w >= 0, 1.0, 0.0)
+    d_inter_h = d_inter * tl.maximum(inter_w, 0.0) * tl.where(inter_h >= 0, 1.0, 0.0)
+    d_diag2 = tl.math.div_rn(centre2, diag2 * diag2)
+    d_cw = d_diag2 * 2.0 * cw
+    d_ch = d_diag2 * 2.0 * ch
+    d_ratio = tl.math.div_rn(GAIN * 2.0 * angle_gap * shape_weight, 1.0 + ratio * ratio)
+    d_w = d_area * ah + tl.math.div_rn(d_ratio, ah)
+    d_h = d_area * aw - tl.math.div_rn(d_ratio * aw, ah * ah)
+    d_centre_x = tl.math.div_rn(dx, 2.0 * diag2)
+    d_centre_y = tl.math.div_rn(dy, 2.0 * diag2)
+    dx1 = -d_inter_w * _tie_share(ax1, bx1, True) - d_cw * _tie_share(ax1, bx1, False) - d_w + d_centre_x
+    dy1 = -d_inter_h * _tie_share(ay1, by1, True) - d_ch * _tie_share(ay1, by1, False) - d_h + d_centre_y
+    dx2 = d_inter_w * _tie_share(ax2, bx2, False) + d_cw * _tie_share(ax2, bx2, True) + d_w + d_centre_x
+    dy2 = d_inter_h * _tie_share(ay2, by2, False) + d_ch * _tie_share(ay2, by2, True) + d_h + d_centre_y
+    tl.store(grad_ptr + k * 4, dx1 * weight, mask=k_ok)
+    tl.store(grad_ptr + k * 4 + 1, dy1 * weight, mask=k_ok)
+    tl.store(grad_ptr + k * 4 + 2, -dx2 * weight, mask=k_ok)
+    tl.store(grad_ptr + k * 4 + 3, -dy2 * weight, mask=k_ok)
+
+
+@triton.jit
+def _positive_boxes_bwd_kernel(grad_ptr, grad_loss_ptr, index_ptr, valid_ptr, out_ptr, K, A, BLOCK_K: tl.constexpr):
+    k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = k < K
+    valid = (tl.load(valid_ptr + k, mask=k_ok, other=0) != 0) & k_ok
+    index = tl.load(index_ptr + k, mask=valid, other=0).to(tl.int64)
+    scale = tl.load(grad_loss_ptr + k, mask=valid, other=0.0)
+    row = (index // A) * 4 * A + index % A
+    for side in tl.static_range(4):  # valid positives are distinct: plain stores
+        tl.store(out_ptr + row + side * A, tl.load(grad_ptr + k * 4 + side, mask=valid, other=0.0) * scale,
+                 mask=valid)
+
+
+def positive_boxes(expectation, anchor_points, stride_tensor, index, valid, target_bboxes, target_scores, reg_max):
+    """The kernel behind `spec.positive_boxes` (same arguments and results)."""
+    k = index.numel()
+    b, _, a = expectation.shape
+    device = expectation.device
+    loss = torch.empty(k, dtype=torch.float32, device=device)
+    weight = torch.empty(k, dtype=torch.float32, device=device)
+    dfl_target = torch.empty((k, 4), dtype=torch.float32, device=device)
+    grad = torch.empty((k, 4), dtype=torch.float32, device=device)
+    if k:
+        _positive_boxes_kernel[(triton.cdiv(k, _BOX_BLOCK_K),)](
+            expectation.contiguous(), anchor_points.contiguous(), stride_tensor.contiguous(), index.contiguous(),
+            valid.contiguous().view(torch.int8), target_bboxes.contiguous(), target_scores.contiguous(), loss, weight,
+            dfl_target, grad, k, a, target_scores.shape[-1], reg_max - 1 - 0.01, EPS=BOX_EPS, GAIN=ASPECT_GAIN,
+            BLOCK_K=_BOX_BLOCK_K, **_EXACT,
+        )
+    return spec.PositiveBoxes(loss, weight, dfl_target, grad)
+
+
+def positive_boxes_backward(grad, grad_loss, index, valid, shape):
+    """The kernel behind `spec.positive_boxes_backward`."""
+    out = torch.zeros(shape, dtype=grad.dtype, device=grad.device)
+    k = index.numel()
+    if k:
+        _positive_boxes_bwd_kernel[(triton.cdiv(k, _BOX_BLOCK_K),)](
+            grad, grad_loss.contiguous(), index.contiguous(), valid.contiguous().view(torch.int8), out, k, shape[2],
+            BLOCK_K=_BOX_BLOCK_K, **_EXACT,
+        )
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------- MGIoU

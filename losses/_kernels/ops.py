@@ -125,6 +125,42 @@ def positive_dfl(branch: DFLDistances, image, anchor, target) -> torch.Tensor:
     return branch.positive_loss(image, anchor, target)
 
 
+# ------------------------------------------------------------------------------------------------ box term
+class _PositiveBoxes(torch.autograd.Function):
+    """The box term at the positives (`spec.positive_boxes`): its loss (K,) and, without gradient, the weights and DFL
+    targets. The forward computes the gradient too; the backward scales it and writes it into the expectation's
+    dense gradient (one zero fill and one scatter)."""
+
+    @staticmethod
+    def forward(ctx, expectation, anchor_points, stride_tensor, index, valid, target_bboxes, target_scores, reg_max):
+        backend = _positive_boxes_backend(expectation, anchor_points, stride_tensor, target_bboxes, target_scores)
+        parts = backend.positive_boxes(expectation, anchor_points, stride_tensor, index, valid, target_bboxes,
+                                       target_scores, reg_max)
+        ctx.save_for_backward(parts.grad, index, valid)
+        ctx.backend, ctx.shape, ctx.dtype = backend, expectation.shape, expectation.dtype
+        ctx.mark_non_differentiable(parts.weight, parts.dfl_target)
+        return parts.loss, parts.weight, parts.dfl_target
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, _grad_weight, _grad_dfl_target):
+        grad, index, valid = ctx.saved_tensors
+        grad_expectation = ctx.backend.positive_boxes_backward(grad, grad_loss, index, valid, ctx.shape)
+        return grad_expectation.to(ctx.dtype), None, None, None, None, None, None, None
+
+
+def _positive_boxes_backend(*tensors: torch.Tensor):
+    return _triton if all(available(t) for t in tensors) else spec
+
+
+def positive_boxes(expectation: torch.Tensor, anchor_points: torch.Tensor, stride_tensor: torch.Tensor,
+                   index: torch.Tensor, valid: torch.Tensor, target_bboxes: torch.Tensor, target_scores: torch.Tensor,
+                   reg_max: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, weight, dfl_target) of `spec.positive_boxes`; the loss carries the gradient to `expectation`."""
+    return _PositiveBoxes.apply(expectation, anchor_points, stride_tensor, index, valid, target_bboxes, target_scores,
+                                int(reg_max))
+
+
 # ------------------------------------------------------------------------------------------------ MGIoU
 def mgiou_runs(pred: torch.Tensor, target: torch.Tensor) -> bool:
     """Whether `mgiou_loss` runs the Triton kernel for these vertices: Triton importable, both on a CUDA device and

@@ -13,6 +13,11 @@ same inputs, so that the kernel can be checked against it on the GPU and the spe
   (`heads._decode.dfl_expectation`).
 - `positive_dfl_forward` / `positive_dfl_backward_add`: the DFL cross-entropy at positive anchors (`losses._boxes
   .dfl_loss` of the gathered logits) and its gradient, added into the dense logits gradient in place;
+- `positive_boxes` / `positive_boxes_backward`: the fast path's box term at its positives, weight * (1 - CIoU) (the
+  decode, the target and weight gathers, the DFL targets), with `ciou_gradient`, CIoU's gradient by hand under
+  autograd's rules for `losses._boxes.bbox_ciou` (alpha a constant, halves at min/max ties), computed in the forward;
+  the backward writes it, scaled, into the expectation's dense gradient. `ciou_parts` is the one CIoU of the specs
+  (`assign_metrics` uses it too).
 - `mgiou_forward`: MGIoU (`losses.mgiou._mgiou_loss`: fill, normalise, axes, supports, 1-D GIoU mean) and, in the
   same pass, its hand-written gradient per pair, with autograd's rules at ties (first extreme vertex; halves at equal
   interval ends); a backward is then one multiply by the upstream gradient.
@@ -30,15 +35,21 @@ from typing import NamedTuple
 import torch
 
 __all__ = [
+    "CIoUParts",
+    "PositiveBoxes",
     "Positives",
     "alignment",
     "assign_metrics",
     "assign_positives",
+    "ciou_gradient",
+    "ciou_parts",
     "expectation_backward",
     "expectation_forward",
     "mgiou_forward",
     "mgiou_problems",
     "real_finite",
+    "positive_boxes",
+    "positive_boxes_backward",
     "positive_dfl_backward_add",
     "positive_dfl_forward",
     "resolve_conflicts",
@@ -74,7 +85,6 @@ def assign_metrics(
     pd = pd_bboxes.unsqueeze(1)  # (B, 1, A, 4)
     real = mask_gt.unsqueeze(-1)  # (B, n, 1)
     gx1, gy1, gx2, gy2 = gt.unbind(-1)
-    px1, py1, px2, py2 = pd.unbind(-1)
 
     # Candidate test, on the enlarged box (xyxy -> centre/size -> enlarged -> xyxy, as the reference rounds).
     cx, cy = (gx1 + gx2) / 2, (gy1 + gy2) / 2
@@ -90,23 +100,84 @@ def assign_metrics(
     candidate = inside & real
 
     # CIoU(gt, pred), clamped at 0.
-    aw, ah = gx2 - gx1, gy2 - gy1 + BOX_EPS
-    bw, bh = px2 - px1, py2 - py1 + BOX_EPS
-    inter = (torch.minimum(gx2, px2) - torch.maximum(gx1, px1)).clamp(0) * (
-        torch.minimum(gy2, py2) - torch.maximum(gy1, py1)
-    ).clamp(0)
-    union = aw * ah + bw * bh - inter + BOX_EPS
-    iou = inter / union
-    cw = torch.maximum(gx2, px2) - torch.minimum(gx1, px1)
-    ch = torch.maximum(gy2, py2) - torch.minimum(gy1, py1)
-    diag2 = cw.pow(2) + ch.pow(2) + BOX_EPS
-    centre2 = ((px1 + px2 - gx1 - gx2).pow(2) + (py1 + py2 - gy1 - gy2).pow(2)) / 4
-    v = ASPECT_GAIN * ((bw / bh).atan() - (aw / ah).atan()).pow(2)
-    shape_weight = v / (1 - iou + v + BOX_EPS)
-    ciou = (iou - (centre2 / diag2 + v * shape_weight)).clamp(0)
+    ciou = ciou_parts(gt, pd).ciou.clamp(0)
 
     overlaps = torch.where(candidate, ciou, torch.zeros((), dtype=ciou.dtype, device=ciou.device))
     return candidate, overlaps, alignment(pd_scores, labels, candidate, overlaps, alpha, beta)
+
+
+class CIoUParts(NamedTuple):
+    """`losses._boxes.bbox_ciou(box1, box2)` and the intermediates its gradient needs (`ciou_parts`)."""
+
+    ciou: torch.Tensor
+    box1: tuple[torch.Tensor, ...]  # x1, y1, x2, y2
+    box2: tuple[torch.Tensor, ...]
+    w1: torch.Tensor
+    h1: torch.Tensor  # with BOX_EPS, as every height
+    inter_w: torch.Tensor  # the overlap's sides before the clamp at 0
+    inter_h: torch.Tensor
+    inter: torch.Tensor
+    union: torch.Tensor
+    cw: torch.Tensor  # the enclosing box's sides
+    ch: torch.Tensor
+    diag2: torch.Tensor
+    centre2: torch.Tensor
+    angle_gap: torch.Tensor  # atan(w2 / h2) - atan(w1 / h1)
+    shape_weight: torch.Tensor  # CIoU's alpha (a constant to the gradient)
+
+
+def ciou_parts(box1: torch.Tensor, box2: torch.Tensor) -> CIoUParts:
+    """CIoU of xyxy boxes (..., 4), broadcast, in `bbox_ciou`'s operation order, with its intermediates."""
+    ax1, ay1, ax2, ay2 = box1.unbind(-1)
+    bx1, by1, bx2, by2 = box2.unbind(-1)
+    aw, ah = ax2 - ax1, ay2 - ay1 + BOX_EPS
+    bw, bh = bx2 - bx1, by2 - by1 + BOX_EPS
+    inter_w = torch.minimum(ax2, bx2) - torch.maximum(ax1, bx1)
+    inter_h = torch.minimum(ay2, by2) - torch.maximum(ay1, by1)
+    inter = inter_w.clamp(0) * inter_h.clamp(0)
+    union = aw * ah + bw * bh - inter + BOX_EPS
+    iou = inter / union
+    cw = torch.maximum(ax2, bx2) - torch.minimum(ax1, bx1)
+    ch = torch.maximum(ay2, by2) - torch.minimum(ay1, by1)
+    diag2 = cw.pow(2) + ch.pow(2) + BOX_EPS
+    centre2 = ((bx1 + bx2 - ax1 - ax2).pow(2) + (by1 + by2 - ay1 - ay2).pow(2)) / 4
+    angle_gap = (bw / bh).atan() - (aw / ah).atan()
+    v = ASPECT_GAIN * angle_gap.pow(2)
+    shape_weight = v / (1 - iou + v + BOX_EPS)
+    ciou = iou - (centre2 / diag2 + v * shape_weight)
+    return CIoUParts(ciou, (ax1, ay1, ax2, ay2), (bx1, by1, bx2, by2), aw, ah, inter_w, inter_h, inter, union, cw, ch,
+                     diag2, centre2, angle_gap, shape_weight)
+
+
+def _tie_share(x: torch.Tensor, other: torch.Tensor, wins) -> torch.Tensor:
+    """The share of torch.minimum's / maximum's gradient that goes to x: 1 where `wins(x, other)`, 1/2 at a tie."""
+    return torch.where(x == other, 0.5, wins(x, other).to(x.dtype))
+
+
+def ciou_gradient(p: CIoUParts) -> tuple[torch.Tensor, ...]:
+    """d CIoU / d (x1, y1, x2, y2) of box1, with autograd's rules for `bbox_ciou`: alpha a constant, the clamp's
+    gradient passing at 0, torch.minimum / maximum splitting it at ties."""
+    ax1, ay1, ax2, ay2 = p.box1
+    bx1, by1, bx2, by2 = p.box2
+    iou_over_union = p.inter / p.union
+    d_inter = 1 / p.union + iou_over_union / p.union  # through iou's numerator and the union
+    d_area = -iou_over_union / p.union
+    d_inter_w = d_inter * p.inter_h.clamp(0) * (p.inter_w >= 0).to(p.inter.dtype)
+    d_inter_h = d_inter * p.inter_w.clamp(0) * (p.inter_h >= 0).to(p.inter.dtype)
+    d_diag2 = p.centre2 / p.diag2.pow(2)
+    d_cw, d_ch = d_diag2 * 2 * p.cw, d_diag2 * 2 * p.ch
+    ratio = p.w1 / p.h1
+    d_ratio = ASPECT_GAIN * 2 * p.angle_gap * p.shape_weight / (1 + ratio.pow(2))  # of -alpha * v through atan
+    d_w = d_area * p.h1 + d_ratio / p.h1
+    d_h = d_area * p.w1 - d_ratio * p.w1 / p.h1.pow(2)
+    d_centre_x = (bx1 + bx2 - ax1 - ax2) / (2 * p.diag2)  # of -centre2 / diag2, per corner coordinate
+    d_centre_y = (by1 + by2 - ay1 - ay2) / (2 * p.diag2)
+    lt, gt = torch.lt, torch.gt
+    dx1 = -d_inter_w * _tie_share(ax1, bx1, gt) - d_cw * _tie_share(ax1, bx1, lt) - d_w + d_centre_x
+    dy1 = -d_inter_h * _tie_share(ay1, by1, gt) - d_ch * _tie_share(ay1, by1, lt) - d_h + d_centre_y
+    dx2 = d_inter_w * _tie_share(ax2, bx2, lt) + d_cw * _tie_share(ax2, bx2, gt) + d_w + d_centre_x
+    dy2 = d_inter_h * _tie_share(ay2, by2, lt) + d_ch * _tie_share(ay2, by2, gt) + d_h + d_centre_y
+    return dx1, dy1, dx2, dy2
 
 
 def alignment(pd_scores: torch.Tensor, labels: torch.Tensor, candidate: torch.Tensor, overlaps: torch.Tensor,
@@ -241,6 +312,59 @@ def positive_dfl_backward_add(
     flat = ((image[:, None, None] * 4 + side[:, None]) * reg_max + bins) * logits.shape[3] + anchor[:, None, None]
     grad_logits.view(-1).index_add_(0, flat.reshape(-1), local.reshape(-1))
     return grad_logits
+
+
+# ---------------------------------------------------------------------------------------------------------- box term
+class PositiveBoxes(NamedTuple):
+    """The box term's parts at the fast path's positives (K,): `loss` weight * (1 - CIoU(pred, target)); `weight`
+    the target score (0 on filler entries); `dfl_target` (K, 4) the DFL's target distances in bins; `grad` (K, 4)
+    d loss / d (left, top, right, bottom) predicted distances."""
+
+    loss: torch.Tensor
+    weight: torch.Tensor
+    dfl_target: torch.Tensor
+    grad: torch.Tensor
+
+
+def positive_boxes(expectation: torch.Tensor, anchor_points: torch.Tensor, stride_tensor: torch.Tensor,
+                   index: torch.Tensor, valid: torch.Tensor, target_bboxes: torch.Tensor, target_scores: torch.Tensor,
+                   reg_max: int) -> PositiveBoxes:
+    """`PositiveBoxes` of the positives at flat (B*A) `index` (K,), `valid` (K,) marking the real ones.
+
+    expectation (B, 4, A) predicted distances in grid units; anchor_points (A, 2) and stride_tensor (A, 1) from
+    make_anchors; target_bboxes (B, A, 4) xyxy pixels and target_scores (B, A, nc) from the assignment. A filler
+    entry takes its own prediction as target (finite terms) and weight 0. The weight is a sum over one-hot scores,
+    exact in any order.
+    """
+    a = expectation.shape[2]
+    image, anchor = index // a, index % a
+    point = anchor_points[anchor]
+    left_top, right_bottom = expectation[image, :, anchor].chunk(2, -1)
+    pred = torch.cat((point - left_top, point + right_bottom), -1)  # dist2bbox(xywh=False) at the positives
+    target = target_bboxes[image, anchor] / stride_tensor[anchor]
+    target = torch.where(valid[:, None], target, pred)
+    zero = torch.zeros((), dtype=target_scores.dtype, device=target_scores.device)
+    weight = torch.where(valid, target_scores[image, anchor].sum(-1), zero)
+    dfl_target = torch.cat((point - target[:, :2], target[:, 2:] - point), -1).clamp(0, reg_max - 1 - 0.01)
+    parts = ciou_parts(pred, target)
+    dx1, dy1, dx2, dy2 = ciou_gradient(parts)
+    # loss = weight * (1 - CIoU); x1 = point_x - left, x2 = point_x + right, and so on.
+    grad = torch.stack((dx1, dy1, -dx2, -dy2), -1) * weight[:, None]
+    return PositiveBoxes((1 - parts.ciou) * weight, weight, dfl_target, grad)
+
+
+def positive_boxes_backward(grad: torch.Tensor, grad_loss: torch.Tensor, index: torch.Tensor, valid: torch.Tensor,
+                            shape: torch.Size) -> torch.Tensor:
+    """The dense gradient (B, 4, A) of the expectation: `grad` (K, 4) times `grad_loss` (K,) at the valid positives
+    (distinct), zero elsewhere."""
+    b, _, a = shape
+    image, anchor = index // a, index % a
+    side = torch.arange(4, device=index.device)
+    flat = (image[:, None] * 4 + side) * a + anchor[:, None]
+    zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
+    local = torch.where(valid[:, None], grad * grad_loss[:, None], zero)
+    out = torch.zeros(b * 4 * a, dtype=grad.dtype, device=grad.device)
+    return out.index_add_(0, flat.reshape(-1), local.reshape(-1)).view(shape)
 
 
 # ---------------------------------------------------------------------------------------------------------- MGIoU
