@@ -369,27 +369,37 @@ def _cuda(tensors):
     return [t.cuda() if isinstance(t, torch.Tensor) else t for t in tensors]
 
 
+def assign_metrics_kernel_failures(args) -> list[str]:
+    """The metrics kernel against its spec on the arguments' device (`_metric_args`): candidates exactly, overlaps
+    against the float64 spec, align against s^alpha * overlap^beta of the kernel's own overlaps."""
+    from losses._kernels import _triton
+
+    expected, exact = spec.assign_metrics(*args), spec.assign_metrics(*_float64(args))
+    candidate, overlaps, align = _triton.assign_metrics(*args)
+    if not torch.equal(candidate, expected[0]):
+        return ["candidate masks differ"]
+    failures = []
+    # CIoU is IoU minus penalties, each of order 1, and can cancel down to 1e-4 or less: an error relative to the
+    # result is meaningless there (the float32 spec itself was 2e-6 off float64, the kernel 4e-6, both a few ulps
+    # of the terms). So the overlaps are held to the float64 spec absolutely, at about 16 ulps of 1...
+    overlap_error = (overlaps.double() - exact[1]).abs().max().item()
+    if overlap_error > 1e-6:
+        failures.append(f"overlaps: {overlap_error:.2e} off the float64 spec")
+    # ... and align = s^alpha * overlap^beta is checked on the kernel's own overlaps (at a small overlap, beta < 1
+    # magnifies any overlap error without bound).
+    pd_scores, _, _, labels, _, _, _, alpha, beta = _float64(args)
+    want = spec.alignment(pd_scores, labels, candidate, overlaps.double(), alpha, beta)
+    if _rel(align, want) > 1e-5:
+        failures.append(f"align: relative difference {_rel(align, want):.2e} from s^alpha * overlap^beta")
+    return failures
+
+
 @pytest.mark.cuda
 @needs_kernels
 @settings(max_examples=100)
 @given(assigner_inputs(exponents=GPU_EXPONENTS))
 def test_assign_metrics_kernel_equals_spec(inputs):
-    from losses._kernels import _triton
-
-    args = _cuda(_metric_args(*inputs))
-    expected, exact = spec.assign_metrics(*args), spec.assign_metrics(*_float64(args))
-    candidate, overlaps, align = _triton.assign_metrics(*args)
-    assert torch.equal(candidate, expected[0]), "candidate masks differ"
-    # CIoU is IoU minus penalties, each of order 1, and can cancel down to 1e-4 or less: an error relative to the
-    # result is meaningless there (the float32 spec itself was 2e-6 off float64, the kernel 4e-6, both a few ulps
-    # of the terms). So the overlaps are held to the float64 spec absolutely, at about 16 ulps of 1...
-    overlap_error = (overlaps.double() - exact[1]).abs().max().item()
-    assert overlap_error <= 1e-6, f"overlaps: {overlap_error:.2e} off the float64 spec"
-    # ... and align = s^alpha * overlap^beta is checked on the kernel's own overlaps (at a small overlap, beta < 1
-    # magnifies any overlap error without bound).
-    pd_scores, _, _, labels, _, _, _, alpha, beta = _float64(args)
-    want = spec.alignment(pd_scores, labels, candidate, overlaps.double(), alpha, beta)
-    assert _rel(align, want) <= 1e-5, f"align: relative difference {_rel(align, want):.2e} from s^alpha * overlap^beta"
+    assert assign_metrics_kernel_failures(_cuda(_metric_args(*inputs))) == []
 
 
 @pytest.mark.cuda
@@ -462,35 +472,48 @@ def positive_boxes_kernel_failures(case, upstream) -> list[str]:
     return failures
 
 
-def _interpreted_atan(x, _semantic=None):
-    """libdevice.atan for Triton's interpreter, which has none (it runs numpy on the tensors' data): numpy's arctan,
-    rounded like CUDA's to within the loss tolerance."""
+def _interpreter_libdevice() -> None:
+    """Give Triton's interpreter (which runs numpy on the tensors' data and has no libdevice) the libdevice functions
+    the kernels call, as numpy's: atan and pow round within the tolerances of the kernels' checks."""
     import numpy as np
     import triton.language as tl
+    from triton.language.extra import libdevice
     from triton.runtime.interpreter import TensorHandle
 
-    return tl.tensor(TensorHandle(np.arctan(x.handle.data), x.handle.dtype.scalar), x.type)
+    def numpy_op(op):
+        def run(*args, _semantic=None):
+            data = op(*(a.handle.data for a in args))
+            return tl.tensor(TensorHandle(data.astype(args[0].handle.data.dtype), args[0].handle.dtype.scalar),
+                             args[0].type)
+        return run
+
+    libdevice.atan, libdevice.pow = numpy_op(np.arctan), numpy_op(np.power)
 
 
-def interpreted_positive_boxes_failures(seeds=range(12)) -> list[str]:
-    """Run in a process with TRITON_INTERPRET=1: the box-term kernels against the spec on CPU tensors."""
-    from triton.language.extra import libdevice
-
-    libdevice.atan = _interpreted_atan
+def interpreted_kernel_failures(examples: int = 12) -> list[str]:
+    """Run in a process with TRITON_INTERPRET=1: the box-term and metric kernels against their specs on CPU tensors
+    (fixed cases: seeds for the box term, a derandomised Hypothesis run for the metrics)."""
+    _interpreter_libdevice()
     failures = []
-    for seed in seeds:
+    for seed in range(examples):
         case = positive_box_case(seed)
         upstream = torch.randn(case[3].numel(), generator=torch.Generator().manual_seed(seed))
-        failures += [f"seed {seed}: {failure}" for failure in positive_boxes_kernel_failures(case, upstream)]
+        failures += [f"box term, seed {seed}: {failure}" for failure in positive_boxes_kernel_failures(case, upstream)]
+
+    @settings(max_examples=examples, derandomize=True, database=None, deadline=None)
+    @given(assigner_inputs(exponents=GPU_EXPONENTS))
+    def metrics(inputs):
+        failures.extend(f"metrics: {failure}" for failure in assign_metrics_kernel_failures(_metric_args(*inputs)))
+
+    metrics()
     return failures
 
 
-def test_positive_boxes_kernel_equals_spec_under_the_interpreter():
+def test_kernels_equal_specs_under_the_interpreter():
     """CI has no GPU: Triton's CPU interpreter runs the box-term kernels (their arithmetic, masks, filler entries and
-    ties) against the spec."""
+    ties) and the metrics kernel (its tiles without candidates too) against their specs."""
     pytest.importorskip("triton")
-    code = ("import json, tests.test_kernels as t; "
-            "print(json.dumps(t.interpreted_positive_boxes_failures()))")
+    code = "import json, tests.test_kernels as t; print(json.dumps(t.interpreted_kernel_failures()))"
     env = dict(os.environ, TRITON_INTERPRET="1")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
                           cwd=Path(__file__).resolve().parents[1])

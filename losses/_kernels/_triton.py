@@ -100,21 +100,10 @@ def _assign_metrics_kernel(
     ey1 = cy - half_h
     ex2 = cx + half_w
     ey2 = cy + half_h
-    aw = gx2 - gx1
-    ah = gy2 - gy1 + EPS
-    g_angle = libdevice.atan(tl.math.div_rn(aw, ah))
 
-    # Per anchor (BLOCK_A,): its point, the predicted box and its aspect angle.
+    # Per anchor (BLOCK_A,): its point.
     x = tl.load(anchor_ptr + ai * s_aa, mask=a_ok, other=0.0)
     y = tl.load(anchor_ptr + ai * s_aa + s_ak, mask=a_ok, other=0.0)
-    pd = pd_ptr + b64 * s_pb + ai * s_pa
-    px1 = tl.load(pd, mask=a_ok, other=0.0)
-    py1 = tl.load(pd + s_pk, mask=a_ok, other=0.0)
-    px2 = tl.load(pd + 2 * s_pk, mask=a_ok, other=0.0)
-    py2 = tl.load(pd + 3 * s_pk, mask=a_ok, other=0.0)
-    bw = px2 - px1
-    bh = py2 - py1 + EPS
-    p_angle = libdevice.atan(tl.math.div_rn(bw, bh))
 
     # Pairs (BLOCK_N, BLOCK_A).
     inside = (
@@ -123,6 +112,34 @@ def _assign_metrics_kernel(
     )
     pair_ok = g_ok[:, None] & a_ok[None, :]
     candidate = inside & real[:, None] & pair_ok
+    out = (b64 * n + gi[:, None]) * A + ai[None, :]
+    tl.store(cand_ptr + out, candidate.to(tl.int8), mask=pair_ok)
+    if tl.max(tl.max(candidate.to(tl.int32), 1), 0) == 0:
+        # Most tiles hold no candidate (a gt covers a few anchor rows): their metrics are exactly 0, as the spec's.
+        tl.store(overlap_ptr + out, tl.zeros((BLOCK_N, BLOCK_A), tl.float32), mask=pair_ok)
+        tl.store(align_ptr + out, tl.zeros((BLOCK_N, BLOCK_A), tl.float32), mask=pair_ok)
+    else:
+        _assign_metrics_tile(scores_ptr, s_sb, s_sa, s_sc, pd_ptr, s_pb, s_pa, s_pk, overlap_ptr, align_ptr, b64, ai,
+                             a_ok, gx1, gy1, gx2, gy2, label, candidate, pair_ok, out, ALPHA, BETA, EPS, GAIN)
+
+
+@triton.jit
+def _assign_metrics_tile(scores_ptr, s_sb, s_sa, s_sc, pd_ptr, s_pb, s_pa, s_pk, overlap_ptr, align_ptr, b64, ai, a_ok,
+                         gx1, gy1, gx2, gy2, label, candidate, pair_ok, out, ALPHA: tl.constexpr, BETA: tl.constexpr,
+                         EPS: tl.constexpr, GAIN: tl.constexpr):
+    """CIoU overlaps and metrics of a tile of pairs with a candidate among them."""
+    aw = gx2 - gx1
+    ah = gy2 - gy1 + EPS
+    g_angle = libdevice.atan(tl.math.div_rn(aw, ah))
+    # Per anchor: the predicted box and its aspect angle.
+    pd = pd_ptr + b64 * s_pb + ai * s_pa
+    px1 = tl.load(pd, mask=a_ok, other=0.0)
+    py1 = tl.load(pd + s_pk, mask=a_ok, other=0.0)
+    px2 = tl.load(pd + 2 * s_pk, mask=a_ok, other=0.0)
+    py2 = tl.load(pd + 3 * s_pk, mask=a_ok, other=0.0)
+    bw = px2 - px1
+    bh = py2 - py1 + EPS
+    p_angle = libdevice.atan(tl.math.div_rn(bw, bh))
 
     gx1_, gy1_, gx2_, gy2_ = gx1[:, None], gy1[:, None], gx2[:, None], gy2[:, None]
     px1_, py1_, px2_, py2_ = px1[None, :], py1[None, :], px2[None, :], py2[None, :]
@@ -146,9 +163,6 @@ def _assign_metrics_kernel(
 
     score = tl.load(scores_ptr + b64 * s_sb + ai[None, :] * s_sa + label[:, None] * s_sc, mask=pair_ok, other=0.0)
     align = tl.where(candidate, _pow(score, ALPHA) * _pow(overlaps, BETA), 0.0)
-
-    out = (b64 * n + gi[:, None]) * A + ai[None, :]
-    tl.store(cand_ptr + out, candidate.to(tl.int8), mask=pair_ok)
     tl.store(overlap_ptr + out, overlaps, mask=pair_ok)
     tl.store(align_ptr + out, align, mask=pair_ok)
 
