@@ -402,6 +402,26 @@ def test_assign_metrics_kernel_equals_spec(inputs):
     assert assign_metrics_kernel_failures(_cuda(_metric_args(*inputs))) == []
 
 
+def top_indices_failures(align: torch.Tensor, topk: int) -> list[str]:
+    """The top-k kernel picks per row the anchors `spec.top_indices` picks (as a set: ties to the lowest index), and
+    their values are torch.topk's (so it changes only which of equally scored anchors are picked)."""
+    from losses._kernels import _triton
+
+    got = _triton.top_indices(align, topk).sort(-1).values
+    if not torch.equal(got, spec.top_indices(align, topk).sort(-1).values):
+        return ["top-k kernel picks other anchors than the spec"]
+    values = align.gather(-1, got).sort(-1).values
+    if not torch.equal(values, align.topk(topk, dim=-1).values.sort(-1).values):
+        return ["top-k kernel picks other values than torch.topk"]
+    return []
+
+
+def _tied_metrics(args):
+    """The metrics of `_metric_args`, rounded to eighths (ties between anchors, also among non-zero metrics)."""
+    candidate, overlaps, align = spec.assign_metrics(*args)
+    return candidate, torch.where(candidate, (overlaps * 4).round() / 4, 0.0), (align * 8).round() / 8
+
+
 @pytest.mark.cuda
 @needs_kernels
 @settings(max_examples=100)
@@ -414,15 +434,37 @@ def test_assign_positives_kernel_equals_spec(inputs, tied):
     from losses._kernels import _triton
 
     args = _cuda(_metric_args(*inputs))
-    candidate, overlaps, align = spec.assign_metrics(*args)
-    if tied:
-        overlaps = torch.where(candidate, (overlaps * 4).round() / 4, 0.0)
-        align = (align * 8).round() / 8
+    candidate, overlaps, align = _tied_metrics(args) if tied else spec.assign_metrics(*args)
     mask_gt, topk = args[5].unsqueeze(-1), inputs[-1].topk
     expected = spec.assign_positives(align, overlaps, candidate, mask_gt, topk)
     got = _triton.assign_positives(align, overlaps, candidate, mask_gt, topk)
     for name, actual, want in zip(expected._fields, got, expected):
         assert torch.equal(actual, want), f"{name}: kernel differs from the spec"
+
+
+@pytest.mark.cuda
+@needs_kernels
+@settings(max_examples=100)
+@given(assigner_inputs(exponents=GPU_EXPONENTS), st.booleans())
+def test_top_indices_kernel_equals_spec(inputs, tied):
+    args = _cuda(_metric_args(*inputs))
+    align = (_tied_metrics(args) if tied else spec.assign_metrics(*args))[2]
+    assert top_indices_failures(align, inputs[-1].topk) == []
+
+
+def test_top_indices_kernel_at_benchmark_rows():
+    """The benchmark's row length (8400 anchors: a 16384-lane block) with many ties, under the interpreter or a GPU:
+    picks of `spec.top_indices`, values of torch.topk."""
+    pytest.importorskip("triton")
+    code = ("import json, torch, tests.test_kernels as t; "
+            "g = torch.Generator().manual_seed(0); "
+            "align = (torch.rand(2, 3, 8400, generator=g) * (torch.rand(2, 3, 8400, generator=g) < 0.02) * 8).round(); "
+            "print(json.dumps(t.top_indices_failures(align, 10) + t.top_indices_failures(align[:, :, :20], 10)))")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == []
 
 
 @pytest.mark.cuda
@@ -491,8 +533,8 @@ def _interpreter_libdevice() -> None:
 
 
 def interpreted_kernel_failures(examples: int = 12) -> list[str]:
-    """Run in a process with TRITON_INTERPRET=1: the box-term and metric kernels against their specs on CPU tensors
-    (fixed cases: seeds for the box term, a derandomised Hypothesis run for the metrics)."""
+    """Run in a process with TRITON_INTERPRET=1: the box-term, metric and top-k kernels against their specs on CPU
+    tensors (fixed cases: seeds for the box term, a derandomised Hypothesis run for the assignment's)."""
     _interpreter_libdevice()
     failures = []
     for seed in range(examples):
@@ -501,9 +543,12 @@ def interpreted_kernel_failures(examples: int = 12) -> list[str]:
         failures += [f"box term, seed {seed}: {failure}" for failure in positive_boxes_kernel_failures(case, upstream)]
 
     @settings(max_examples=examples, derandomize=True, database=None, deadline=None)
-    @given(assigner_inputs(exponents=GPU_EXPONENTS))
-    def metrics(inputs):
-        failures.extend(f"metrics: {failure}" for failure in assign_metrics_kernel_failures(_metric_args(*inputs)))
+    @given(assigner_inputs(exponents=GPU_EXPONENTS), st.booleans())
+    def metrics(inputs, tied):
+        args = _metric_args(*inputs)
+        failures.extend(f"metrics: {failure}" for failure in assign_metrics_kernel_failures(args))
+        align = (_tied_metrics(args) if tied else spec.assign_metrics(*args))[2]
+        failures.extend(f"top-k: {failure}" for failure in top_indices_failures(align, inputs[-1].topk))
 
     metrics()
     return failures
@@ -511,7 +556,8 @@ def interpreted_kernel_failures(examples: int = 12) -> list[str]:
 
 def test_kernels_equal_specs_under_the_interpreter():
     """CI has no GPU: Triton's CPU interpreter runs the box-term kernels (their arithmetic, masks, filler entries and
-    ties) and the metrics kernel (its tiles without candidates too) against their specs."""
+    ties), the metrics kernel (its tiles without candidates too) and the top-k kernel (ties too) against their
+    specs."""
     pytest.importorskip("triton")
     code = "import json, tests.test_kernels as t; print(json.dumps(t.interpreted_kernel_failures()))"
     env = dict(os.environ, TRITON_INTERPRET="1")

@@ -41,6 +41,7 @@ _BIN_BLOCK_A = 128
 _POS_BLOCK_K = 32
 _BOX_BLOCK_K = 128
 _POSITIVES_BLOCK_A = 256
+_TOP_BLOCK_MAX = 16384  # longest row the top-k kernel holds in registers
 _MGIOU_BLOCK = 64  # pairs per program
 
 
@@ -246,9 +247,7 @@ def assign_positives(align, overlaps, candidate, mask_gt, topk):
     own_align = torch.empty((b, a), dtype=torch.float32, device=device)
     best_align = torch.zeros((b, n), dtype=torch.float32, device=device)
     best_overlap = torch.zeros((b, n), dtype=torch.float32, device=device)
-    # Unsorted: the kernel only asks which anchors were picked, and CUDA's top-k selects the same set either way (the
-    # sort runs after the selection); skips a sort of the k results.
-    idx = align.topk(topk, dim=-1, sorted=False).indices.contiguous()
+    idx = top_indices(align, topk)
     grid = (triton.cdiv(a, _POSITIVES_BLOCK_A), b)
     _assign_positives_kernel[grid](
         idx, mask_gt.contiguous().view(torch.uint8), candidate.contiguous().view(torch.int8), overlaps.contiguous(),
@@ -256,6 +255,47 @@ def assign_positives(align, overlaps, candidate, mask_gt, topk):
         K=topk, K_P2=max(2, triton.next_power_of_2(topk)), BLOCK_A=_POSITIVES_BLOCK_A,
     )
     return spec.Positives(fg, gt_index, own_align, best_align, best_overlap)
+
+
+# ------------------------------------------------------------------------------------------------ top-k
+# One program per (image, gt) row holds the row in registers: topk rounds of "largest value below the last" find the
+# k-th largest value with its multiplicity, then the row's picks are those above it and the first of those equal to it
+# (in anchor order, cumulative sums), compacted into the row's k slots in anchor order.
+@triton.jit
+def _top_indices_kernel(align_ptr, idx_ptr, A, K: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < A
+    x = tl.load(align_ptr + row * A + cols, mask=ok, other=-float("inf"))
+    below = float("inf")
+    taken = 0
+    kth = -float("inf")
+    for _ in tl.static_range(K):
+        value = tl.max(tl.where(x < below, x, -float("inf")), 0)
+        kth = tl.where(taken < K, value, kth)
+        taken += tl.sum((x == value).to(tl.int32), 0)
+        below = value
+    above = x > kth
+    ties = (x == kth) & ok
+    need = K - tl.sum(above.to(tl.int32), 0)
+    picked = above | (ties & (tl.cumsum(ties.to(tl.int32), 0) <= need))
+    slot = tl.cumsum(picked.to(tl.int32), 0) - 1
+    tl.store(idx_ptr + row * K + slot, cols.to(tl.int64), mask=picked)
+
+
+def top_indices(align, topk):
+    """The kernel behind `spec.top_indices`, as a set per row (in anchor order); rows longer than _TOP_BLOCK_MAX
+    anchors take torch's top-k (the same values, see the spec)."""
+    b, n, a = align.shape
+    if a > _TOP_BLOCK_MAX:
+        # Unsorted: only the picked set matters, and CUDA's top-k selects the same set either way.
+        return align.topk(topk, dim=-1, sorted=False).indices.contiguous()
+    idx = torch.empty((b, n, topk), dtype=torch.long, device=align.device)
+    if b * n:
+        block = max(16, triton.next_power_of_2(a))
+        _top_indices_kernel[(b * n,)](align.contiguous(), idx, a, K=topk, BLOCK=block,
+                                      num_warps=max(4, min(16, block // 1024)), **_EXACT)
+    return idx
 
 
 @triton.jit

@@ -7,8 +7,9 @@ same inputs, so that the kernel can be checked against it on the GPU and the spe
 - `assign_metrics`: the assigner's candidate mask, CIoU overlaps and alignment metric over the dense (B, n, A) pairs
   (`losses.assigner._anchors_in_boxes` followed by the dense `_metrics`); equal to the reference bit for bit.
 - `assign_positives`: the assigner's positives from those metrics (top-k per gt, conflicts resolved by overlap), as
-  the per-anchor gt index and metric and the per-gt best metric and overlap (`Positives`); the kernel takes torch's
-  top-k indices and does the rest in one pass over the pairs.
+  the per-anchor gt index and metric and the per-gt best metric and overlap (`Positives`); the kernel takes the
+  top-k indices (`top_indices`: its own top-k kernel, ties to the lowest index; torch's top-k on long rows) and does
+  the rest in one pass over the pairs.
 - `expectation_forward` / `expectation_backward`: the DFL softmax expectation over bins and its analytic gradient
   (`heads._decode.dfl_expectation`).
 - `positive_dfl_forward` / `positive_dfl_backward_add`: the DFL cross-entropy at positive anchors (`losses._boxes
@@ -55,6 +56,7 @@ __all__ = [
     "resolve_conflicts",
     "summarise_positives",
     "top_candidates",
+    "top_indices",
 ]
 
 BOX_EPS = 1e-7  # bbox_ciou's eps: heights, union, diagonal, alpha's denominator
@@ -211,6 +213,13 @@ def top_candidates(align: torch.Tensor, mask_gt: torch.Tensor, topk: int) -> tor
     count = torch.zeros(align.shape, dtype=count_dtype, device=align.device)
     count.scatter_add_(-1, idx, torch.ones_like(idx, dtype=count_dtype))
     return count == 1
+
+
+def top_indices(align: torch.Tensor, topk: int) -> torch.Tensor:
+    """(B, n, topk) the topk anchors of each row by metric, ties to the lowest anchor index: the top-k kernel's
+    definition. torch.topk picks the same values (its choice among exact ties is unspecified), so using either
+    changes only which of equally scored anchors are picked; the positives take the picks as a set."""
+    return align.sort(dim=-1, descending=True, stable=True).indices[..., :topk]
 
 
 def resolve_conflicts(mask_pos: torch.Tensor, overlaps: torch.Tensor) -> torch.Tensor:
