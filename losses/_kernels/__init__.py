@@ -8,8 +8,9 @@ entry points (`ops`) choose per call, so callers never branch:
   `positive_dfl(...)`, the DFL cross-entropy at positives, whose gradient is added by the expectation's own backward
   (one pass writes the dense logits gradient);
 - `assign_metrics(...)`: the assigner's candidate mask, CIoU overlaps and alignment metric in one pass over the dense
-  (B, n, A) pairs; `assign_positives(...)`: from them, after torch's top-k, the positives (conflicts resolved) and
-  the per-gt best metric and overlap in one more pass;
+  (B, n, A) pairs (tiles without a candidate skip the arithmetic); `assign_positives(...)`: from them, after a
+  top-k kernel (one program per gt row), the positives (conflicts resolved) and the per-gt best metric and overlap
+  in one more pass;
 - `positive_boxes(...)`: the box term at the fast path's positives (weight * (1 - CIoU), with the weights and the DFL
   targets), its hand-written CIoU gradient computed in the forward and written into the expectation's dense gradient
   by the backward (`spec.ciou_gradient`: autograd's rules for `losses._boxes.bbox_ciou`, ties included);
@@ -26,11 +27,12 @@ targets stay its own torch steps), and the losses' fast path (`losses._fast.Fast
 `.positive_loss`. There is no second loss beside the reference: the
 kernels are a backend of its computations.
 
-Tie-breaking contract: top-k stays torch's, on the kernel's candidates (equal to the spec's) and metrics (bit-equal to
-the spec's for 99.7 % of pairs on an H200, the rest within two ulps: CUDA's atan and torch's differ in the last bit
-now and then). A choice among exactly equal metrics is torch.topk's, as on the reference path (which differs between
-CPU and CUDA too); exact ties of non-zero metric do not occur for real inputs, so a changed choice swaps only
-positives of zero metric, hence of zero target score and zero weight in every term. Conflict resolution keeps the
+Tie-breaking contract: the top-k kernel picks the values torch.topk picks, on the kernel's candidates (equal to the
+spec's) and metrics (bit-equal to the spec's for 99.7 % of pairs on an H200, the rest within two ulps: CUDA's atan
+and torch's differ in the last bit now and then); among exactly equal metrics it takes the lowest anchor index
+(`spec.top_indices`), where the reference path takes torch.topk's unspecified choice (which differs between CPU and
+CUDA too). Exact ties of non-zero metric do not occur for real inputs, so a changed choice swaps only positives of
+zero metric, hence of zero target score and zero weight in every term. Conflict resolution keeps the
 first gt of highest overlap, as torch's max does (its documented tie rule), in the kernel and the spec alike.
 (Caveats shared with the reference: metrics one ulp apart can swap order; a zero-weight positive still takes part in
 conflict resolution.)
