@@ -11,51 +11,19 @@ differences between them.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._inputs import make_polygon_pairs  # noqa: E402
+from benchmarks._kernel_timing import device_us, kernel_module_at  # noqa: E402
 from losses._kernels import _triton  # noqa: E402
 
 # (pairs, vertices, masked): the geometry benchmark's shape, masked, larger, the loss step's size, boxes.
 SHAPES = [(100_000, 8, False), (100_000, 8, True), (1_000_000, 8, False), (4_200, 8, False), (100_000, 4, False)]
-
-
-def kernel_module_at(revision: str):
-    """`losses._kernels._triton` as of a git revision or in a file, loaded beside the current one (same package, own
-    name)."""
-    if Path(revision).is_file():
-        source = Path(revision).read_text()
-    else:
-        source = subprocess.run(["git", "show", f"{revision}:losses/_kernels/_triton.py"], cwd=ROOT, check=True,
-                                capture_output=True, text=True).stdout
-    path = Path(tempfile.mkdtemp()) / "_triton_at_revision.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("losses._kernels._triton_at_revision", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # its relative imports resolve in losses._kernels
-    return module
-
-
-def device_us(call, reps: int) -> float:
-    """Mean device time per call of the kernels whose name holds 'mgiou'."""
-    for _ in range(5):
-        call()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            call()
-        torch.cuda.synchronize()
-    return sum(e.self_device_time_total for e in prof.key_averages() if "mgiou" in e.key) / reps
 
 
 def main() -> None:
@@ -76,7 +44,8 @@ def main() -> None:
             target_mask = torch.rand(n, v, device="cuda") < 0.8
             target_mask[:, 0] = True
         for grad in (False, True):
-            times = [device_us(lambda m=m: m.mgiou_forward(pred, target, None, target_mask, grad, grad), args.reps)
+            times = [device_us(lambda m=m: m.mgiou_forward(pred, target, None, target_mask, grad, grad), args.reps,
+                               "mgiou")
                      for m in modules.values()]
             print(f"{n} x {v} | {'yes' if masked else 'no'} | {'yes' if grad else 'no'} | "
                   + " | ".join(f"{t:.1f}" for t in times))

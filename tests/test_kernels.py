@@ -402,16 +402,17 @@ def test_assign_metrics_kernel_equals_spec(inputs):
     assert assign_metrics_kernel_failures(_cuda(_metric_args(*inputs))) == []
 
 
-def top_indices_failures(align: torch.Tensor, topk: int) -> list[str]:
-    """The top-k kernel picks per row the anchors `spec.top_indices` picks (as a set: ties to the lowest index), and
-    their values are torch.topk's (so it changes only which of equally scored anchors are picked)."""
+def top_indices_failures(align: torch.Tensor, mask_gt: torch.Tensor, topk: int) -> list[str]:
+    """The top-k kernel picks per row the anchors `spec.top_indices` picks (as a set: ties to the lowest index; zeros
+    on padding rows), and on real rows their values are torch.topk's (so it changes only which of equally scored
+    anchors are picked)."""
     from losses._kernels import _triton
 
-    got = _triton.top_indices(align, topk).sort(-1).values
-    if not torch.equal(got, spec.top_indices(align, topk).sort(-1).values):
+    got = _triton.top_indices(align, mask_gt, topk).sort(-1).values
+    if not torch.equal(got, spec.top_indices(align, mask_gt, topk).sort(-1).values):
         return ["top-k kernel picks other anchors than the spec"]
-    values = align.gather(-1, got).sort(-1).values
-    if not torch.equal(values, align.topk(topk, dim=-1).values.sort(-1).values):
+    values = align.gather(-1, got).sort(-1).values[mask_gt]
+    if not torch.equal(values, align.topk(topk, dim=-1).values.sort(-1).values[mask_gt]):
         return ["top-k kernel picks other values than torch.topk"]
     return []
 
@@ -449,17 +450,20 @@ def test_assign_positives_kernel_equals_spec(inputs, tied):
 def test_top_indices_kernel_equals_spec(inputs, tied):
     args = _cuda(_metric_args(*inputs))
     align = (_tied_metrics(args) if tied else spec.assign_metrics(*args))[2]
-    assert top_indices_failures(align, inputs[-1].topk) == []
+    assert top_indices_failures(align, args[5], inputs[-1].topk) == []
 
 
 def test_top_indices_kernel_at_benchmark_rows():
-    """The benchmark's row length (8400 anchors: a 16384-lane block) with many ties, under the interpreter or a GPU:
-    picks of `spec.top_indices`, values of torch.topk."""
+    """The benchmark's row length (8400 anchors: a 16384-lane block) with many ties, negative zeros among them, and
+    padding rows, under the interpreter: picks of `spec.top_indices`, values of torch.topk."""
     pytest.importorskip("triton")
     code = ("import json, torch, tests.test_kernels as t; "
             "g = torch.Generator().manual_seed(0); "
             "align = (torch.rand(2, 3, 8400, generator=g) * (torch.rand(2, 3, 8400, generator=g) < 0.02) * 8).round(); "
-            "print(json.dumps(t.top_indices_failures(align, 10) + t.top_indices_failures(align[:, :, :20], 10)))")
+            "align[..., 3:9] = -0.0; "  # negative zeros tie with zeros, as in torch's comparisons
+            "real = torch.tensor([[True, True, False], [True, False, False]]); "
+            "print(json.dumps(t.top_indices_failures(align, real, 10) "
+            "+ t.top_indices_failures(align[:, :, :20], real, 10)))")
     env = dict(os.environ, TRITON_INTERPRET="1")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
                           cwd=Path(__file__).resolve().parents[1])
@@ -548,7 +552,7 @@ def interpreted_kernel_failures(examples: int = 12) -> list[str]:
         args = _metric_args(*inputs)
         failures.extend(f"metrics: {failure}" for failure in assign_metrics_kernel_failures(args))
         align = (_tied_metrics(args) if tied else spec.assign_metrics(*args))[2]
-        failures.extend(f"top-k: {failure}" for failure in top_indices_failures(align, inputs[-1].topk))
+        failures.extend(f"top-k: {failure}" for failure in top_indices_failures(align, args[5], inputs[-1].topk))
 
     metrics()
     return failures

@@ -42,6 +42,7 @@ _POS_BLOCK_K = 32
 _BOX_BLOCK_K = 128
 _POSITIVES_BLOCK_A = 256
 _TOP_BLOCK_MAX = 16384  # longest row the top-k kernel holds in registers
+_TOP_MAX_WARPS = 16
 _MGIOU_BLOCK = 64  # pairs per program
 
 
@@ -247,7 +248,7 @@ def assign_positives(align, overlaps, candidate, mask_gt, topk):
     own_align = torch.empty((b, a), dtype=torch.float32, device=device)
     best_align = torch.zeros((b, n), dtype=torch.float32, device=device)
     best_overlap = torch.zeros((b, n), dtype=torch.float32, device=device)
-    idx = top_indices(align, topk)
+    idx = top_indices(align, mask_gt, topk)
     grid = (triton.cdiv(a, _POSITIVES_BLOCK_A), b)
     _assign_positives_kernel[grid](
         idx, mask_gt.contiguous().view(torch.uint8), candidate.contiguous().view(torch.int8), overlaps.contiguous(),
@@ -258,43 +259,46 @@ def assign_positives(align, overlaps, candidate, mask_gt, topk):
 
 
 # ------------------------------------------------------------------------------------------------ top-k
-# One program per (image, gt) row holds the row in registers: topk rounds of "largest value below the last" find the
-# k-th largest value with its multiplicity, then the row's picks are those above it and the first of those equal to it
-# (in anchor order, cumulative sums), compacted into the row's k slots in anchor order.
+# One program per (image, gt) row; padding rows only write zeros. A real row sits in registers as unique int64 keys
+# (the metric's bits above the complemented anchor index: larger metric first, then lower index), topk rounds of "the
+# largest key below the last" find the k-th key, and the keys from it up are the picks, compacted into the row's k
+# slots in anchor order (a cumulative sum).
 @triton.jit
-def _top_indices_kernel(align_ptr, idx_ptr, A, K: tl.constexpr, BLOCK: tl.constexpr):
+def _top_indices_kernel(align_ptr, real_ptr, idx_ptr, A, K: tl.constexpr, K_P2: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    ok = cols < A
-    x = tl.load(align_ptr + row * A + cols, mask=ok, other=-float("inf"))
-    below = float("inf")
-    taken = 0
-    kth = -float("inf")
-    for _ in tl.static_range(K):
-        value = tl.max(tl.where(x < below, x, -float("inf")), 0)
-        kth = tl.where(taken < K, value, kth)
-        taken += tl.sum((x == value).to(tl.int32), 0)
-        below = value
-    above = x > kth
-    ties = (x == kth) & ok
-    need = K - tl.sum(above.to(tl.int32), 0)
-    picked = above | (ties & (tl.cumsum(ties.to(tl.int32), 0) <= need))
-    slot = tl.cumsum(picked.to(tl.int32), 0) - 1
-    tl.store(idx_ptr + row * K + slot, cols.to(tl.int64), mask=picked)
+    if tl.load(real_ptr + row) == 0:
+        ks = tl.arange(0, K_P2)
+        tl.store(idx_ptr + row * K + ks, tl.zeros((K_P2,), tl.int64), mask=ks < K)
+    else:
+        cols = tl.arange(0, BLOCK)
+        ok = cols < A
+        x = tl.load(align_ptr + row * A + cols, mask=ok, other=0.0)
+        x = tl.where(x == 0.0, 0.0, x)  # -0.0 ties with 0.0, as in torch's comparisons
+        # Metrics are >= 0 (or NaN, which sorts first as in torch.topk): their bits order as their values.
+        key = (x.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (4294967295 - cols.to(tl.int64))
+        key = tl.where(ok, key, -1)
+        kth = tl.full((), 9223372036854775807, tl.int64)
+        for _ in tl.static_range(K):
+            kth = tl.max(tl.where(key < kth, key, -1), 0)
+        picked = key >= kth
+        slot = tl.cumsum(picked.to(tl.int32), 0) - 1
+        tl.store(idx_ptr + row * K + slot, cols.to(tl.int64), mask=picked)
 
 
-def top_indices(align, topk):
+def top_indices(align, mask_gt, topk):
     """The kernel behind `spec.top_indices`, as a set per row (in anchor order); rows longer than _TOP_BLOCK_MAX
     anchors take torch's top-k (the same values, see the spec)."""
     b, n, a = align.shape
     if a > _TOP_BLOCK_MAX:
         # Unsorted: only the picked set matters, and CUDA's top-k selects the same set either way.
-        return align.topk(topk, dim=-1, sorted=False).indices.contiguous()
+        idx = align.topk(topk, dim=-1, sorted=False).indices
+        return idx.masked_fill(~mask_gt.view(b, n, 1), 0).contiguous()
     idx = torch.empty((b, n, topk), dtype=torch.long, device=align.device)
     if b * n:
         block = max(16, triton.next_power_of_2(a))
-        _top_indices_kernel[(b * n,)](align.contiguous(), idx, a, K=topk, BLOCK=block,
-                                      num_warps=max(4, min(16, block // 1024)), **_EXACT)
+        _top_indices_kernel[(b * n,)](align.contiguous(), mask_gt.contiguous().view(torch.uint8), idx, a, K=topk,
+                                      K_P2=max(2, triton.next_power_of_2(topk)), BLOCK=block,
+                                      num_warps=max(4, min(_TOP_MAX_WARPS, block // 1024)))
     return idx
 
 

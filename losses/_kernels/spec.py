@@ -215,11 +215,13 @@ def top_candidates(align: torch.Tensor, mask_gt: torch.Tensor, topk: int) -> tor
     return count == 1
 
 
-def top_indices(align: torch.Tensor, topk: int) -> torch.Tensor:
-    """(B, n, topk) the topk anchors of each row by metric, ties to the lowest anchor index: the top-k kernel's
-    definition. torch.topk picks the same values (its choice among exact ties is unspecified), so using either
-    changes only which of equally scored anchors are picked; the positives take the picks as a set."""
-    return align.sort(dim=-1, descending=True, stable=True).indices[..., :topk]
+def top_indices(align: torch.Tensor, mask_gt: torch.Tensor, topk: int) -> torch.Tensor:
+    """(B, n, topk) the topk anchors of each real gt's row (mask_gt (B, n)) by metric, ties to the lowest anchor
+    index; 0 for padding rows: the top-k kernel's definition. torch.topk picks the same values (its choice among exact
+    ties is unspecified), so using either changes only which of equally scored anchors are picked; the positives take
+    the picks as a set."""
+    idx = align.sort(dim=-1, descending=True, stable=True).indices[..., :topk]
+    return idx.masked_fill(~mask_gt.unsqueeze(-1), 0)
 
 
 def resolve_conflicts(mask_pos: torch.Tensor, overlaps: torch.Tensor) -> torch.Tensor:
