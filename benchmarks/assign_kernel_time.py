@@ -24,7 +24,7 @@ from losses._kernels import _triton  # noqa: E402
 from losses.assigner import AssignerConfig  # noqa: E402
 
 METRIC_BLOCKS_N = (2, 4, 8, 16)
-TOP_MAX_WARPS = (4, 8, 16)
+TOP_MAX_WARPS = (8, 16, 32)
 
 
 def padded_inputs(shape_name: str, device: str = "cuda") -> tuple:

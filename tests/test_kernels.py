@@ -423,24 +423,34 @@ def _tied_metrics(args):
     return candidate, torch.where(candidate, (overlaps * 4).round() / 4, 0.0), (align * 8).round() / 8
 
 
+def positives_kernel_failures(candidate, overlaps, align, mask_gt, topk: int) -> list[str]:
+    """The top-k marks equal `spec.top_indices`' picks on real rows and are 0 on padding rows; the positives pass over
+    those marks equals `spec.positives_from_picks` exactly (conflicts resolved to the first gt of highest overlap)."""
+    from losses._kernels import _triton
+
+    picked = _triton.top_picks(align, mask_gt, topk)
+    want = torch.zeros_like(picked).scatter_(-1, spec.top_indices(align, mask_gt, topk), 1) * mask_gt[..., None]
+    if not torch.equal(picked, want):
+        return ["top-k marks differ from the spec's picks"]
+    expected = spec.positives_from_picks(picked, candidate, overlaps, align)
+    got = _triton.positives_from_picks(picked, candidate, overlaps, align)
+    return [f"{name}: positives pass differs from the spec" for name, actual, want in zip(expected._fields, got,
+                                                                                          expected)
+            if not torch.equal(actual, want)]
+
+
 @pytest.mark.cuda
 @needs_kernels
 @settings(max_examples=100)
 @given(assigner_inputs(exponents=GPU_EXPONENTS), st.booleans())
-def test_assign_positives_kernel_equals_spec(inputs, tied):
-    """The positives pass equals its spec exactly, also where overlaps tie between gts (`tied`: overlaps rounded to
-    quarters, so conflict resolution meets ties and must keep the first gt, as torch's max). The kernel's top-k is
-    unsorted, the spec's sorted: equal results show the same anchors picked, also among the many tied zero metrics
-    (a gt with fewer than top-k candidates), and with `tied`, among metrics rounded to eighths."""
-    from losses._kernels import _triton
-
+def test_assign_positives_kernels_equal_spec(inputs, tied):
+    """The top-k marks and the positives pass equal their specs exactly, also where overlaps tie between gts (`tied`:
+    overlaps rounded to quarters, so conflict resolution meets ties and must keep the first gt, as torch's max) and
+    metrics tie between anchors (rounded to eighths; also the many tied zero metrics of a gt with fewer than top-k
+    candidates)."""
     args = _cuda(_metric_args(*inputs))
     candidate, overlaps, align = _tied_metrics(args) if tied else spec.assign_metrics(*args)
-    mask_gt, topk = args[5].unsqueeze(-1), inputs[-1].topk
-    expected = spec.assign_positives(align, overlaps, candidate, mask_gt, topk)
-    got = _triton.assign_positives(align, overlaps, candidate, mask_gt, topk)
-    for name, actual, want in zip(expected._fields, got, expected):
-        assert torch.equal(actual, want), f"{name}: kernel differs from the spec"
+    assert positives_kernel_failures(candidate, overlaps, align, args[5], inputs[-1].topk) == []
 
 
 @pytest.mark.cuda
@@ -551,8 +561,10 @@ def interpreted_kernel_failures(examples: int = 12) -> list[str]:
     def metrics(inputs, tied):
         args = _metric_args(*inputs)
         failures.extend(f"metrics: {failure}" for failure in assign_metrics_kernel_failures(args))
-        align = (_tied_metrics(args) if tied else spec.assign_metrics(*args))[2]
+        candidate, overlaps, align = _tied_metrics(args) if tied else spec.assign_metrics(*args)
         failures.extend(f"top-k: {failure}" for failure in top_indices_failures(align, args[5], inputs[-1].topk))
+        failures.extend(f"positives: {failure}"
+                        for failure in positives_kernel_failures(candidate, overlaps, align, args[5], inputs[-1].topk))
 
     metrics()
     return failures
@@ -560,8 +572,8 @@ def interpreted_kernel_failures(examples: int = 12) -> list[str]:
 
 def test_kernels_equal_specs_under_the_interpreter():
     """CI has no GPU: Triton's CPU interpreter runs the box-term kernels (their arithmetic, masks, filler entries and
-    ties), the metrics kernel (its tiles without candidates too) and the top-k kernel (ties too) against their
-    specs."""
+    ties), the metrics kernel (its tiles without candidates too), the top-k kernels and the positives pass (ties too)
+    against their specs."""
     pytest.importorskip("triton")
     code = "import json, tests.test_kernels as t; print(json.dumps(t.interpreted_kernel_failures()))"
     env = dict(os.environ, TRITON_INTERPRET="1")

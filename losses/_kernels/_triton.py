@@ -35,14 +35,14 @@ _PRED_NONFINITE = tl.constexpr(MGIOU_PRED_NONFINITE)
 _TARGET_NONFINITE = tl.constexpr(MGIOU_TARGET_NONFINITE)
 _PRED_EMPTY = tl.constexpr(MGIOU_PRED_EMPTY)
 _TARGET_EMPTY = tl.constexpr(MGIOU_TARGET_EMPTY)
-_PAIR_BLOCK_N = 16
+_PAIR_BLOCK_N = 4  # gts per tile: few, so most tiles hold no candidate (37 us against 112 for 16 at shape (a))
 _PAIR_BLOCK_A = 128
 _BIN_BLOCK_A = 128
 _POS_BLOCK_K = 32
 _BOX_BLOCK_K = 128
 _POSITIVES_BLOCK_A = 256
 _TOP_BLOCK_MAX = 16384  # longest row the top-k kernel holds in registers
-_TOP_MAX_WARPS = 16
+_TOP_MAX_WARPS = 32  # 16384 anchors: 16 per thread, no spills
 _MGIOU_BLOCK = 64  # pairs per program
 
 
@@ -194,32 +194,26 @@ def assign_metrics(pd_scores, pd_bboxes, anchor_points, labels, gt_bboxes, mask_
 
 # ------------------------------------------------------------------------------------------------ assignment positives
 # One program per (image, block of anchors) walks the gts in order: whether each picked the anchor among its top-k
-# (torch's indices), the running positive count, the first positive gt and the first gt of highest overlap. Then the
-# anchor's gt, its metric, and (atomically) each gt's largest metric and overlap over its positives.
+# (the top-k kernel's mark), the running positive count, the first positive gt and the first gt of highest overlap.
+# Then the anchor's gt, its metric, and (atomically) each gt's largest metric and overlap over its positives.
 @triton.jit
-def _assign_positives_kernel(idx_ptr, real_ptr, cand_ptr, overlap_ptr, align_ptr,
+def _assign_positives_kernel(picked_ptr, cand_ptr, overlap_ptr, align_ptr,
                              fg_ptr, gt_index_ptr, own_ptr, best_align_ptr, best_overlap_ptr,
-                             n, A, K: tl.constexpr, K_P2: tl.constexpr, BLOCK_A: tl.constexpr):
+                             n, A, BLOCK_A: tl.constexpr):
     b64 = tl.program_id(1).to(tl.int64)
     ai = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
     a_ok = ai < A
-    ks = tl.arange(0, K_P2)
-    k_ok = ks < K
     n_pos = tl.zeros((BLOCK_A,), tl.int32)
     first_pos = tl.zeros((BLOCK_A,), tl.int32)
     best_overlap = tl.full((BLOCK_A,), -float("inf"), tl.float32)
     best_gt = tl.zeros((BLOCK_A,), tl.int32)
     for g in range(0, n):
-        row = b64 * n + g
-        real = tl.load(real_ptr + row) != 0
-        idx = tl.load(idx_ptr + row * K + ks, mask=k_ok, other=0)
-        idx = tl.where(real, idx, 0)  # padding rows all point at anchor 0 (picked K times: dropped unless K == 1)
-        hits = tl.sum(((ai[:, None] == idx[None, :]) & k_ok[None, :]).to(tl.int32), 1)
-        candidate = tl.load(cand_ptr + row * A + ai, mask=a_ok, other=0) != 0
-        positive = (hits == 1) & candidate
+        at = (b64 * n + g) * A + ai
+        # Padding rows have no candidates (and no marks): never positive.
+        positive = (tl.load(picked_ptr + at, mask=a_ok, other=0) != 0) & (tl.load(cand_ptr + at, mask=a_ok, other=0) != 0)
         first_pos = tl.where(positive & (n_pos == 0), g, first_pos)
         n_pos += positive.to(tl.int32)
-        overlap = tl.load(overlap_ptr + row * A + ai, mask=a_ok, other=0.0)
+        overlap = tl.load(overlap_ptr + at, mask=a_ok, other=0.0)
         better = overlap > best_overlap  # strictly: the first gt of highest overlap, as torch's max picks
         best_overlap = tl.where(better, overlap, best_overlap)
         best_gt = tl.where(better, g, best_gt)
@@ -238,31 +232,59 @@ def _assign_positives_kernel(idx_ptr, real_ptr, cand_ptr, overlap_ptr, align_ptr
 
 
 def assign_positives(align, overlaps, candidate, mask_gt, topk):
-    """The kernel behind `spec.assign_positives` (same arguments and results; torch's top-k indices)."""
+    """The kernels behind `spec.assign_positives` (same arguments; the top-k kernel's tie rule, see `top_picks`)."""
     b, n, a = align.shape
     if n == 0 or b * a == 0:
         return spec.assign_positives(align, overlaps, candidate, mask_gt, topk)
+    return positives_from_picks(top_picks(align, mask_gt, topk), candidate, overlaps, align)
+
+
+def positives_from_picks(picked, candidate, overlaps, align):
+    """The kernel behind `spec.positives_from_picks`; picked (B, n, A) int8."""
+    b, n, a = align.shape
     device = align.device
     fg = torch.empty((b, a), dtype=torch.bool, device=device)
     gt_index = torch.empty((b, a), dtype=torch.long, device=device)
     own_align = torch.empty((b, a), dtype=torch.float32, device=device)
     best_align = torch.zeros((b, n), dtype=torch.float32, device=device)
     best_overlap = torch.zeros((b, n), dtype=torch.float32, device=device)
-    idx = top_indices(align, mask_gt, topk)
     grid = (triton.cdiv(a, _POSITIVES_BLOCK_A), b)
     _assign_positives_kernel[grid](
-        idx, mask_gt.contiguous().view(torch.uint8), candidate.contiguous().view(torch.int8), overlaps.contiguous(),
-        align.contiguous(), fg.view(torch.int8), gt_index, own_align, best_align, best_overlap, n, a,
-        K=topk, K_P2=max(2, triton.next_power_of_2(topk)), BLOCK_A=_POSITIVES_BLOCK_A,
+        picked.contiguous(), candidate.contiguous().view(torch.int8), overlaps.contiguous(), align.contiguous(), fg.view(torch.int8),
+        gt_index, own_align, best_align, best_overlap, n, a, BLOCK_A=_POSITIVES_BLOCK_A,
     )
     return spec.Positives(fg, gt_index, own_align, best_align, best_overlap)
 
 
 # ------------------------------------------------------------------------------------------------ top-k
-# One program per (image, gt) row; padding rows only write zeros. A real row sits in registers as unique int64 keys
-# (the metric's bits above the complemented anchor index: larger metric first, then lower index), topk rounds of "the
-# largest key below the last" find the k-th key, and the keys from it up are the picks, compacted into the row's k
-# slots in anchor order (a cumulative sum).
+# One program per (image, gt) row; padding rows are skipped. A real row sits in registers as unique int64 keys (the
+# metric's bits above the complemented anchor index: larger metric first, then lower index), topk rounds of "the
+# largest key below the last" find the k-th key, and the keys from it up are the picks: marked in a (B, n, A) mask
+# (`top_picks`, for the positives pass) or compacted into the row's k slots in anchor order (`top_indices`).
+@triton.jit
+def _top_keys(align_ptr, row, A, K: tl.constexpr, BLOCK: tl.constexpr):
+    """The row's anchors (BLOCK,) and whether each is among its topk."""
+    cols = tl.arange(0, BLOCK)
+    ok = cols < A
+    x = tl.load(align_ptr + row * A + cols, mask=ok, other=0.0)
+    x = tl.where(x == 0.0, 0.0, x)  # -0.0 ties with 0.0, as in torch's comparisons
+    # Metrics are >= 0 (or NaN, which sorts first as in torch.topk): their bits order as their values.
+    key = (x.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (4294967295 - cols.to(tl.int64))
+    key = tl.where(ok, key, -1)
+    kth = tl.full((), 9223372036854775807, tl.int64)
+    for _ in tl.static_range(K):
+        kth = tl.max(tl.where(key < kth, key, -1), 0)
+    return cols, key >= kth
+
+
+@triton.jit
+def _top_picks_kernel(align_ptr, real_ptr, picked_ptr, A, K: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    if tl.load(real_ptr + row) != 0:
+        cols, picked = _top_keys(align_ptr, row, A, K, BLOCK)
+        tl.store(picked_ptr + row * A + cols, tl.full((BLOCK,), 1, tl.int8), mask=picked)
+
+
 @triton.jit
 def _top_indices_kernel(align_ptr, real_ptr, idx_ptr, A, K: tl.constexpr, K_P2: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -270,19 +292,28 @@ def _top_indices_kernel(align_ptr, real_ptr, idx_ptr, A, K: tl.constexpr, K_P2: 
         ks = tl.arange(0, K_P2)
         tl.store(idx_ptr + row * K + ks, tl.zeros((K_P2,), tl.int64), mask=ks < K)
     else:
-        cols = tl.arange(0, BLOCK)
-        ok = cols < A
-        x = tl.load(align_ptr + row * A + cols, mask=ok, other=0.0)
-        x = tl.where(x == 0.0, 0.0, x)  # -0.0 ties with 0.0, as in torch's comparisons
-        # Metrics are >= 0 (or NaN, which sorts first as in torch.topk): their bits order as their values.
-        key = (x.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (4294967295 - cols.to(tl.int64))
-        key = tl.where(ok, key, -1)
-        kth = tl.full((), 9223372036854775807, tl.int64)
-        for _ in tl.static_range(K):
-            kth = tl.max(tl.where(key < kth, key, -1), 0)
-        picked = key >= kth
+        cols, picked = _top_keys(align_ptr, row, A, K, BLOCK)
         slot = tl.cumsum(picked.to(tl.int32), 0) - 1
         tl.store(idx_ptr + row * K + slot, cols.to(tl.int64), mask=picked)
+
+
+def _top_launch(a):
+    block = max(16, triton.next_power_of_2(a))
+    return block, max(4, min(_TOP_MAX_WARPS, block // 512))
+
+
+def top_picks(align, mask_gt, topk):
+    """(B, n, A) int8: 1 at each real row's `spec.top_indices` (0 elsewhere); rows longer than _TOP_BLOCK_MAX anchors
+    take torch's top-k (the same values, see the spec)."""
+    b, n, a = align.shape
+    picked = torch.zeros((b, n, a), dtype=torch.int8, device=align.device)
+    if a > _TOP_BLOCK_MAX:
+        return picked.scatter_(-1, top_indices(align, mask_gt, topk), 1) * mask_gt.view(b, n, 1)
+    if b * n:
+        block, warps = _top_launch(a)
+        _top_picks_kernel[(b * n,)](align.contiguous(), mask_gt.contiguous().view(torch.uint8), picked, a, K=topk,
+                                    BLOCK=block, num_warps=warps)
+    return picked
 
 
 def top_indices(align, mask_gt, topk):
@@ -295,10 +326,9 @@ def top_indices(align, mask_gt, topk):
         return idx.masked_fill(~mask_gt.view(b, n, 1), 0).contiguous()
     idx = torch.empty((b, n, topk), dtype=torch.long, device=align.device)
     if b * n:
-        block = max(16, triton.next_power_of_2(a))
+        block, warps = _top_launch(a)
         _top_indices_kernel[(b * n,)](align.contiguous(), mask_gt.contiguous().view(torch.uint8), idx, a, K=topk,
-                                      K_P2=max(2, triton.next_power_of_2(topk)), BLOCK=block,
-                                      num_warps=max(4, min(_TOP_MAX_WARPS, block // 1024)))
+                                      K_P2=max(2, triton.next_power_of_2(topk)), BLOCK=block, num_warps=warps)
     return idx
 
 

@@ -7,9 +7,9 @@ same inputs, so that the kernel can be checked against it on the GPU and the spe
 - `assign_metrics`: the assigner's candidate mask, CIoU overlaps and alignment metric over the dense (B, n, A) pairs
   (`losses.assigner._anchors_in_boxes` followed by the dense `_metrics`); equal to the reference bit for bit.
 - `assign_positives`: the assigner's positives from those metrics (top-k per gt, conflicts resolved by overlap), as
-  the per-anchor gt index and metric and the per-gt best metric and overlap (`Positives`); the kernel takes the
-  top-k indices (`top_indices`: its own top-k kernel, ties to the lowest index; torch's top-k on long rows) and does
-  the rest in one pass over the pairs.
+  the per-anchor gt index and metric and the per-gt best metric and overlap (`Positives`). The kernels: a top-k
+  kernel marks each row's picks (`top_indices`: ties to the lowest index; torch's top-k on long rows), a pass over
+  the pairs does the rest (`positives_from_picks`).
 - `expectation_forward` / `expectation_backward`: the DFL softmax expectation over bins and its analytic gradient
   (`heads._decode.dfl_expectation`).
 - `positive_dfl_forward` / `positive_dfl_backward_add`: the DFL cross-entropy at positive anchors (`losses._boxes
@@ -51,6 +51,7 @@ __all__ = [
     "real_finite",
     "positive_boxes",
     "positive_boxes_backward",
+    "positives_from_picks",
     "positive_dfl_backward_add",
     "positive_dfl_forward",
     "resolve_conflicts",
@@ -245,8 +246,13 @@ def assign_positives(align: torch.Tensor, overlaps: torch.Tensor, candidate: tor
                      topk: int) -> Positives:
     """The positives of the task-aligned assignment from the dense (B, n, A) metrics (`assign_metrics`' outputs):
     each real gt's topk anchors by metric among its candidates, conflicts resolved by overlap."""
-    mask_pos = resolve_conflicts(top_candidates(align, mask_gt, topk) & candidate, overlaps)
-    return summarise_positives(mask_pos, align, overlaps)
+    return positives_from_picks(top_candidates(align, mask_gt, topk), candidate, overlaps, align)
+
+
+def positives_from_picks(picked: torch.Tensor, candidate: torch.Tensor, overlaps: torch.Tensor,
+                         align: torch.Tensor) -> Positives:
+    """`Positives` of the top-k picks (B, n, A) (bool, or 0/1): those among the candidates, conflicts resolved."""
+    return summarise_positives(resolve_conflicts(picked.bool() & candidate, overlaps), align, overlaps)
 
 
 def _bins(reg_max: int, like: torch.Tensor) -> torch.Tensor:
