@@ -6,6 +6,10 @@ devices; the batch's rows padded up to `row_capacity`, the padding rows made neu
 graph (`GraphedFunction`) runs every value check of the reference (`deferred_checks`), counts objects per image and
 fills the per-image target slots; the one host sync reads its failure flag and the largest count. Slots are cut to
 that count padded up to a multiple of `SLOT_MULTIPLE` (padding slots are masked, so the assignment does not change).
+After the first call the core does not wait for that sync: it is queued at the largest count of the last calls (and
+redone in the rare call whose count is larger), the status travels to pinned host memory behind the checks, and
+the sync waits for the checks alone. So the core may run on inputs a check rejects: the slots are then emptied, and
+every kernel keeps its indices in range for any prediction values (NaN included); its result is never returned.
 Where graphs do not run (the CPU, no autograd, autocast) the same functions run eagerly, with the same one sync.
 Core: anchors' decode, assignment and every term, with the positives gathered through a fixed-capacity index instead
 of `nonzero()`: no host sync and no data-dependent shape, so `GraphedCore` captures it, forward and backward, as CUDA
@@ -23,7 +27,9 @@ holds min(B * A, B * n_slots * topk) entries: no positive is ever dropped.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +43,7 @@ from ._vertex import vertex_term
 from .assigner import task_aligned_assign
 
 SLOT_MULTIPLE = 8  # few distinct padded shapes (few graph captures) for little padding work
+SLOT_HISTORY = 8  # calls whose largest slot count the next call's core is first queued at (FastPath.slot_guess)
 MIN_ROW_CAPACITY = 64  # the batch buffers' smallest row count (see row_capacity)
 NEUTRAL_VALUES = {"batch_idx": 0, "cls": 0, "bboxes": 0.5, "polygons": 0.5, "polygon_mask": True}
 
@@ -139,6 +146,18 @@ def positive_vertices(raw: torch.Tensor, image: torch.Tensor, anchor: torch.Tens
     return (pixels[0].T / stride.to(pixels.dtype)).reshape(-1, raw.shape[1] // 2, 2)
 
 
+@dataclass
+class _Prepared:
+    """A call's checks and target slots, queued: `status` (failed, largest count) is on the host once `ready`
+    (None: already there), `slots` hold `capacity` per image, `preloaded` are the core's static input buffers."""
+
+    status: torch.Tensor
+    ready: torch.cuda.Event | None
+    slots: tuple
+    capacity: int
+    preloaded: list | tuple
+
+
 class FastPath:
     """Fast evaluation for one DetectionLoss, or (with `polygon`) one PolygonLoss; holds the CUDA-graph caches."""
 
@@ -151,6 +170,9 @@ class FastPath:
         self._pred_buffers: dict[tuple, dict[str, torch.Tensor]] = {}
         self._batch_buffers: dict[tuple, dict[str, torch.Tensor]] = {}
         self._all_real = False  # set per call: the batch has no polygon_mask (part of the graph key)
+        self._recent_slots: deque[int] = deque(maxlen=SLOT_HISTORY)  # padded object counts of the last calls
+        self._status_host: torch.Tensor | None = None  # pinned, where the status of CUDA calls is read
+        self._status_ready: torch.cuda.Event | None = None
 
     @property
     def pred_keys(self) -> tuple[str, ...]:
@@ -163,39 +185,92 @@ class FastPath:
         return keys + (("polygons",) if batch.get("polygon_mask") is None else ("polygons", "polygon_mask"))
 
     # ---------------------------------------------------------------------------------------------- host side
-    def _prepare(self, preds, batch):
-        """Every check, the largest object count and the target slots; one host sync. Returns the core's inputs and,
-        where the graphs run, the buffers already holding them (`GraphedCore`'s `preloaded`)."""
+    def _evaluate(self, preds, batch, progress: float | None = None) -> torch.Tensor:
+        """The core's output for this call (`progress` given: the polygon core's). Its slot count is known only after
+        the one host sync; where earlier calls give a guess (`slot_guess`), the core is queued at the guess first and
+        the sync waits for the checks alone, so the device does not idle while the host prepares the core. A guess
+        below the count is redone at the count; a guess above it only adds padding slots (masked)."""
+        prepared = self._prepare(preds, batch)
+        extra, key = (), ()
+        if progress is not None:
+            extra = (torch.full((), progress, dtype=torch.float32, device=preds["scores"].device),)
+            self._all_real = batch.get("polygon_mask") is None
+            key = (self._all_real,)
+        guess = self.slot_guess(prepared.capacity)
+        if guess is None:
+            return self._run_core(preds, prepared, self._settle(preds, batch, prepared), extra, key)
+        try:
+            out = self._run_core(preds, prepared, guess, extra, key)
+        except Exception:
+            self._settle(preds, batch, prepared)  # an input error explains the failure: it is raised instead
+            raise
+        n = self._settle(preds, batch, prepared)
+        return out if n <= guess else self._run_core(preds, prepared, n, extra, key)
+
+    def slot_guess(self, capacity: int) -> int | None:
+        """The slot count the next core starts at: the largest of the last SLOT_HISTORY calls (within `capacity`,
+        the slots prepared), None before the first call."""
+        return min(max(self._recent_slots), capacity) if self._recent_slots else None
+
+    def _prepare(self, preds, batch) -> _Prepared:
+        """Every check, the largest object count and the target slots, queued; their status on its way to the host.
+        Where the graphs run, the predictions sit in static buffers (`GraphedCore`'s `preloaded`)."""
         layout = self._layout(preds, batch) if self._graphed(preds) else None
+        preloaded = ()
         try:
             if layout is not None:
                 try:
-                    status, slots, pred_buffers = self._prepare_graphed(preds, batch, layout)
+                    status, slots, capacity, pred_buffers = self._prepare_graphed(preds, batch, layout)
                 except RuntimeError as exc:  # capture refused: from now on everything runs eagerly
                     self.core.disabled_reason = f"CUDA-graph capture of the input checks failed, running eagerly: {exc}"
                     torch.cuda.synchronize()
                     layout = None
             if layout is None:
-                status, slots = self._checked_slots(preds, batch, None, None)
+                capacity = padded_slot_count(batch["batch_idx"].shape[0])
+                status, slots = self._checked_slots(preds, batch, None, capacity)
         except LossInputError:  # a structural check raised: report what the reference reports first
             self._recheck(preds, batch)
             raise
-        core_in = self._core_inputs(preds, batch, status, slots)
-        if layout is None:
-            return core_in, ()
-        # The predictions sit in the static buffers; anchors and strides are constants, their own buffers.
-        preloaded = [pred_buffers["boxes"], pred_buffers["scores"], *core_in[2:4], None, None, None]
-        if self.poly is not None:
-            preloaded += [pred_buffers["polygons"], None, None]
-        return core_in, preloaded
+        if layout is not None:
+            # Anchors and strides are constants, their own buffers.
+            anchor_points, stride_tensor, _ = self._grid(preds["feats"], preds["scores"])
+            preloaded = [pred_buffers["boxes"], pred_buffers["scores"], anchor_points, stride_tensor, None, None, None]
+            if self.poly is not None:
+                preloaded += [pred_buffers["polygons"], None, None]
+        return _Prepared(*self._status_to_host(status), slots, capacity, preloaded)
 
-    def _core_inputs(self, preds, batch, status: torch.Tensor, slots) -> list[torch.Tensor]:
-        """After the one sync (reading `status`): the core's inputs, the slots cut to the padded object count."""
-        failed, n = status.tolist()
+    def _status_to_host(self, status: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """A copy of `status` on the host, queued behind the checks (so that reading it waits for them and not for
+        whatever is queued later), and the event that marks it done; a CPU status is its own copy."""
+        if not status.is_cuda:
+            return status, None
+        if self._status_host is None:
+            self._status_host = torch.empty(status.shape, dtype=status.dtype, pin_memory=True)
+            self._status_ready = torch.cuda.Event()
+        self._status_host.copy_(status, non_blocking=True)
+        self._status_ready.record()
+        return self._status_host, self._status_ready
+
+    def _settle(self, preds, batch, prepared: _Prepared) -> int:
+        """The one host sync: raises what the reference raises if a deferred check failed; else the padded object
+        count, remembered for the next calls' guesses."""
+        if prepared.ready is not None:
+            prepared.ready.synchronize()
+        failed, n = prepared.status.tolist()
         if failed:
             self._recheck(preds, batch)
             raise RuntimeError("a deferred input check failed, but the same checks passed when run eagerly")
-        n, b = padded_slot_count(n), preds["scores"].shape[0]
+        n = padded_slot_count(n)
+        self._recent_slots.append(n)
+        return n
+
+    def _run_core(self, preds, prepared: _Prepared, n: int, extra: tuple, key: tuple) -> torch.Tensor:
+        core_in = self._core_inputs(preds, prepared.slots, n)
+        return self.core(*core_in, *extra, key=key, preloaded=prepared.preloaded)
+
+    def _core_inputs(self, preds, slots, n: int) -> list[torch.Tensor]:
+        """The core's inputs, the slots cut to `n` (the padded object count, or a guess above it)."""
+        b = preds["scores"].shape[0]
         anchor_points, stride_tensor, _ = self._grid(preds["feats"], preds["scores"])
         labels, bboxes, mask, extra = slots
         core_in = [preds["boxes"], preds["scores"], anchor_points, stride_tensor, labels[:b, :n], bboxes[:b, :n],
@@ -241,7 +316,7 @@ class FastPath:
 
     def _prepare_graphed(self, preds, batch, layout):
         """Load the call into this layout's static buffers and replay the graph of checks and slot filling; returns
-        its status and slots and the prediction buffers."""
+        its status and slots, the slots per image and the prediction buffers."""
         pred_key, batch_key, n = layout
         pred_buffers = self._buffers(self._pred_buffers, pred_key, preds, self.pred_keys, None)
         batch_buffers = self._buffers(self._batch_buffers, batch_key, batch, self.batch_keys(batch), batch_key[-1])
@@ -259,7 +334,7 @@ class FastPath:
             return self._checked_slots(static_preds, static_batch, batch_buffers["rows"], batch_key[-1])
 
         status, slots = self.prep((pred_key, batch_key), checked_slots)
-        return status, slots, pred_buffers
+        return status, slots, batch_key[-1], pred_buffers
 
     @staticmethod
     def _buffers(cache: dict, key: tuple, source, names, rows: int | None) -> dict[str, torch.Tensor]:
@@ -301,11 +376,16 @@ class FastPath:
         if in_use is not None:
             image = torch.where(in_use, image, b)
         counts = det.image_counts(image, b + 1)
-        status = torch.stack((checks.failure(scores.device).long(), counts[:b].max()))
+        failed = checks.failure(scores.device)
+        status = torch.stack((failed.long(), counts[:b].max()))
         capacity = capacity or padded_slot_count(batch_idx.shape[0])
         gt = det.fill_slots(image, cls, bboxes, counts, capacity, imgsz)
+        # A core may be queued before the status is read (see _evaluate): after a failed check the slots hold no
+        # object, so that no unchecked value (a class index, a box) reaches the core's indexing.
+        ok = ~failed
+        detection_slots = (torch.where(ok, gt.labels, 0), torch.where(ok, gt.bboxes, 0), gt.mask & ok)
         if poly is None:
-            return status, (gt.labels, gt.bboxes, gt.mask, None)
+            return status, (*detection_slots, None)
         scale = torch.stack((imgsz[1], imgsz[0])).to(polygons.dtype)
         if polygons.shape[0] == 0:  # no objects: every slot is padding, gather from one dummy row
             polygons = polygons.new_zeros((1, *polygons.shape[1:]))
@@ -313,7 +393,7 @@ class FastPath:
         rows_of_slots = gt.rows.clamp(min=0)
         gt_polygons = (polygons * scale)[rows_of_slots]  # (B + 1, capacity, V, 2) pixels
         gt_polygon_mask = polygon_mask[rows_of_slots] & (gt.rows >= 0)[..., None]
-        return status, (gt.labels, gt.bboxes, gt.mask, (gt_polygons, gt_polygon_mask))
+        return status, (*detection_slots, (gt_polygons, gt_polygon_mask))
 
     def _grid(self, feats, scores: torch.Tensor):
         """Anchors, strides and the image size for these feature-map shapes: constants, built once per shape."""
@@ -336,15 +416,11 @@ class FastPath:
 
     def detection_vector(self, preds, batch) -> torch.Tensor:
         """Gain-scaled [box, cls, dfl] (3,), not times B."""
-        core_in, preloaded = self._prepare(preds, batch)
-        return self.core(*core_in, preloaded=preloaded)
+        return self._evaluate(preds, batch)
 
     def polygon_vector(self, preds, batch, progress: float) -> torch.Tensor:
         """Gain-scaled [box, polygon, cls, dfl] (4,), not times B."""
-        core_in, preloaded = self._prepare(preds, batch)
-        progress_t = torch.full((), progress, dtype=torch.float32, device=core_in[1].device)
-        self._all_real = batch.get("polygon_mask") is None
-        return self.core(*core_in, progress_t, key=(self._all_real,), preloaded=preloaded)
+        return self._evaluate(preds, batch, progress)
 
     # ---------------------------------------------------------------------------------------------- the core
     def _core(self, *tensors: torch.Tensor) -> torch.Tensor:

@@ -125,10 +125,19 @@ def test_fast_path_rejects_what_the_reference_rejects(mode, case, seed):
     feats = [torch.randn(2, c, 64 // int(s), 64 // int(s)) for c, s in zip(CHANNELS, STRIDES)]
     preds = _head_outputs(feats, seed, 1.0)
     reference, fast = _criteria(mode)
-    call = (lambda c: c(preds, batch)) if mode == "detection" else (lambda c: c(preds, batch, 0.5))
-    expected = _raised(lambda: call(reference))
+    call = (lambda c, b: c(preds, b)) if mode == "detection" else (lambda c, b: c(preds, b, 0.5))
+    expected = _raised(lambda: call(reference, batch))
     assert expected is not None, "the reference accepted an invalid batch; the strategy or the loss changed"
-    assert _raised(lambda: call(fast)) == expected
+    assert _raised(lambda: call(fast, batch)) == expected
+    call(fast, _small_batch())  # from now on the core is queued before the checks are read
+    assert _raised(lambda: call(fast, batch)) == expected
+
+
+def _small_batch() -> dict:
+    """Two valid objects in two images."""
+    return {"batch_idx": torch.tensor([0.0, 1.0]), "cls": torch.tensor([[0.0], [2.0]]),
+            "bboxes": torch.tensor([[0.5, 0.5, 0.4, 0.3], [0.3, 0.6, 0.2, 0.2]]),
+            "polygons": torch.rand(2, NP, 2, generator=torch.Generator().manual_seed(0)) * 0.2 + 0.4}
 
 
 @pytest.mark.parametrize("key", ["scores", "boxes", "polygons"])
@@ -136,15 +145,39 @@ def test_fast_path_rejects_what_the_reference_rejects(mode, case, seed):
 def test_fast_path_rejects_non_finite_predictions_like_the_reference(key, value):
     feats = [torch.randn(2, c, 64 // int(s), 64 // int(s)) for c, s in zip(CHANNELS, STRIDES)]
     preds = _head_outputs(feats, 0, 1.0)
+    batch = _small_batch()
+    reference, fast = _criteria("l2")
+    fast(preds, batch)  # from now on the core is queued before the checks are read
     with torch.no_grad():
         preds[key].view(-1)[17] = value
-    batch = {"batch_idx": torch.tensor([0.0, 1.0]), "cls": torch.tensor([[0.0], [2.0]]),
-             "bboxes": torch.tensor([[0.5, 0.5, 0.4, 0.3], [0.3, 0.6, 0.2, 0.2]]),
-             "polygons": torch.rand(2, NP, 2) * 0.2 + 0.4}
-    reference, fast = _criteria("l2")
     expected = _raised(lambda: reference(preds, batch))
     assert expected is not None and key in expected[1]
     assert _raised(lambda: fast(preds, batch)) == expected
+
+
+@pytest.mark.parametrize("mode", ["detection", "mgiou"])
+def test_fast_path_redoes_a_core_queued_below_the_object_count(mode):
+    """The core is queued at the largest padded count of the last calls; a batch with more objects per image is
+    redone at its own count, one with fewer runs at the guess (padding slots), or at its slots' capacity where that is
+less: the reference's loss each time."""
+    feats = [torch.randn(2, c, 64 // int(s), 64 // int(s)) for c, s in zip(CHANNELS, STRIDES)]
+    preds = _head_outputs(feats, 0, 1.0)
+    small = _small_batch()
+    many = {k: v.repeat((9,) + (1,) * (v.ndim - 1)) for k, v in small.items()}  # 9 objects in each image
+    many["batch_idx"][:12] = 0.0  # 12 in image 0: padded to 16 slots
+    spread = {k: v.repeat((8,) + (1,) * (v.ndim - 1)) for k, v in small.items()}  # 8 per image: 8 slots of 16
+    reference, fast = _criteria(mode)
+    fast._fast = path = FastPath(fast.detection if mode != "detection" else fast, None if mode == "detection" else fast)
+    slot_counts = []
+    run_core = path._run_core
+    path._run_core = lambda preds, prepared, n, *rest: slot_counts.append(n) or run_core(preds, prepared, n, *rest)
+    for batch, counts in ((small, [8]), (many, [8, 16]), (spread, [16]), (small, [8])):
+        slot_counts.clear()
+        ref, got = _evaluate(reference, mode, preds, batch, 0.3), _evaluate(fast, mode, preds, batch, 0.3)
+        assert slot_counts == counts
+        torch.testing.assert_close(got[0], ref[0], rtol=TOL, atol=TOL)
+        for name, g in ref[2].items():
+            torch.testing.assert_close(got[2][name], g, rtol=TOL, atol=TOL * max(1.0, float(g.abs().max())))
 
 
 @settings(deadline=None)
@@ -404,10 +437,13 @@ def test_graphed_core_runs_eagerly_under_autocast():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("history", ["kept", "cleared"])
 @pytest.mark.parametrize("mode", ["detection", "mgiou"])
-def test_cuda_interleaved_calls_over_shared_buffers_give_each_its_own_gradients(mode):
-    """Two forwards (different object counts: two core graphs over the same prediction buffers, and batch buffers
-    refilled in between), then both backwards in the order of the calls: each call gets the reference's gradients."""
+def test_cuda_interleaved_calls_over_shared_buffers_give_each_its_own_gradients(mode, history):
+    """Two forwards (different object counts over the same prediction buffers, batch buffers refilled in between),
+    then both backwards in the order of the calls: each call gets the reference's gradients. History kept: both
+    run the larger count's graph (the guess), the first's backward replays its forward from its snapshot; cleared:
+    the first runs the smaller graph, the second that graph too (its guess, abandoned) and then the larger one."""
     reference, fast = _criteria(mode)
     preds, batch = _cuda_case()
     many = {k: v.repeat((9,) + (1,) * (v.ndim - 1)) for k, v in batch.items()}  # 27 objects, 18 in image 0
@@ -417,6 +453,8 @@ def test_cuda_interleaved_calls_over_shared_buffers_give_each_its_own_gradients(
     for v in preds.values():
         if isinstance(v, torch.Tensor):
             v.grad = None
+    if history == "cleared":
+        fast._fast._recent_slots.clear()
     first = fast(preds, batch)[0] if mode == "detection" else fast(preds, batch, 0.4)[0]
     second = fast(preds, many)[0] if mode == "detection" else fast(preds, many, 0.4)[0]
     for loss, want in zip((first, second), expected):
@@ -424,3 +462,23 @@ def test_cuda_interleaved_calls_over_shared_buffers_give_each_its_own_gradients(
         for got, ref in zip(grads, (want["boxes"], want["scores"])):
             torch.testing.assert_close(got, ref, rtol=TOL, atol=TOL * float(ref.abs().max()))
     assert len(fast._fast.core._cache) == 2 and fast._fast.core.disabled_reason is None
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("value", [float("nan"), -float("nan")], ids=["nan", "negative-nan"])
+@pytest.mark.parametrize("key", ["scores", "boxes", "polygons"])
+def test_cuda_core_queued_on_rejected_predictions_leaves_the_device_usable(key, value):
+    """After a first call the core is queued before the checks are read: on NaN predictions the call raises the
+    reference's error, and the next call (the same graphs) gives the reference's loss and gradients."""
+    reference, fast = _criteria("mgiou")
+    preds, batch = _cuda_case()
+    expected = _evaluate(reference, "mgiou", preds, batch, 0.4)
+    _evaluate(fast, "mgiou", preds, batch, 0.4)
+    broken = dict(preds, **{key: preds[key].detach().clone().fill_(value).requires_grad_()})
+    message = _raised(lambda: reference(broken, batch, 0.4))
+    assert message is not None and _raised(lambda: fast(broken, batch, 0.4)) == message
+    got = _evaluate(fast, "mgiou", preds, batch, 0.4)
+    torch.cuda.synchronize()
+    torch.testing.assert_close(got[0], expected[0], rtol=TOL, atol=TOL)
+    for name, g in expected[2].items():
+        torch.testing.assert_close(got[2][name], g, rtol=TOL, atol=TOL * float(g.abs().max()))

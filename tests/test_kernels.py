@@ -417,6 +417,21 @@ def top_indices_failures(align: torch.Tensor, mask_gt: torch.Tensor, topk: int) 
     return []
 
 
+def top_picks_stay_in_their_rows() -> list[str]:
+    """A row of negative NaNs (keys below the padding lanes') shorter than its block: the top-k kernel marks at most
+    topk anchors of the row itself, none in the padding row after it."""
+    from losses._kernels import _triton
+
+    align = torch.full((1, 2, 20), -float("nan"))
+    picked = _triton.top_picks(align, torch.tensor([[True, False]]), 10)
+    failures = []
+    if picked[0, 1].any():
+        failures.append("top-k kernel marked anchors past its row")
+    if int(picked[0, 0].sum()) > 10:
+        failures.append(f"top-k kernel marked {int(picked[0, 0].sum())} anchors of a row; expected at most 10")
+    return failures
+
+
 def _tied_metrics(args):
     """The metrics of `_metric_args`, rounded to eighths (ties between anchors, also among non-zero metrics)."""
     candidate, overlaps, align = spec.assign_metrics(*args)
@@ -465,7 +480,8 @@ def test_top_indices_kernel_equals_spec(inputs, tied):
 
 def test_top_indices_kernel_at_benchmark_rows():
     """The benchmark's row length (8400 anchors: a 16384-lane block) with many ties, negative zeros among them, and
-    padding rows, under the interpreter: picks of `spec.top_indices`, values of torch.topk."""
+    padding rows, under the interpreter: picks of `spec.top_indices`, values of torch.topk; and a row of negative
+    NaNs keeps its marks inside the row."""
     pytest.importorskip("triton")
     code = ("import json, torch, tests.test_kernels as t; "
             "g = torch.Generator().manual_seed(0); "
@@ -473,7 +489,7 @@ def test_top_indices_kernel_at_benchmark_rows():
             "align[..., 3:9] = -0.0; "  # negative zeros tie with zeros, as in torch's comparisons
             "real = torch.tensor([[True, True, False], [True, False, False]]); "
             "print(json.dumps(t.top_indices_failures(align, real, 10) "
-            "+ t.top_indices_failures(align[:, :, :20], real, 10)))")
+            "+ t.top_indices_failures(align[:, :, :20], real, 10) + t.top_picks_stay_in_their_rows()))")
     env = dict(os.environ, TRITON_INTERPRET="1")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
                           cwd=Path(__file__).resolve().parents[1])

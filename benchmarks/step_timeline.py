@@ -1,0 +1,129 @@
+"""Where the wall time of one fast-path loss step goes, host against device, without the profiler's overhead.
+
+    python benchmarks/step_timeline.py [--rounds 50] [--only "detection (a)"]
+
+Each step (the benchmark's: the default loss, `.sum().backward()`, then a device sync) is cut into phases at
+points in the fast path. At each point the host's clock is read and a CUDA event recorded, so for every phase
+we know when the host reached its end (host us, from the step's start) and when the device finished everything
+queued up to it (device us). Medians over the rounds. A phase whose device time equals the host time of the
+phase after it means the device sat idle waiting for the host there; the step is host-bound where the host line
+is the longer. The events themselves cost a few microseconds of host time each. Points are listed in the order the
+step reaches them (after the first call the forward graph is queued before the status is read).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._inputs import REG_MAX, STRIDES, clear_grads, loss_shape, make_batch, make_preds  # noqa: E402
+
+import losses  # noqa: E402
+from losses import _fast  # noqa: E402
+
+WORKLOADS = {"detection (a)": ("detection", "a"), "detection (b)": ("detection", "b"),
+             "polygon-l2 (a)": ("polygon-l2", "a"), "polygon-mgiou (a)": ("polygon-mgiou", "a")}
+
+
+class Marks:
+    """Host times and CUDA events at named points of one step."""
+
+    def __init__(self):
+        self.names: list[str] = []
+        self.host: list[float] = []
+        self.events: list[torch.cuda.Event] = []
+
+    def mark(self, name: str) -> None:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        self.names.append(name)
+        self.host.append(time.perf_counter())
+        self.events.append(event)
+
+    def offsets(self) -> tuple[list[float], list[float]]:
+        """(host us, device us) of each point after the first, from the first."""
+        host = [(t - self.host[0]) * 1e6 for t in self.host[1:]]
+        device = [self.events[0].elapsed_time(e) * 1e3 for e in self.events[1:]]
+        return host, device
+
+
+@contextmanager
+def marked(marks_of_step, owner, name: str, label: str):
+    """Wrap owner.name so each call marks `label` when it returns."""
+    original = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        out = original(*args, **kwargs)
+        marks_of_step().mark(label)
+        return out
+
+    setattr(owner, name, wrapper)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+def _criterion(kind: str, nc: int, np: int):
+    if kind == "detection":
+        return losses.DetectionLoss(nc, STRIDES, reg_max=REG_MAX)
+    return losses.PolygonLoss(nc, STRIDES, np=np, reg_max=REG_MAX, mode=kind.split("-", 1)[1])
+
+
+def timeline(kind: str, shape_name: str, rounds: int) -> list[tuple[str, float, float]]:
+    shape = loss_shape(shape_name, "cuda")
+    polygons = kind != "detection"
+    criterion = _criterion(kind, shape.nc, shape.np)
+    preds = make_preds(shape, "cuda", polygons=polygons)
+    batch = make_batch(shape, "cuda", polygons=polygons)
+    current = [Marks()]
+    points = [
+        (_fast.FastPath, "_prepare_graphed", "copies + checks graph queued"),
+        (_fast.GraphedCore, "__call__", "forward graph queued"),
+        (_fast.FastPath, "_settle", "status read (the one sync)"),
+    ]
+    samples = []
+    with marked(lambda: current[0], *points[0]), marked(lambda: current[0], *points[1]), \
+            marked(lambda: current[0], *points[2]):
+        for i in range(rounds + 10):
+            clear_grads(preds)
+            torch.cuda.synchronize()
+            marks = current[0] = Marks()
+            marks.mark("start")
+            loss, _ = criterion(preds, batch)
+            marks.mark("loss returned")
+            loss.sum().backward()
+            marks.mark("backward queued")
+            torch.cuda.synchronize()
+            marks.mark("synchronised")
+            torch.cuda.synchronize()
+            if i >= 10:
+                samples.append((marks.names[1:], *marks.offsets()))
+    names = samples[0][0]
+    return [(name, statistics.median(s[1][j] for s in samples), statistics.median(s[2][j] for s in samples))
+            for j, name in enumerate(names)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=50)
+    parser.add_argument("--only", default=",".join(WORKLOADS), help="comma-separated workload names")
+    args = parser.parse_args()
+    for name in args.only.split(","):
+        kind, shape_name = WORKLOADS[name.strip()]
+        print(f"== {name}: medians over {args.rounds} steps (us from the step's start)")
+        print(f"   {'point':34s} {'host':>8s} {'device':>8s}")
+        for point, host, device in timeline(kind, shape_name, args.rounds):
+            print(f"   {point:34s} {host:8.1f} {device:8.1f}")
+
+
+if __name__ == "__main__":
+    main()
