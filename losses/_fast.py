@@ -32,7 +32,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from heads._decode import decode_polygons, dist2bbox, make_anchors
 
@@ -447,15 +446,16 @@ class FastPath:
             anchor_points * stride_tensor,
             labels, bboxes, mask.unsqueeze(-1), det.strides, det.assigner,
         )
-        target_scores = assignment.target_scores
-        tss = target_scores.sum().clamp(min=1)
-        cls_term = F.binary_cross_entropy_with_logits(scores_t, target_scores.to(scores.dtype), reduction="sum") / tss
+        target_score = assignment.target_score  # (B, A): the dense (B, A, nc) targets are never built
+        tss = target_score.sum().clamp(min=1)
+        cls_term = _kernels.class_bce(scores, assignment.target_labels, target_score) / tss
 
         index, valid = positive_index(assignment.fg_mask, min(b * a, b * labels.shape[1] * det.assigner.topk))
         image, anchor = index // a, index % a
         # weight * (1 - CIoU) with its gradient, the weights and the DFL targets, fused (filler entries: weight 0).
         box_loss, weight, ltrb = _kernels.positive_boxes(expectation, anchor_points, stride_tensor, index, valid,
-                                                         assignment.target_bboxes, target_scores, det.reg_max)
+                                                         assignment.target_bboxes, target_score[..., None],
+                                                         det.reg_max)
         box_term = box_loss.sum() / tss
         dfl_term = (branch.positive_loss(image, anchor, ltrb) * weight).sum() / tss
         g = det.gains

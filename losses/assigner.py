@@ -40,14 +40,21 @@ class AssignerConfig:
 
 
 class Assignment(NamedTuple):
-    """Per anchor: target_labels (B, A) long, target_bboxes (B, A, 4) xyxy pixels, target_scores (B, A, nc) float,
-    fg_mask (B, A) bool, target_gt_idx (B, A) long index into that image's own padded gt list (not the flat batch)."""
+    """Per anchor: target_labels (B, A) long, target_bboxes (B, A, 4) xyxy pixels, target_score (B, A) float (the soft
+    target at the anchor's class; 0 for background), fg_mask (B, A) bool, target_gt_idx (B, A) long index into that
+    image's own padded gt list (not the flat batch); and num_classes."""
 
     target_labels: torch.Tensor
     target_bboxes: torch.Tensor
-    target_scores: torch.Tensor
+    target_score: torch.Tensor
     fg_mask: torch.Tensor
     target_gt_idx: torch.Tensor
+    num_classes: int
+
+    @property
+    def target_scores(self) -> torch.Tensor:
+        """The dense soft targets (B, A, nc): target_score at each anchor's class, 0 elsewhere (built on access)."""
+        return spec.class_targets(self.target_labels, self.target_score, self.num_classes).transpose(1, 2)
 
 
 def task_aligned_assign(
@@ -80,9 +87,10 @@ def _assign(pd_scores, pd_bboxes, anchor_points, gt_labels, gt_bboxes, mask_gt, 
         return Assignment(
             torch.full((b, a), nc, dtype=torch.long, device=pd_scores.device),
             torch.zeros_like(pd_bboxes),
-            torch.zeros_like(pd_scores),
+            torch.zeros((b, a), dtype=pd_scores.dtype, device=pd_scores.device),
             torch.zeros((b, a), dtype=torch.bool, device=pd_scores.device),
             torch.zeros((b, a), dtype=torch.long, device=pd_scores.device),
+            nc,
         )
     if a < cfg.topk:
         raise LossInputError(
@@ -123,9 +131,7 @@ def _assign(pd_scores, pd_bboxes, anchor_points, gt_labels, gt_bboxes, mask_gt, 
     if rescued is not None:
         # A rescued positive of a gt with zero metric everywhere still needs weight, or it teaches nothing.
         norm = torch.where(rescued & (norm == 0), torch.ones_like(norm), norm)
-    target_scores = torch.zeros((b, a, nc), dtype=norm.dtype, device=norm.device)
-    target_scores.scatter_(2, target_labels.unsqueeze(-1), norm.unsqueeze(-1))
-    return Assignment(target_labels, target_bboxes, target_scores, fg_mask, target_gt_idx)
+    return Assignment(target_labels, target_bboxes, norm, fg_mask, target_gt_idx, nc)
 
 
 def _anchors_in_boxes(anchor_points, gt_bboxes, mask_gt, min_side: float) -> torch.Tensor:

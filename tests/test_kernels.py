@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -173,8 +174,9 @@ def test_dense_assignment_equals_the_cpu_assignment(inputs):
     rounding (the randomised profile found 1-ulp differences, 7e-9, in 23 of 300 draws)."""
     *tensors, config = inputs
     dense, sparse = _assign_both_ways(tensors, config)
-    for name, actual, want in zip(sparse._fields, dense, sparse):
-        if name == "target_scores":
+    assert dense.num_classes == sparse.num_classes
+    for name, actual, want in zip(sparse._fields[:-1], dense, sparse):
+        if name == "target_score":
             torch.testing.assert_close(actual, want, rtol=1e-6, atol=1e-7, msg=f"{name} differs beyond rounding")
         else:
             assert torch.equal(actual, want), f"{name} differs from the CPU path's assignment"
@@ -432,6 +434,53 @@ def top_picks_stay_in_their_rows() -> list[str]:
     return failures
 
 
+def class_bce_case(seed: int, b: int = 3, nc: int = 5, a: int = 1500):
+    """Logits (B, nc, A) from -30 to 30 (float32: exp overflows nowhere, log1p's argument spans 1e-13 to 1), each
+    anchor's class (background: an out-of-range class with score 0, as the assigner's empty case) and score, and a
+    0-d upstream gradient."""
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.rand(b, nc, a, generator=g) * 60 - 30) * torch.rand(b, 1, a, generator=g)
+    labels = torch.randint(0, nc + 1, (b, a), generator=g)
+    score = torch.where(labels < nc, torch.rand(b, a, generator=g), 0.0)
+    return logits, labels, score, torch.rand((), generator=g) + 0.5
+
+
+def class_bce_kernel_failures(logits, labels, score, grad) -> list[str]:
+    """The class-term kernels against the spec on the case's device: the sum within 1e-6 relative (another
+    summation order), the gradient within 1e-6 of its largest entry."""
+    from losses._kernels import _triton
+
+    pairs = ((_triton.class_bce(logits, labels, score), spec.class_bce(logits, labels, score)),
+             (_triton.class_bce_backward(logits, labels, score, grad),
+              spec.class_bce_backward(logits, labels, score, grad)))
+    return [f"class term {name}: kernel differs from the spec by {_rel(actual, want):.2e}"
+            for name, (actual, want) in zip(("sum", "gradient"), pairs) if _rel(actual, want) > 1e-6]
+
+
+@pytest.mark.cuda
+@needs_kernels
+@settings(max_examples=100)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 80), st.integers(1, 9000))
+def test_class_bce_kernels_equal_spec(seed, nc, a):
+    assert class_bce_kernel_failures(*_cuda(class_bce_case(seed, b=2, nc=nc, a=a))) == []
+
+
+@settings(max_examples=30)
+@given(st.integers(0, 2**31 - 1), st.sampled_from([torch.float32, torch.float64]))
+def test_class_bce_spec_equals_reference(seed, dtype):
+    """The spec's sum and gradient from (class, score) per anchor equal torch's BCE with logits against the dense
+    (B, A, nc) targets the reference path builds (zeros, the score scattered at the class)."""
+    logits, labels, score, grad = class_bce_case(seed, a=200)
+    logits, score = logits.to(dtype).requires_grad_(), score.to(dtype)
+    nc = logits.shape[1]
+    dense = torch.zeros(*labels.shape, nc + 1, dtype=dtype).scatter_(2, labels[..., None], score[..., None])[..., :nc]
+    want = F.binary_cross_entropy_with_logits(logits.transpose(1, 2), dense, reduction="sum")
+    (want_grad,) = torch.autograd.grad(want * grad.to(dtype), logits)
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    assert _rel(spec.class_bce(logits, labels, score), want) <= tol
+    assert _rel(spec.class_bce_backward(logits.detach(), labels, score, grad.to(dtype)), want_grad) <= tol
+
+
 def _tied_metrics(args):
     """The metrics of `_metric_args`, rounded to eighths (ties between anchors, also among non-zero metrics)."""
     candidate, overlaps, align = spec.assign_metrics(*args)
@@ -546,7 +595,7 @@ def positive_boxes_kernel_failures(case, upstream) -> list[str]:
 
 def _interpreter_libdevice() -> None:
     """Give Triton's interpreter (which runs numpy on the tensors' data and has no libdevice) the libdevice functions
-    the kernels call, as numpy's: atan and pow round within the tolerances of the kernels' checks."""
+    the kernels call, as numpy's: atan, pow, exp and log1p round within the tolerances of the kernels' checks."""
     import numpy as np
     import triton.language as tl
     from triton.language.extra import libdevice
@@ -560,11 +609,13 @@ def _interpreter_libdevice() -> None:
         return run
 
     libdevice.atan, libdevice.pow = numpy_op(np.arctan), numpy_op(np.power)
+    libdevice.exp, libdevice.log1p = numpy_op(np.exp), numpy_op(np.log1p)
 
 
 def interpreted_kernel_failures(examples: int = 12) -> list[str]:
-    """Run in a process with TRITON_INTERPRET=1: the box-term, metric and top-k kernels against their specs on CPU
-    tensors (fixed cases: seeds for the box term, a derandomised Hypothesis run for the assignment's)."""
+    """Run in a process with TRITON_INTERPRET=1: the box-term, metric, top-k and class-term kernels against their specs
+    on CPU tensors (fixed cases: seeds for the box and class terms, a derandomised Hypothesis run for the
+    assignment's)."""
     _interpreter_libdevice()
     failures = []
     for seed in range(examples):
@@ -583,13 +634,15 @@ def interpreted_kernel_failures(examples: int = 12) -> list[str]:
                         for failure in positives_kernel_failures(candidate, overlaps, align, args[5], inputs[-1].topk))
 
     metrics()
+    for seed in range(3):
+        failures += class_bce_kernel_failures(*class_bce_case(seed))
     return failures
 
 
 def test_kernels_equal_specs_under_the_interpreter():
     """CI has no GPU: Triton's CPU interpreter runs the box-term kernels (their arithmetic, masks, filler entries and
-    ties), the metrics kernel (its tiles without candidates too), the top-k kernels and the positives pass (ties too)
-    against their specs."""
+    ties), the metrics kernel (its tiles without candidates too), the top-k kernels, the positives pass (ties too)
+    and the class-term kernels against their specs."""
     pytest.importorskip("triton")
     code = "import json, tests.test_kernels as t; print(json.dumps(t.interpreted_kernel_failures()))"
     env = dict(os.environ, TRITON_INTERPRET="1")

@@ -14,6 +14,8 @@ entry points (`ops`) choose per call, so callers never branch:
 - `positive_boxes(...)`: the box term at the fast path's positives (weight * (1 - CIoU), with the weights and the DFL
   targets), its hand-written CIoU gradient computed in the forward and written into the expectation's dense gradient
   by the backward (`spec.ciou_gradient`: autograd's rules for `losses._boxes.bbox_ciou`, ties included);
+- `class_bce(logits, labels, score)`: the classification term's BCE sum from each anchor's class and target score,
+  in the head's (B, nc, A) layout, the dense (B, A, nc) targets never built; one pass over the logits each way;
 - `mgiou_loss(pred, target, pred_mask, target_mask)`: MGIoU (`losses.mgiou`) and its hand-written gradient in one
   kernel (the backward a multiply), for CUDA vertices computed in float32 (`mgiou_runs(pred, target)` says whether the
   kernel runs; `losses.mgiou` dispatches to it there and keeps its own torch code everywhere else);
@@ -45,6 +47,7 @@ from .ops import (
     assign_metrics,
     assign_positives,
     available,
+    class_bce,
     dfl_expectation,
     mgiou_loss,
     mgiou_loss_and_problems,
@@ -53,5 +56,5 @@ from .ops import (
     positive_dfl,
 )
 
-__all__ = ["UNAVAILABLE_REASON", "assign_metrics", "assign_positives", "available", "dfl_expectation", "mgiou_loss",
-           "mgiou_loss_and_problems", "mgiou_runs", "positive_boxes", "positive_dfl"]
+__all__ = ["UNAVAILABLE_REASON", "assign_metrics", "assign_positives", "available", "class_bce", "dfl_expectation",
+           "mgiou_loss", "mgiou_loss_and_problems", "mgiou_runs", "positive_boxes", "positive_dfl"]

@@ -44,6 +44,7 @@ _POSITIVES_BLOCK_A = 256
 _TOP_BLOCK_MAX = 16384  # longest row the top-k kernel holds in registers
 _TOP_MAX_WARPS = 16  # 16384 anchors: 32 per thread (8, 16 and 32 warps measured: 16 the fastest)
 _MGIOU_BLOCK = 64  # pairs per program
+_CLASS_BLOCK_A = 1024  # anchors per program of the class term
 
 
 @triton.jit
@@ -601,6 +602,63 @@ def positive_boxes_backward(grad, grad_loss, index, valid, shape):
             grad, grad_loss.contiguous(), index.contiguous(), valid.contiguous().view(torch.int8), out, k, shape[2],
             BLOCK_K=_BOX_BLOCK_K, **_EXACT,
         )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------- class term
+# One program per (image, class) row and block of anchors: the soft target is the anchor's score where the class is
+# the anchor's, read from the (B, A) class and score rows (cached across the classes).
+@triton.jit
+def _class_target_and_logit(x_ptr, label_ptr, score_ptr, NC, A, BLOCK_A: tl.constexpr):
+    row = tl.program_id(1).to(tl.int64)  # image * NC + class
+    image, cls = row // NC, row % NC
+    ai = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
+    ok = ai < A
+    x = tl.load(x_ptr + row * A + ai, mask=ok, other=0.0)
+    label = tl.load(label_ptr + image * A + ai, mask=ok, other=-1)
+    score = tl.load(score_ptr + image * A + ai, mask=ok, other=0.0)
+    return x, tl.where(label == cls, score, 0.0), row * A + ai, ok
+
+
+@triton.jit
+def _class_bce_fwd_kernel(x_ptr, label_ptr, score_ptr, partial_ptr, NC, A, BLOCK_A: tl.constexpr):
+    x, t, _, ok = _class_target_and_logit(x_ptr, label_ptr, score_ptr, NC, A, BLOCK_A)
+    log_sigmoid = tl.minimum(x, 0.0) - libdevice.log1p(libdevice.exp(-tl.abs(x)))
+    loss = tl.where(ok, (1.0 - t) * x - log_sigmoid, 0.0)
+    tl.store(partial_ptr + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0), tl.sum(loss, 0))
+
+
+@triton.jit
+def _class_bce_bwd_kernel(x_ptr, label_ptr, score_ptr, grad_ptr, out_ptr, NC, A, BLOCK_A: tl.constexpr):
+    x, t, at, ok = _class_target_and_logit(x_ptr, label_ptr, score_ptr, NC, A, BLOCK_A)
+    sigmoid = tl.math.div_rn(1.0, 1.0 + libdevice.exp(-x))
+    tl.store(out_ptr + at, (sigmoid - t) * tl.load(grad_ptr), mask=ok)
+
+
+def _class_grid(logits):
+    b, nc, a = logits.shape
+    return (triton.cdiv(a, _CLASS_BLOCK_A), b * nc)
+
+
+def class_bce(logits, labels, score):
+    """The kernel behind `spec.class_bce`: per-program partial sums, added by torch (deterministic)."""
+    b, nc, a = logits.shape
+    grid = _class_grid(logits)
+    partial = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=logits.device)
+    if partial.numel():
+        _class_bce_fwd_kernel[grid](logits.contiguous(), labels.contiguous(), score.contiguous(), partial, nc, a,
+                                    BLOCK_A=_CLASS_BLOCK_A, **_EXACT)
+    return partial.sum()
+
+
+def class_bce_backward(logits, labels, score, grad):
+    """The kernel behind `spec.class_bce_backward`; `grad` a 0-d device tensor (read by the kernel: no sync)."""
+    b, nc, a = logits.shape
+    out = torch.empty((b, nc, a), dtype=torch.float32, device=logits.device)
+    if out.numel():
+        _class_bce_bwd_kernel[_class_grid(logits)](logits.contiguous(), labels.contiguous(), score.contiguous(),
+                                                   grad.to(torch.float32).contiguous(), out, nc, a,
+                                                   BLOCK_A=_CLASS_BLOCK_A, **_EXACT)
     return out
 
 

@@ -161,6 +161,30 @@ def positive_boxes(expectation: torch.Tensor, anchor_points: torch.Tensor, strid
                                 int(reg_max))
 
 
+# ------------------------------------------------------------------------------------------------ class term
+class _ClassBCE(torch.autograd.Function):
+    """`spec.class_bce` (0-d) with `spec.class_bce_backward` as its backward (one pass over the logits each way)."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, score):
+        backend = _triton if available(logits) and available(score) else spec
+        ctx.save_for_backward(logits, labels, score)
+        ctx.backend = backend
+        return backend.class_bce(logits, labels, score)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        logits, labels, score = ctx.saved_tensors
+        return ctx.backend.class_bce_backward(logits, labels, score, grad), None, None
+
+
+def class_bce(logits: torch.Tensor, labels: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    """The classification term's BCE sum of logits (B, nc, A) against the soft targets `score` (B, A) at class
+    `labels` (B, A) (`spec.class_bce`), with its gradient to the logits."""
+    return _ClassBCE.apply(logits, labels, score)
+
+
 # ------------------------------------------------------------------------------------------------ MGIoU
 def mgiou_runs(pred: torch.Tensor, target: torch.Tensor) -> bool:
     """Whether `mgiou_loss` runs the Triton kernel for these vertices: Triton importable, both on a CUDA device and

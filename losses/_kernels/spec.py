@@ -19,6 +19,8 @@ same inputs, so that the kernel can be checked against it on the GPU and the spe
   autograd's rules for `losses._boxes.bbox_ciou` (alpha a constant, halves at min/max ties), computed in the forward;
   the backward writes it, scaled, into the expectation's dense gradient. `ciou_parts` is the one CIoU of the specs
   (`assign_metrics` uses it too).
+- `class_bce` / `class_bce_backward`: the classification term, BCE with logits against the one-hot soft targets,
+  summed, from the per-anchor class and target score (the dense targets are never built), and its gradient.
 - `mgiou_forward`: MGIoU (`losses.mgiou._mgiou_loss`: fill, normalise, axes, supports, 1-D GIoU mean) and, in the
   same pass, its hand-written gradient per pair, with autograd's rules at ties (first extreme vertex; halves at equal
   interval ends); a backward is then one multiply by the upstream gradient.
@@ -44,6 +46,9 @@ __all__ = [
     "assign_positives",
     "ciou_gradient",
     "ciou_parts",
+    "class_bce",
+    "class_bce_backward",
+    "class_targets",
     "expectation_backward",
     "expectation_forward",
     "mgiou_forward",
@@ -382,6 +387,29 @@ def positive_boxes_backward(grad: torch.Tensor, grad_loss: torch.Tensor, index: 
     local = torch.where(valid[:, None], grad * grad_loss[:, None], zero)
     out = torch.zeros(b * 4 * a, dtype=grad.dtype, device=grad.device)
     return out.index_add_(0, flat.reshape(-1), local.reshape(-1)).view(shape)
+
+
+# ---------------------------------------------------------------------------------------------------------- class term
+def class_targets(labels: torch.Tensor, score: torch.Tensor, nc: int) -> torch.Tensor:
+    """The assignment's dense soft targets in the head's (B, nc, A) layout: `score` (B, A) at each anchor's class
+    `labels` (B, A), 0 elsewhere (`losses.assigner.Assignment.target_scores`, transposed)."""
+    classes = torch.arange(nc, device=labels.device)[None, :, None]
+    zero = torch.zeros((), dtype=score.dtype, device=score.device)
+    return torch.where(classes == labels[:, None, :], score[:, None, :], zero)
+
+
+def class_bce(logits: torch.Tensor, labels: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    """The classification term's sum (0-d): BCE with logits of `logits` (B, nc, A) against `class_targets`, as
+    (1 - t) * x - log_sigmoid(x) (torch's binary_cross_entropy_with_logits, reduction "sum")."""
+    t = class_targets(labels, score.to(logits.dtype), logits.shape[1])
+    return ((1 - t) * logits - torch.nn.functional.logsigmoid(logits)).sum()
+
+
+def class_bce_backward(logits: torch.Tensor, labels: torch.Tensor, score: torch.Tensor,
+                       grad: torch.Tensor) -> torch.Tensor:
+    """d class_bce / d logits (B, nc, A) times the 0-d upstream `grad`: (sigmoid(x) - t) * grad."""
+    t = class_targets(labels, score.to(logits.dtype), logits.shape[1])
+    return (torch.sigmoid(logits) - t) * grad
 
 
 # ---------------------------------------------------------------------------------------------------------- MGIoU

@@ -78,7 +78,8 @@ def test_pure_same_inputs_same_outputs_and_inputs_untouched(inputs):
     copies = [t.clone() for t in inputs]
     first = task_aligned_assign(*inputs, strides=STRIDES)
     second = task_aligned_assign(*copies, strides=STRIDES)
-    for x, y in zip(first, second):
+    assert first.num_classes == second.num_classes
+    for x, y in zip(first[:-1], second[:-1]):
         assert torch.equal(x, y)
     for t, c in zip(inputs, copies):
         assert torch.equal(t, c)
