@@ -148,12 +148,14 @@ def positive_vertices(raw: torch.Tensor, image: torch.Tensor, anchor: torch.Tens
 @dataclass
 class _Prepared:
     """A call's checks and target slots, queued: `status` (failed, largest count) is on the host once `ready`
-    (None: already there), `slots` hold `capacity` per image, `preloaded` are the core's static input buffers."""
+    (None: already there), `slots` hold `capacity` per image, `grid` the anchors, `preloaded` are the core's static
+    input buffers."""
 
     status: torch.Tensor
     ready: torch.cuda.Event | None
     slots: tuple
     capacity: int
+    grid: tuple[torch.Tensor, torch.Tensor]  # anchor points and strides
     preloaded: list | tuple
 
 
@@ -230,13 +232,13 @@ class FastPath:
         except LossInputError:  # a structural check raised: report what the reference reports first
             self._recheck(preds, batch)
             raise
+        anchor_points, stride_tensor, _ = self._grid(preds["feats"], preds["scores"])
         if layout is not None:
             # Anchors and strides are constants, their own buffers.
-            anchor_points, stride_tensor, _ = self._grid(preds["feats"], preds["scores"])
             preloaded = [pred_buffers["boxes"], pred_buffers["scores"], anchor_points, stride_tensor, None, None, None]
             if self.poly is not None:
                 preloaded += [pred_buffers["polygons"], None, None]
-        return _Prepared(*self._status_to_host(status), slots, capacity, preloaded)
+        return _Prepared(*self._status_to_host(status), slots, capacity, (anchor_points, stride_tensor), preloaded)
 
     def _status_to_host(self, status: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
         """A copy of `status` on the host, queued behind the checks (so that reading it waits for them and not for
@@ -264,14 +266,14 @@ class FastPath:
         return n
 
     def _run_core(self, preds, prepared: _Prepared, n: int, extra: tuple, key: tuple) -> torch.Tensor:
-        core_in = self._core_inputs(preds, prepared.slots, n)
+        core_in = self._core_inputs(preds, prepared, n)
         return self.core(*core_in, *extra, key=key, preloaded=prepared.preloaded)
 
-    def _core_inputs(self, preds, slots, n: int) -> list[torch.Tensor]:
+    def _core_inputs(self, preds, prepared: _Prepared, n: int) -> list[torch.Tensor]:
         """The core's inputs, the slots cut to `n` (the padded object count, or a guess above it)."""
         b = preds["scores"].shape[0]
-        anchor_points, stride_tensor, _ = self._grid(preds["feats"], preds["scores"])
-        labels, bboxes, mask, extra = slots
+        anchor_points, stride_tensor = prepared.grid
+        labels, bboxes, mask, extra = prepared.slots
         core_in = [preds["boxes"], preds["scores"], anchor_points, stride_tensor, labels[:b, :n], bboxes[:b, :n],
                    mask[:b, :n]]
         if self.poly is None:
@@ -319,15 +321,14 @@ class FastPath:
         pred_key, batch_key, n = layout
         pred_buffers = self._buffers(self._pred_buffers, pred_key, preds, self.pred_keys, None)
         batch_buffers = self._buffers(self._batch_buffers, batch_key, batch, self.batch_keys(batch), batch_key[-1])
-        with torch.no_grad():
-            for k in self.pred_keys:
-                pred_buffers[k].copy_(preds[k])
-            for k in self.batch_keys(batch):
-                batch_buffers[k][:n].copy_(batch[k])
+        keys = self.batch_keys(batch)
+        with torch.no_grad():  # one call for all the copies (a list of copies in C++, not Python)
+            torch._foreach_copy_([pred_buffers[k] for k in self.pred_keys] + [batch_buffers[k][:n] for k in keys],
+                                 [preds[k] for k in self.pred_keys] + [batch[k] for k in keys])
             batch_buffers["rows"].fill_(n)
         self.core.preloaded_changed()
         static_preds = dict(pred_buffers, feats=preds["feats"])
-        static_batch = {k: batch_buffers[k] for k in self.batch_keys(batch)}
+        static_batch = {k: batch_buffers[k] for k in keys}
 
         def checked_slots():
             return self._checked_slots(static_preds, static_batch, batch_buffers["rows"], batch_key[-1])

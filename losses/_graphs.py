@@ -227,10 +227,11 @@ def _keep_inputs(captured: _Captured, call: _Call | None = None) -> None:
 
 def _load_and_replay(captured: _Captured, tensors, skip: tuple[bool, ...] = ()) -> None:
     """Copy the inputs into the static buffers (except those flagged in `skip`: already there) and replay."""
-    with torch.no_grad():
-        for i, (static, t) in enumerate(zip(captured.inputs, tensors)):
-            # Skipped: buffers the caller preloaded, and any input that is its own static buffer (a constant the
-            # caller keeps; copying it onto itself would bump its version under autograd's saved tensors).
-            if not (skip and skip[i]) and static.data_ptr() != t.data_ptr():
-                static.copy_(t)
+    # Skipped: buffers the caller preloaded, and any input that is its own static buffer (a constant the caller
+    # keeps; copying it onto itself would bump its version under autograd's saved tensors).
+    pairs = [(static, t) for i, (static, t) in enumerate(zip(captured.inputs, tensors))
+             if not (skip and skip[i]) and static.data_ptr() != t.data_ptr()]
+    if pairs:
+        with torch.no_grad():  # one call for all the copies (a list of copies in C++, not Python)
+            torch._foreach_copy_([static for static, _ in pairs], [t for _, t in pairs])
     captured.fwd.replay()

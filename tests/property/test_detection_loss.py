@@ -182,3 +182,20 @@ def test_too_few_anchors_for_topk_is_a_clear_error():
     preds, batch = _preds(1, size=16), _batch([1])
     with pytest.raises(LossInputError, match=r"got 5 anchors; expected at least topk = 10"):
         DetectionLoss(2, STRIDES)(preds, batch)
+
+
+@given(images=st.lists(st.integers(0, 3), max_size=30), extra=st.integers(0, 3))
+def test_fill_slots_keeps_each_images_rows_in_order(images, extra):
+    """Image i's rows land in its slots 0, 1, ... in the order they come in the batch; the other slots are padding."""
+    batch_idx = torch.tensor(images, dtype=torch.long)
+    counts = DetectionLoss.image_counts(batch_idx, 4)
+    n = int(counts.max()) + extra if images else extra
+    cls = torch.arange(len(images), dtype=torch.float32)  # the row number, to see where each row went
+    bboxes = torch.rand(len(images), 4) * 0.5 + 0.25
+    slots = DetectionLoss.fill_slots(batch_idx, cls, bboxes, counts, n, torch.tensor([64.0, 64.0]))
+    for image in range(4):
+        rows = [r for r, i in enumerate(images) if i == image]
+        assert slots.rows[image, : len(rows)].tolist() == rows
+        assert slots.labels[image, : len(rows), 0].tolist() == [float(r) for r in rows]
+        assert slots.mask[image].tolist() == [True] * len(rows) + [False] * (n - len(rows))
+        assert (slots.rows[image, len(rows):] == -1).all()
