@@ -1,6 +1,6 @@
 """Where the wall time of one fast-path loss step goes, host against device, without the profiler's overhead.
 
-    python benchmarks/step_timeline.py [--rounds 50] [--only "detection (a)"]
+    python benchmarks/step_timeline.py [--rounds 50] [--only "detection (a)"] [--host-profile 200]
 
 Each step (the benchmark's: the default loss, `.sum().backward()`, then a device sync) is cut into phases at
 points in the fast path. At each point the host's clock is read and a CUDA event recorded, so for every phase
@@ -14,6 +14,8 @@ step reaches them (after the first call the forward graph is queued before the s
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import statistics
 import sys
 import time
@@ -112,13 +114,48 @@ def timeline(kind: str, shape_name: str, rounds: int) -> list[tuple[str, float, 
             for j, name in enumerate(names)]
 
 
+def host_profile(kind: str, shape_name: str, steps: int, top: int) -> None:
+    """cProfile over `steps` steps (after warm-up): the Python functions holding the host, by own time."""
+    shape = loss_shape(shape_name, "cuda")
+    polygons = kind != "detection"
+    criterion = _criterion(kind, shape.nc, shape.np)
+    preds = make_preds(shape, "cuda", polygons=polygons)
+    batch = make_batch(shape, "cuda", polygons=polygons)
+
+    def step():
+        clear_grads(preds)
+        loss, _ = criterion(preds, batch)
+        loss.sum().backward()
+        torch.cuda.synchronize()
+
+    for _ in range(10):
+        step()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        step()
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    rows = sorted(stats.stats.items(), key=lambda item: -item[1][2])[:top]
+    print(f"   {'own us/step':>11s} {'cum us/step':>11s} {'calls/step':>10s}  function")
+    for (path, line, func), (_, calls, own, cum, _) in rows:
+        print(f"   {own / steps * 1e6:11.1f} {cum / steps * 1e6:11.1f} {calls / steps:10.1f}  "
+              f"{Path(path).name}:{line} {func}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=50)
     parser.add_argument("--only", default=",".join(WORKLOADS), help="comma-separated workload names")
+    parser.add_argument("--host-profile", type=int, default=0, metavar="STEPS",
+                        help="also profile the host (cProfile) over STEPS steps per workload")
+    parser.add_argument("--top", type=int, default=30, help="functions listed by --host-profile")
     args = parser.parse_args()
     for name in args.only.split(","):
         kind, shape_name = WORKLOADS[name.strip()]
+        if args.host_profile:
+            print(f"== {name}: host profile over {args.host_profile} steps (cProfile's own overhead included)")
+            host_profile(kind, shape_name, args.host_profile, args.top)
         print(f"== {name}: medians over {args.rounds} steps (us from the step's start)")
         print(f"   {'point':34s} {'host':>8s} {'device':>8s}")
         for point, host, device in timeline(kind, shape_name, args.rounds):

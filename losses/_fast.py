@@ -42,6 +42,7 @@ from ._vertex import vertex_term
 from .assigner import task_aligned_assign
 
 SLOT_MULTIPLE = 8  # few distinct padded shapes (few graph captures) for little padding work
+SLOT_VIEW_CACHE = 32  # cut views of the graphs' static slots kept (FastPath._slot_views)
 SLOT_HISTORY = 8  # calls whose largest slot count the next call's core is first queued at (FastPath.slot_guess)
 MIN_ROW_CAPACITY = 64  # the batch buffers' smallest row count (see row_capacity)
 NEUTRAL_VALUES = {"batch_idx": 0, "cls": 0, "bboxes": 0.5, "polygons": 0.5, "polygon_mask": True}
@@ -174,6 +175,7 @@ class FastPath:
         self._recent_slots: deque[int] = deque(maxlen=SLOT_HISTORY)  # padded object counts of the last calls
         self._status_host: torch.Tensor | None = None  # pinned, where the status of CUDA calls is read
         self._status_ready: torch.cuda.Event | None = None
+        self._slot_view_cache: dict[tuple, list[torch.Tensor]] = {}  # (slots' address, B, n) -> views
 
     @property
     def pred_keys(self) -> tuple[str, ...]:
@@ -271,15 +273,27 @@ class FastPath:
 
     def _core_inputs(self, preds, prepared: _Prepared, n: int) -> list[torch.Tensor]:
         """The core's inputs, the slots cut to `n` (the padded object count, or a guess above it)."""
-        b = preds["scores"].shape[0]
         anchor_points, stride_tensor = prepared.grid
-        labels, bboxes, mask, extra = prepared.slots
-        core_in = [preds["boxes"], preds["scores"], anchor_points, stride_tensor, labels[:b, :n], bboxes[:b, :n],
-                   mask[:b, :n]]
+        core_in = [preds["boxes"], preds["scores"], anchor_points, stride_tensor]
+        slots = self._slot_views(prepared, preds["scores"].shape[0], n)
         if self.poly is None:
-            return core_in
-        gt_polygons, gt_polygon_mask = extra
-        return core_in + [preds["polygons"], gt_polygons[:b, :n], gt_polygon_mask[:b, :n]]
+            return core_in + slots
+        return core_in + slots[:3] + [preds["polygons"]] + slots[3:]
+
+    def _slot_views(self, prepared: _Prepared, b: int, n: int) -> list[torch.Tensor]:
+        """The slot tensors cut to b images and n slots; views of a graph's static slots are kept (a few aten calls
+        of host time each, per call otherwise)."""
+        static = bool(prepared.preloaded)
+        key = (prepared.slots[0].data_ptr(), b, n)
+        if static and key in self._slot_view_cache:
+            return self._slot_view_cache[key]
+        labels, bboxes, mask, extra = prepared.slots
+        views = [t[:b, :n] for t in (labels, bboxes, mask, *(extra or ()))]
+        if static:
+            if len(self._slot_view_cache) >= SLOT_VIEW_CACHE:
+                self._slot_view_cache.clear()
+            self._slot_view_cache[key] = views
+        return views
 
     def _graphed(self, preds) -> bool:
         """Whether this call's checks and core run as CUDA graphs (see GraphedCore.usable)."""
