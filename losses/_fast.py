@@ -13,8 +13,7 @@ every kernel keeps its indices in range for any prediction values (NaN included)
 Where graphs do not run (the CPU, no autograd, autocast) the same functions run eagerly, with the same one sync.
 Core: anchors' decode, assignment and every term, with the positives gathered through a fixed-capacity index instead
 of `nonzero()`: no host sync and no data-dependent shape, so `GraphedCore` captures it, forward and backward, as CUDA
-graphs and replays it, reading the predictions, anchors and slots straight from the static buffers (its `preloaded`
-inputs: nothing is copied at a replay but the polygon core's progress). On the CPU
+graphs and replays it, reading the predictions straight from the static buffers (its `preloaded` inputs). On the CPU
 (or when capture fails) the same core runs eagerly. The core's hot parts are the fused kernels of `losses._kernels`
 (the DFL expectation with the positive DFL term, the box term at the positives with its CIoU gradient, and through
 `task_aligned_assign` the assignment metric chain);
@@ -150,15 +149,15 @@ def positive_vertices(raw: torch.Tensor, image: torch.Tensor, anchor: torch.Tens
 @dataclass
 class _Prepared:
     """A call's checks and target slots, queued: `status` (failed, largest count) is on the host once `ready`
-    (None: already there), `slots` hold `capacity` per image, `grid` the anchors; where the graphs run,
-    `pred_buffers` are the static buffers holding the predictions."""
+    (None: already there), `slots` hold `capacity` per image, `grid` the anchors, `preloaded` are the core's static
+    input buffers."""
 
     status: torch.Tensor
     ready: torch.cuda.Event | None
     slots: tuple
     capacity: int
     grid: tuple[torch.Tensor, torch.Tensor]  # anchor points and strides
-    pred_buffers: dict[str, torch.Tensor] | None
+    preloaded: list | tuple
 
 
 class FastPath:
@@ -220,7 +219,7 @@ class FastPath:
         """Every check, the largest object count and the target slots, queued; their status on its way to the host.
         Where the graphs run, the predictions sit in static buffers (`GraphedCore`'s `preloaded`)."""
         layout = self._layout(preds, batch) if self._graphed(preds) else None
-        pred_buffers = None
+        preloaded = ()
         try:
             if layout is not None:
                 try:
@@ -228,15 +227,20 @@ class FastPath:
                 except RuntimeError as exc:  # capture refused: from now on everything runs eagerly
                     self.core.disabled_reason = f"CUDA-graph capture of the input checks failed, running eagerly: {exc}"
                     torch.cuda.synchronize()
-                    layout, pred_buffers = None, None
+                    layout = None
             if layout is None:
                 capacity = padded_slot_count(batch["batch_idx"].shape[0])
                 status, slots = self._checked_slots(preds, batch, None, capacity)
         except LossInputError:  # a structural check raised: report what the reference reports first
             self._recheck(preds, batch)
             raise
-        grid = self._grid(preds["feats"], preds["scores"])[:2]
-        return _Prepared(*self._status_to_host(status), slots, capacity, grid, pred_buffers)
+        anchor_points, stride_tensor, _ = self._grid(preds["feats"], preds["scores"])
+        if layout is not None:
+            # Anchors and strides are constants, their own buffers.
+            preloaded = [pred_buffers["boxes"], pred_buffers["scores"], anchor_points, stride_tensor, None, None, None]
+            if self.poly is not None:
+                preloaded += [pred_buffers["polygons"], None, None]
+        return _Prepared(*self._status_to_host(status), slots, capacity, (anchor_points, stride_tensor), preloaded)
 
     def _status_to_host(self, status: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
         """A copy of `status` on the host, queued behind the checks (so that reading it waits for them and not for
@@ -265,9 +269,7 @@ class FastPath:
 
     def _run_core(self, preds, prepared: _Prepared, n: int, extra: tuple, key: tuple) -> torch.Tensor:
         core_in = self._core_inputs(preds, prepared, n)
-        # Graphed: every input but `extra` is a static buffer already filled (predictions, constants, slot views).
-        preloaded = () if prepared.pred_buffers is None else self._core_inputs(prepared.pred_buffers, prepared, n)
-        return self.core(*core_in, *extra, key=key, preloaded=preloaded)
+        return self.core(*core_in, *extra, key=key, preloaded=prepared.preloaded)
 
     def _core_inputs(self, preds, prepared: _Prepared, n: int) -> list[torch.Tensor]:
         """The core's inputs, the slots cut to `n` (the padded object count, or a guess above it)."""
@@ -281,7 +283,7 @@ class FastPath:
     def _slot_views(self, prepared: _Prepared, b: int, n: int) -> list[torch.Tensor]:
         """The slot tensors cut to b images and n slots; views of a graph's static slots are kept (a few aten calls
         of host time each, per call otherwise)."""
-        static = prepared.pred_buffers is not None
+        static = bool(prepared.preloaded)
         key = (prepared.slots[0].data_ptr(), b, n)
         if static and key in self._slot_view_cache:
             return self._slot_view_cache[key]

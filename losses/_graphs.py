@@ -8,10 +8,8 @@ Each replay writes into the captured (static) buffers; outputs and input gradien
 to the caller are never overwritten by a later call. A backward whose forward is no longer the latest replay first
 replays that forward again from its own saved inputs, so interleaved calls stay correct. A caller that keeps its own
 static buffers (filled once per call and read by more than one graph) passes them as `preloaded`: they become the
-graph's inputs and are not copied again; an input may be such a buffer itself (a view of another graph's output),
-in which case a call whose backward is still due copies it when the caller announces a refill (`preloaded_changed`).
-`GraphedFunction` is the no-gradient counterpart (the losses' input checks and target slots), over caller-owned
-buffers only.
+graph's inputs and are not copied again. `GraphedFunction` is the no-gradient counterpart (the losses' input checks
+and target slots), over caller-owned buffers only.
 """
 
 from __future__ import annotations
@@ -56,12 +54,9 @@ class _Captured:
 @dataclass
 class _Call:
     """One replayed forward. `snapshot` keeps its copied inputs once another call overwrites them before its
-    backward has run (`done`), so that backward can replay this forward again; `kept` does the same for its
-    preloaded inputs that are the caller's buffers themselves (`aliases`: the caller refills them in place)."""
+    backward has run (`done`), so that backward can replay this forward again."""
 
-    aliases: tuple[torch.Tensor | None, ...] = ()
     snapshot: tuple[torch.Tensor | None, ...] | None = None
-    kept: tuple[torch.Tensor | None, ...] | None = None
     done: bool = False
 
 
@@ -77,11 +72,7 @@ class GraphedCore:
         self.loaded: _Call | None = None  # the call whose values the callers' preloaded buffers hold
 
     def preloaded_changed(self) -> None:
-        """The caller is about to refill its preloaded buffers: the call whose values they hold keeps a copy of the
-        inputs that are those buffers themselves, if its backward is still to come."""
-        call = self.loaded
-        if call is not None and not call.done and call.kept is None and any(t is not None for t in call.aliases):
-            call.kept = tuple(None if t is None else t.detach().clone() for t in call.aliases)
+        """The caller refilled its preloaded buffers: no earlier call's values are there any more."""
         self.loaded = None
 
     def usable(self, tensors: tuple[torch.Tensor, ...]) -> bool:
@@ -194,8 +185,7 @@ class _Replay(torch.autograd.Function):
     def forward(ctx, core: GraphedCore, captured: _Captured, *tensors: torch.Tensor) -> torch.Tensor:
         _keep_inputs(captured)
         _load_and_replay(captured, tensors, skip=captured.preloaded)
-        call = _Call(aliases=tuple(t if pre and t.data_ptr() == static.data_ptr() else None
-                                   for t, static, pre in zip(tensors, captured.inputs, captured.preloaded)))
+        call = _Call()
         captured.holder = core.loaded = call
         ctx.core, ctx.captured, ctx.call = core, captured, call
         # Preloaded inputs are restored from the caller's tensors, the copied ones from the snapshot.
@@ -213,16 +203,13 @@ class _Replay(torch.autograd.Function):
                 raise RuntimeError("a second backward through a replayed loss after a later call; call backward once "
                                    "per loss evaluation, or use cuda_graphs=False")
             _keep_inputs(captured, call)
-            core.preloaded_changed()  # restoring ours overwrites the latest call's preloaded buffers
             copied = call.snapshot if call.snapshot is not None else captured.inputs
-            kept = call.kept or (None,) * len(copied)
-            restored = tuple(k if k is not None else (s if pre else c)
-                             for s, c, k, pre in zip(ctx.saved_tensors, copied, kept, captured.preloaded))
+            restored = tuple(s if pre else c for s, c, pre in zip(ctx.saved_tensors, copied, captured.preloaded))
             _load_and_replay(captured, restored)
             captured.holder = core.loaded = call
         captured.grad_output.copy_(grad_output)
         captured.bwd.replay()
-        call.done, call.snapshot, call.kept = True, None, None
+        call.done, call.snapshot = True, None
         grads = tuple(
             g.clone() if (g is not None and need) else None for g, need in zip(captured.grads, ctx.needs)
         )
