@@ -25,8 +25,8 @@ entry points (`ops`) choose per call, so callers never branch:
 Where they run: `losses.assigner.task_aligned_assign` takes its metric from `assign_metrics` on accelerators (the CPU
 keeps its exact `nonzero` order) and its positives from `assign_positives` everywhere (the spec on the CPU; soft
 targets stay its own torch steps), and the losses' fast path (`losses._fast.FastPath._detection_core`) decodes with
-`dfl_expectation`, takes its box term, weights and DFL targets from `positive_boxes` and its DFL term from
-`.positive_loss`. There is no second loss beside the reference: the
+`dfl_expectation`, takes its box term, weights and DFL targets from `positive_boxes`, its DFL term from
+`.positive_loss` and its class term from `class_bce`. There is no second loss beside the reference: the
 kernels are a backend of its computations.
 
 Tie-breaking contract: the top-k kernel picks the values torch.topk picks, on the kernel's candidates (equal to the
