@@ -399,7 +399,10 @@ def test_mgiou_kernel_equals_spec(case):
     assert _rel(got_loss, want_loss) <= 1e-6, f"loss: relative difference {_rel(got_loss, want_loss):.2e}"
     without_gradients = _triton.mgiou_forward(pred, target, pred_mask, target_mask)
     assert torch.equal(without_gradients[0], got_loss) and without_gradients[2:] == (None, None)
-    upstream = torch.randn(pred.shape[0], device="cuda")
+    # Drawn on the CPU from a seeded generator: deterministic per example, and clear of the CUDA generator, whose
+    # state a CUDA-graph capture earlier in the same worker once left unusable ("Offset increment outside graph
+    # capture encountered unexpectedly").
+    upstream = torch.randn(pred.shape[0], generator=torch.Generator().manual_seed(pred.shape[0])).cuda()
     truth = spec.mgiou_forward(pred.double(), target.double(), pred_mask, target_mask, True, True)[2:]
     gradient_scale = _gradient_scale(pred, target, pred_mask, target_mask)
     per_pair = upstream[:, None, None]
