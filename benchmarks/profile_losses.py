@@ -33,7 +33,8 @@ LAUNCH_NAMES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cu
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "cudaStreamSynchronize", "cudaDeviceSynchronize")
 
 
-def _criterion(kind: str, nc: int, np: int, device: str, options: dict):
+def build_criterion(kind: str, nc: int, np: int, device: str, options: dict):
+    """The loss of a workload kind ("detection", "polygon-<mode>", "ultralytics") with `options` it accepts."""
     if kind == "ultralytics":
         from headguard.adapters.ultralytics import v8_detection_loss
 
@@ -70,7 +71,7 @@ def workload(kind: str, shape_name: str, device: str, options: dict) -> tuple[Ca
     if kind == "mgiou":
         return mgiou_workload(device)
     shape = loss_shape(shape_name, device)
-    criterion = _criterion(kind, shape.nc, shape.np, device, options)
+    criterion = build_criterion(kind, shape.nc, shape.np, device, options)
     preds = make_preds(shape, device, polygons=True)
     batch = make_batch(shape, device, polygons=True)
 

@@ -26,9 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._inputs import REG_MAX, STRIDES, clear_grads, loss_shape, make_batch, make_preds  # noqa: E402
-
-import losses  # noqa: E402
+from benchmarks._inputs import clear_grads, loss_shape, make_batch, make_preds  # noqa: E402
+from benchmarks.profile_losses import build_criterion  # noqa: E402
 from losses import _fast  # noqa: E402
 
 WORKLOADS = {"detection (a)": ("detection", "a"), "detection (b)": ("detection", "b"),
@@ -74,18 +73,16 @@ def marked(marks_of_step, owner, name: str, label: str):
         setattr(owner, name, original)
 
 
-def _criterion(kind: str, nc: int, np: int):
-    if kind == "detection":
-        return losses.DetectionLoss(nc, STRIDES, reg_max=REG_MAX)
-    return losses.PolygonLoss(nc, STRIDES, np=np, reg_max=REG_MAX, mode=kind.split("-", 1)[1])
+def workload(kind: str, shape_name: str):
+    """The default loss of `kind` (as a user builds it: no flags) and the benchmark's inputs at the shape."""
+    shape = loss_shape(shape_name, "cuda")
+    polygons = kind != "detection"
+    criterion = build_criterion(kind, shape.nc, shape.np, "cuda", {})
+    return criterion, make_preds(shape, "cuda", polygons=polygons), make_batch(shape, "cuda", polygons=polygons)
 
 
 def timeline(kind: str, shape_name: str, rounds: int) -> list[tuple[str, float, float]]:
-    shape = loss_shape(shape_name, "cuda")
-    polygons = kind != "detection"
-    criterion = _criterion(kind, shape.nc, shape.np)
-    preds = make_preds(shape, "cuda", polygons=polygons)
-    batch = make_batch(shape, "cuda", polygons=polygons)
+    criterion, preds, batch = workload(kind, shape_name)
     current = [Marks()]
     points = [
         (_fast.FastPath, "_prepare_graphed", "copies + checks graph queued"),
@@ -116,11 +113,7 @@ def timeline(kind: str, shape_name: str, rounds: int) -> list[tuple[str, float, 
 
 def host_profile(kind: str, shape_name: str, steps: int, top: int) -> None:
     """cProfile over `steps` steps (after warm-up): the Python functions holding the host, by own time."""
-    shape = loss_shape(shape_name, "cuda")
-    polygons = kind != "detection"
-    criterion = _criterion(kind, shape.nc, shape.np)
-    preds = make_preds(shape, "cuda", polygons=polygons)
-    batch = make_batch(shape, "cuda", polygons=polygons)
+    criterion, preds, batch = workload(kind, shape_name)
 
     def step():
         clear_grads(preds)

@@ -15,8 +15,8 @@ Core: anchors' decode, assignment and every term, with the positives gathered th
 of `nonzero()`: no host sync and no data-dependent shape, so `GraphedCore` captures it, forward and backward, as CUDA
 graphs and replays it, reading the predictions straight from the static buffers (its `preloaded` inputs). On the CPU
 (or when capture fails) the same core runs eagerly. The core's hot parts are the fused kernels of `losses._kernels`
-(the DFL expectation with the positive DFL term, the box term at the positives with its CIoU gradient, and through
-`task_aligned_assign` the assignment metric chain);
+(the DFL expectation with the positive DFL term, the box term at the positives with its CIoU gradient, the class
+term from each anchor's class and target score, and through `task_aligned_assign` the assignment metric chain);
 where Triton does not run, their pure-torch specs. Results equal the reference path up to summation order
 (tests/test_fast_paths.py).
 
@@ -283,17 +283,15 @@ class FastPath:
     def _slot_views(self, prepared: _Prepared, b: int, n: int) -> list[torch.Tensor]:
         """The slot tensors cut to b images and n slots; views of a graph's static slots are kept (a few aten calls
         of host time each, per call otherwise)."""
-        static = bool(prepared.preloaded)
-        key = (prepared.slots[0].data_ptr(), b, n)
-        if static and key in self._slot_view_cache:
-            return self._slot_view_cache[key]
         labels, bboxes, mask, extra = prepared.slots
-        views = [t[:b, :n] for t in (labels, bboxes, mask, *(extra or ()))]
-        if static:
+        if not prepared.preloaded:  # eager: fresh slots every call
+            return [t[:b, :n] for t in (labels, bboxes, mask, *(extra or ()))]
+        key = (labels.data_ptr(), b, n)
+        if key not in self._slot_view_cache:
             if len(self._slot_view_cache) >= SLOT_VIEW_CACHE:
                 self._slot_view_cache.clear()
-            self._slot_view_cache[key] = views
-        return views
+            self._slot_view_cache[key] = [t[:b, :n] for t in (labels, bboxes, mask, *(extra or ()))]
+        return self._slot_view_cache[key]
 
     def _graphed(self, preds) -> bool:
         """Whether this call's checks and core run as CUDA graphs (see GraphedCore.usable)."""

@@ -152,6 +152,7 @@ def test_fast_path_rejects_non_finite_predictions_like_the_reference(key, value)
         preds[key].view(-1)[17] = value
     expected = _raised(lambda: reference(preds, batch))
     assert expected is not None and key in expected[1]
+    assert _raised(lambda: _criteria("l2")[1](preds, batch)) == expected  # a first call: checks read first
     assert _raised(lambda: fast(preds, batch)) == expected
 
 

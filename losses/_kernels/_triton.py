@@ -642,7 +642,7 @@ def _class_grid(logits):
 
 def class_bce(logits, labels, score):
     """The kernel behind `spec.class_bce`: per-program partial sums, added by torch (deterministic)."""
-    b, nc, a = logits.shape
+    _, nc, a = logits.shape
     grid = _class_grid(logits)
     partial = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=logits.device)
     if partial.numel():
