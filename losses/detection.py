@@ -240,10 +240,12 @@ class DetectionLoss:
         mask = torch.zeros((batch_size, n), dtype=torch.bool, device=device)
         rows = torch.full((batch_size, n), -1, dtype=torch.long, device=device)
         if n and batch_idx.numel():
-            # A row's slot is the number of rows of its image before it: a running count per image (N, B), not a
-            # sort (CUDA's sort of a few hundred keys is one 27 us kernel; this is three small ones).
+            # A row's slot is the number of rows of its image before it: a running count along each image's row of
+            # a (B, N) one-hot, not a sort (CUDA's sort of a few hundred keys is one 27 us kernel). The count runs
+            # along the contiguous last dim: CUDA scans an outer dim with one thread per column, serially (95 us for
+            # 512 rows of 43 images on an H200), the innermost one in parallel.
             images = torch.arange(batch_size, device=device)
-            slot = (batch_idx[:, None] == images).cumsum(0).gather(1, batch_idx[:, None])[:, 0] - 1
+            slot = (batch_idx == images[:, None]).cumsum(1).gather(0, batch_idx[None])[0] - 1
             row_ids = torch.arange(batch_idx.numel(), device=device)
             flat = batch_idx * n + slot  # index_copy_ into flat views: no bounds-check sync, unlike index_put
             labels.view(-1).index_copy_(0, flat, cls.to(dtype))
