@@ -37,12 +37,14 @@ from heads._decode import decode_polygons, dist2bbox, make_anchors
 
 from . import _kernels
 from ._graphs import GraphedCore, GraphedFunction
-from ._validate import LossInputError, deferred_checks
+from ._validate import LossInputError, copy_to_host, deferred_checks
 from ._vertex import vertex_term
 from .assigner import task_aligned_assign
 
 SLOT_MULTIPLE = 8  # few distinct padded shapes (few graph captures) for little padding work
 SLOT_VIEW_CACHE = 32  # cut views of the graphs' static slots kept (FastPath._slot_views)
+PROGRESS_CACHE = 64  # progress values kept as device tensors (FastPath._progress_value)
+LOAD_CACHE = 64  # copy targets of a call's inputs kept, per layout and row count (FastPath._load_targets)
 SLOT_HISTORY = 8  # calls whose largest slot count the next call's core is first queued at (FastPath.slot_guess)
 MIN_ROW_CAPACITY = 64  # the batch buffers' smallest row count (see row_capacity)
 NEUTRAL_VALUES = {"batch_idx": 0, "cls": 0, "bboxes": 0.5, "polygons": 0.5, "polygon_mask": True}
@@ -176,6 +178,8 @@ class FastPath:
         self._status_host: torch.Tensor | None = None  # pinned, where the status of CUDA calls is read
         self._status_ready: torch.cuda.Event | None = None
         self._slot_view_cache: dict[tuple, list[torch.Tensor]] = {}  # (slots' address, B, n) -> views
+        self._progress_values: dict[tuple, torch.Tensor] = {}
+        self._load_cache: dict[tuple, tuple[list[torch.Tensor], torch.Tensor]] = {}  # see _load_targets
 
     @property
     def pred_keys(self) -> tuple[str, ...]:
@@ -196,7 +200,7 @@ class FastPath:
         prepared = self._prepare(preds, batch)
         extra, key = (), ()
         if progress is not None:
-            extra = (torch.full((), progress, dtype=torch.float32, device=preds["scores"].device),)
+            extra = (self._progress_value(progress, preds["scores"].device),)
             self._all_real = batch.get("polygon_mask") is None
             key = (self._all_real,)
         guess = self.slot_guess(prepared.capacity)
@@ -209,6 +213,16 @@ class FastPath:
             raise
         n = self._settle(preds, batch, prepared)
         return out if n <= guess else self._run_core(preds, prepared, n, extra, key)
+
+    def _progress_value(self, progress: float, device: torch.device) -> torch.Tensor:
+        """`progress` as a 0-d float32 tensor on `device` (the polygon core's input), kept per value: a schedule
+        that changes per epoch builds each value once."""
+        key = (progress, device)
+        if key not in self._progress_values:
+            if len(self._progress_values) >= PROGRESS_CACHE:
+                self._progress_values.clear()
+            self._progress_values[key] = torch.full((), progress, dtype=torch.float32, device=device)
+        return self._progress_values[key]
 
     def slot_guess(self, capacity: int) -> int | None:
         """The slot count the next core starts at: the largest of the last SLOT_HISTORY calls (within `capacity`,
@@ -243,16 +257,12 @@ class FastPath:
         return _Prepared(*self._status_to_host(status), slots, capacity, (anchor_points, stride_tensor), preloaded)
 
     def _status_to_host(self, status: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-        """A copy of `status` on the host, queued behind the checks (so that reading it waits for them and not for
-        whatever is queued later), and the event that marks it done; a CPU status is its own copy."""
-        if not status.is_cuda:
-            return status, None
-        if self._status_host is None:
+        """A copy of `status` on its way to the host, queued behind the checks (so that reading it waits for them and
+        not for whatever is queued later), and the event that marks it done; a CPU status is its own copy."""
+        if status.is_cuda and self._status_host is None:  # kept: pinned memory is costly to allocate
             self._status_host = torch.empty(status.shape, dtype=status.dtype, pin_memory=True)
             self._status_ready = torch.cuda.Event()
-        self._status_host.copy_(status, non_blocking=True)
-        self._status_ready.record()
-        return self._status_host, self._status_ready
+        return copy_to_host(status, self._status_host, self._status_ready)
 
     def _settle(self, preds, batch, prepared: _Prepared) -> int:
         """The one host sync: raises what the reference raises if a deferred check failed; else the padded object
@@ -334,10 +344,9 @@ class FastPath:
         pred_buffers = self._buffers(self._pred_buffers, pred_key, preds, self.pred_keys, None)
         batch_buffers = self._buffers(self._batch_buffers, batch_key, batch, self.batch_keys(batch), batch_key[-1])
         keys = self.batch_keys(batch)
-        with torch.no_grad():  # one call for all the copies (a list of copies in C++, not Python)
-            torch._foreach_copy_([pred_buffers[k] for k in self.pred_keys] + [batch_buffers[k][:n] for k in keys],
-                                 [preds[k] for k in self.pred_keys] + [batch[k] for k in keys])
-            batch_buffers["rows"].fill_(n)
+        targets, row_count = self._load_targets(layout, pred_buffers, batch_buffers, keys)
+        with torch.no_grad():  # one call for all the copies (a list of copies in C++, not Python), the row count too
+            torch._foreach_copy_(targets, [preds[k] for k in self.pred_keys] + [batch[k] for k in keys] + [row_count])
         self.core.preloaded_changed()
         static_preds = dict(pred_buffers, feats=preds["feats"])
         static_batch = {k: batch_buffers[k] for k in keys}
@@ -348,10 +357,23 @@ class FastPath:
         status, slots = self.prep((pred_key, batch_key), checked_slots)
         return status, slots, batch_key[-1], pred_buffers
 
+    def _load_targets(self, layout, pred_buffers, batch_buffers, keys) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Where a call of this layout with n rows is copied (the prediction buffers, the batch buffers' first n rows,
+        the 0-d row count) and the row count's source (a constant 0-d tensor holding n), kept per (layout, n): a
+        host call per view otherwise."""
+        if layout not in self._load_cache:
+            if len(self._load_cache) >= LOAD_CACHE:
+                self._load_cache.clear()
+            n = layout[-1]
+            targets = [pred_buffers[k] for k in self.pred_keys] + [batch_buffers[k][:n] for k in keys]
+            self._load_cache[layout] = (targets + [batch_buffers["rows"]], batch_buffers["row_counts"][n])
+        return self._load_cache[layout]
+
     @staticmethod
     def _buffers(cache: dict, key: tuple, source, names, rows: int | None) -> dict[str, torch.Tensor]:
         """Static buffers for `names` of `source`, kept per key: same shapes (`rows` rows, for batch entries) and
-        grad flags; batch buffers also get "rows", the 0-d count of rows in use."""
+        grad flags; batch buffers also get "rows", the 0-d count of rows in use, and "row_counts", 0 to `rows` (the
+        values it is copied from)."""
         if key not in cache:
             buffers = {}
             for k in names:
@@ -360,7 +382,9 @@ class FastPath:
                 buffers[k] = torch.zeros(shape, dtype=t.dtype, device=t.device).requires_grad_(
                     rows is None and t.requires_grad)
             if rows is not None:
-                buffers["rows"] = torch.zeros((), dtype=torch.long, device=source[names[0]].device)
+                device = source[names[0]].device
+                buffers["rows"] = torch.zeros((), dtype=torch.long, device=device)
+                buffers["row_counts"] = torch.arange(rows + 1, device=device)
             cache[key] = buffers
         return cache[key]
 
@@ -426,19 +450,19 @@ class FastPath:
             poly._check_pred_polygons(preds)
             poly._check_batch_polygons(batch, imgsz)
 
-    def detection_vector(self, preds, batch) -> torch.Tensor:
-        """Gain-scaled [box, cls, dfl] (3,), not times B."""
+    def detection_loss(self, preds, batch) -> torch.Tensor:
+        """Gain-scaled [box, cls, dfl] (3,) times B, as DetectionLoss returns it."""
         return self._evaluate(preds, batch)
 
-    def polygon_vector(self, preds, batch, progress: float) -> torch.Tensor:
-        """Gain-scaled [box, polygon, cls, dfl] (4,), not times B."""
+    def polygon_loss(self, preds, batch, progress: float) -> torch.Tensor:
+        """Gain-scaled [box, polygon, cls, dfl] (4,) times B, as PolygonLoss returns it."""
         return self._evaluate(preds, batch, progress)
 
     # ---------------------------------------------------------------------------------------------- the core
     def _core(self, *tensors: torch.Tensor) -> torch.Tensor:
-        if self.poly is None:
-            return self._detection_core(*tensors)[0]
-        return self._polygon_core(*tensors)
+        """The loss vector times B (inside the graph: the caller's backward then has no multiply of its own)."""
+        vector = self._detection_core(*tensors)[0] if self.poly is None else self._polygon_core(*tensors)
+        return vector * tensors[1].shape[0]
 
     def _detection_core(self, boxes, scores, anchor_points, stride_tensor, labels, bboxes, mask):
         """[box, cls, dfl] (3,) and what a vertex term needs; no host sync, static shapes."""

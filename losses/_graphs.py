@@ -79,8 +79,7 @@ class GraphedCore:
         """Graphs only for CUDA inputs with autograd recording, outside autocast, capture and compiler tracing."""
         return (
             self.disabled_reason is None
-            and torch.cuda.is_available()
-            and all(t.is_cuda for t in tensors)
+            and all(t.is_cuda for t in tensors)  # CUDA tensors: CUDA is available (is_available() costs ~10 us)
             and torch.is_grad_enabled()
             and any(t.requires_grad for t in tensors)
             and not torch.cuda.is_current_stream_capturing()

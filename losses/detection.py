@@ -143,10 +143,12 @@ class DetectionLoss:
         if use_fast_path(self.cuda_graphs, self._fast, preds):
             if self._fast is None:
                 self._fast = FastPath(self)
-            terms = self._fast.detection_vector(preds, batch)
+            loss = self._fast.detection_loss(preds, batch)
+            terms = loss.detach() / preds["boxes"].shape[0]
         else:
             terms, _ = self.detection_terms(preds, batch)
-        return terms * preds["boxes"].shape[0], dict(zip(self.names, terms.detach()))
+            loss, terms = terms * preds["boxes"].shape[0], terms.detach()
+        return loss, dict(zip(self.names, terms))
 
     @staticmethod
     def parse_output(preds):

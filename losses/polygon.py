@@ -151,10 +151,12 @@ class PolygonLoss:
         if use_fast_path(self.cuda_graphs, self._fast, preds):
             if self._fast is None:
                 self._fast = FastPath(self.detection, self)
-            vector = self._fast.polygon_vector(preds, batch, self._check_progress(progress))
+            loss = self._fast.polygon_loss(preds, batch, self._check_progress(progress))
+            vector = loss.detach() / preds["scores"].shape[0]
         else:
             vector = self.terms(preds, batch, progress).vector
-        return vector * preds["scores"].shape[0], dict(zip(self.names, vector.detach()))
+            loss, vector = vector * preds["scores"].shape[0], vector.detach()
+        return loss, dict(zip(self.names, vector))
 
     def terms(self, preds, batch: Mapping[str, torch.Tensor], progress: float = 0.0) -> PolygonTerms:
         """The loss vector (not times B) and the per-positive quantities behind the polygon term."""
