@@ -77,6 +77,10 @@ def mgiou_calls(n: int = 100_000, vertices: int = 8) -> dict:
         leaf.grad = None
         _Identity.apply(leaf).sum().backward()
 
+    def engine_round_trip_on_the_calling_thread():  # the same with autograd's device threads off (no hand-off)
+        with torch.autograd.set_multithreading_enabled(False):
+            engine_round_trip()
+
     def native_round_trip():  # the same without a Python Function: autograd's C++ nodes only
         leaf.grad = None
         (leaf * 1.0).sum().backward()
@@ -87,6 +91,7 @@ def mgiou_calls(n: int = 100_000, vertices: int = 8) -> dict:
 
     return {
         "autograd round trip (trivial Function, same shape)": engine_round_trip,
+        "autograd round trip (trivial Function, no device thread)": engine_round_trip_on_the_calling_thread,
         "autograd round trip (native ops only)": native_round_trip,
         "autograd round trip (a per-row product, native)": native_loss_round_trip,
         "mgiou fwd+bwd (the benchmark)": step,

@@ -1,6 +1,6 @@
 """Where the wall time of one fast-path loss step goes, host against device, without the profiler's overhead.
 
-    python benchmarks/step_timeline.py [--rounds 50] [--only "detection (a)"] [--host-profile 200]
+    python benchmarks/step_timeline.py [--rounds 50] [--only "detection (a)"] [--host-profile 200] [--calling-thread]
 
 Each step (the benchmark's: the default loss, `.sum().backward()`, then a device sync) is cut into phases at
 points in the fast path. At each point the host's clock is read and a CUDA event recorded, so for every phase
@@ -19,7 +19,7 @@ import pstats
 import statistics
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._inputs import clear_grads, loss_shape, make_batch, make_preds  # noqa: E402
 from benchmarks.profile_losses import build_criterion  # noqa: E402
-from losses import _fast  # noqa: E402
+from losses import _fast, _graphs  # noqa: E402
 
 WORKLOADS = {"detection (a)": ("detection", "a"), "detection (b)": ("detection", "b"),
              "polygon-l2 (a)": ("polygon-l2", "a"), "polygon-mgiou (a)": ("polygon-mgiou", "a")}
@@ -57,13 +57,16 @@ class Marks:
 
 
 @contextmanager
-def marked(marks_of_step, owner, name: str, label: str):
-    """Wrap owner.name so each call marks `label` when it returns."""
+def marked(marks_of_step, owner, name: str, label: str, on_entry: bool = False):
+    """Wrap owner.name so each call marks `label` when it returns (or, `on_entry`, when it is entered)."""
     original = getattr(owner, name)
 
     def wrapper(*args, **kwargs):
+        if on_entry:
+            marks_of_step().mark(label)
         out = original(*args, **kwargs)
-        marks_of_step().mark(label)
+        if not on_entry:
+            marks_of_step().mark(label)
         return out
 
     setattr(owner, name, wrapper)
@@ -81,17 +84,23 @@ def workload(kind: str, shape_name: str):
     return criterion, make_preds(shape, "cuda", polygons=polygons), make_batch(shape, "cuda", polygons=polygons)
 
 
-def timeline(kind: str, shape_name: str, rounds: int) -> list[tuple[str, float, float]]:
+def timeline(kind: str, shape_name: str, rounds: int, calling_thread: bool = False) -> list[tuple[str, float, float]]:
+    """Median (point, host us, device us) over `rounds` steps; `calling_thread`: autograd's backward runs on the
+    calling thread (its device threads off), to see what handing the backward to them costs."""
     criterion, preds, batch = workload(kind, shape_name)
     current = [Marks()]
     points = [
-        (_fast.FastPath, "_prepare_graphed", "copies + checks graph queued"),
-        (_fast.GraphedCore, "__call__", "forward graph queued"),
-        (_fast.FastPath, "_settle", "status read (the one sync)"),
+        (_fast.FastPath, "_prepare_graphed", "copies + checks graph queued", False),
+        (_fast.GraphedCore, "__call__", "forward graph queued", False),
+        (_fast.FastPath, "_settle", "status read (the one sync)", False),
+        # The backward of the replayed core, called by autograd's engine (on its device thread for CUDA).
+        (_graphs._Replay, "backward", "core's backward entered", True),
+        (_graphs._Replay, "backward", "core's backward left", False),
     ]
     samples = []
-    with marked(lambda: current[0], *points[0]), marked(lambda: current[0], *points[1]), \
-            marked(lambda: current[0], *points[2]):
+    with ExitStack() as stack:
+        for point in points:
+            stack.enter_context(marked(lambda: current[0], *point))
         for i in range(rounds + 10):
             clear_grads(preds)
             torch.cuda.synchronize()
@@ -99,7 +108,8 @@ def timeline(kind: str, shape_name: str, rounds: int) -> list[tuple[str, float, 
             marks.mark("start")
             loss, _ = criterion(preds, batch)
             marks.mark("loss returned")
-            loss.sum().backward()
+            with torch.autograd.set_multithreading_enabled(not calling_thread):
+                loss.sum().backward()
             marks.mark("backward queued")
             torch.cuda.synchronize()
             marks.mark("synchronised")
@@ -143,15 +153,19 @@ def main() -> None:
     parser.add_argument("--host-profile", type=int, default=0, metavar="STEPS",
                         help="also profile the host (cProfile) over STEPS steps per workload")
     parser.add_argument("--top", type=int, default=30, help="functions listed by --host-profile")
+    parser.add_argument("--calling-thread", action="store_true",
+                        help="run each backward with autograd's device threads off (torch.autograd."
+                             "set_multithreading_enabled(False))")
     args = parser.parse_args()
     for name in args.only.split(","):
         kind, shape_name = WORKLOADS[name.strip()]
         if args.host_profile:
             print(f"== {name}: host profile over {args.host_profile} steps (cProfile's own overhead included)")
             host_profile(kind, shape_name, args.host_profile, args.top)
-        print(f"== {name}: medians over {args.rounds} steps (us from the step's start)")
+        where = ", backward on the calling thread" if args.calling_thread else ""
+        print(f"== {name}: medians over {args.rounds} steps (us from the step's start{where})")
         print(f"   {'point':34s} {'host':>8s} {'device':>8s}")
-        for point, host, device in timeline(kind, shape_name, args.rounds):
+        for point, host, device in timeline(kind, shape_name, args.rounds, args.calling_thread):
             print(f"   {point:34s} {host:8.1f} {device:8.1f}")
 
 
