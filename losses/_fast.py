@@ -37,7 +37,7 @@ from heads._decode import decode_polygons, dist2bbox, make_anchors
 
 from . import _kernels
 from ._graphs import GraphedCore, GraphedFunction
-from ._validate import LossInputError, copy_to_host, deferred_checks
+from ._validate import LossInputError, deferred_checks
 from ._vertex import vertex_term
 from .assigner import task_aligned_assign
 
@@ -257,12 +257,18 @@ class FastPath:
         return _Prepared(*self._status_to_host(status), slots, capacity, (anchor_points, stride_tensor), preloaded)
 
     def _status_to_host(self, status: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-        """A copy of `status` on its way to the host, queued behind the checks (so that reading it waits for them and
-        not for whatever is queued later), and the event that marks it done; a CPU status is its own copy."""
-        if status.is_cuda and self._status_host is None:  # kept: pinned memory is costly to allocate
+        """A copy of `status` on the host, queued behind the checks (so that reading it waits for them and not for
+        whatever is queued later), and the event that marks it done; a CPU status is its own copy."""
+        if not status.is_cuda:
+            return status, None
+        if self._status_host is None:
             self._status_host = torch.empty(status.shape, dtype=status.dtype, pin_memory=True)
             self._status_ready = torch.cuda.Event()
-        return copy_to_host(status, self._status_host, self._status_ready)
+        self._status_host.copy_(status, non_blocking=True)
+        # The stream looked up by the status's device (its index): record() without one looks the device up the slow
+        # way (tens of us of host time).
+        self._status_ready.record(torch.cuda.current_stream(status.device))
+        return self._status_host, self._status_ready
 
     def _settle(self, preds, batch, prepared: _Prepared) -> int:
         """The one host sync: raises what the reference raises if a deferred check failed; else the padded object

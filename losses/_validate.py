@@ -180,31 +180,6 @@ def nonfinite_flag(t: torch.Tensor) -> torch.Tensor:
     return ~(torch.isfinite(low) & torch.isfinite(high))
 
 
-def nonfinite_hint(*tensors: torch.Tensor) -> torch.Tensor:
-    """0-d bool tensor: some tensor may hold NaN/Inf. True whenever one does, and also where a sum of finite values
-    overflows (rare; a caller confirms a True with the exact check). Fewer kernels than `nonfinite_flag` on each: one
-    sum per tensor (float32 at least) and one test."""
-    total = sum(t.detach().sum(dtype=torch.promote_types(t.dtype, torch.float32)) for t in tensors)
-    return ~torch.isfinite(total)
-
-
-def copy_to_host(tensor: torch.Tensor, host: torch.Tensor | None = None,
-                 done: torch.cuda.Event | None = None) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-    """`tensor`'s value on its way to the host (into the pinned `host`, when given), queued behind the work before it,
-    and the event (`done`, when given) marking the copy complete: waiting on it waits for that work alone, not for
-    work queued later. A CPU tensor is its own copy (no event)."""
-    if not tensor.is_cuda:
-        return tensor, None
-    if host is None:
-        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-    host.copy_(tensor, non_blocking=True)
-    done = torch.cuda.Event() if done is None else done
-    # The stream looked up by the tensor's device (its index): record() without one looks the device up the slow
-    # way (tens of us of host time).
-    done.record(torch.cuda.current_stream(tensor.device))
-    return host, done
-
-
 def unbounded_flag(t: torch.Tensor, low: float, high: float) -> torch.Tensor:
     """0-d bool tensor: t holds NaN/Inf or a value outside [low, high] (finite bounds; one fused reduction, no sync)."""
     if t.numel() == 0:

@@ -20,9 +20,8 @@ Conventions shared by every function here:
   never by multiplying a NaN by zero: loss and gradients stay finite for repeated, collinear or coincident vertices.
   Gradients scale like 1 / extent (the loss is scale invariant), so they are finite while that is representable.
 - Non-finite coordinates of a real vertex raise `LossInputError` (``check_finite=False`` skips this check and, where
-  no mask is given, the device sync it costs). On CUDA, with masks, the MGIoU kernel flags them, and empty masks, as
-  it reads the vertices, and `mgiou` reads that flag once; without masks a finiteness hint (two sums) is queued ahead
-  of the kernel and read once it is launched. Either way the error is worded by the checks here.
+  no mask is given, the device sync it costs). On CUDA the MGIoU kernel flags them, and empty masks, as it reads the
+  vertices; `mgiou` reads that flag once and words the error from the checks here.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ import torch
 
 from losses import _kernels
 from losses._kernels import spec
-from losses._validate import LossInputError, copy_to_host, nonfinite_hint
+from losses._validate import LossInputError
 
 __all__ = ["box_corners", "convexity_loss", "mgiou", "mgiou_boxes"]
 
@@ -232,16 +231,6 @@ def mgiou(pred: torch.Tensor, target: torch.Tensor, pred_mask: torch.Tensor | No
     if not _kernels.mgiou_runs(pred, target):
         _check_values(named, check_finite)
         return _mgiou_loss(pred, target, pred_mask, target_mask)
-    if check_finite and pred_mask is None and target_mask is None:
-        # Every vertex is real, so the value check is finiteness: a hint queued ahead of the kernel and read after
-        # launching it (the host waits for two sums, not for the kernel); a True hint is confirmed by the checks.
-        hint, copied = copy_to_host(nonfinite_hint(pred, target))
-        loss, _ = _kernels.mgiou_loss_and_problems(pred, target)
-        if copied is not None:
-            copied.synchronize()
-        if bool(hint):
-            _check_values(named, check_finite)
-        return loss
     # The kernel finds the value problems as it reads the vertices: one read of its flag is every value check.
     loss, problems = _kernels.mgiou_loss_and_problems(pred, target, pred_mask, target_mask)
     wanted = _problem_bits(check_finite, pred_mask, target_mask)

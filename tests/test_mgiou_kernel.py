@@ -34,7 +34,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from losses._kernels import mgiou_loss, mgiou_runs, ops, spec
-from losses._validate import LossInputError, nonfinite_hint
+from losses._validate import LossInputError
 from losses.mgiou import EDGE_EPS, SPREAD_EPS, _mgiou_similarity, _normalise, _prepare, mgiou
 
 HAS_TRITON = ops._triton is not None
@@ -307,38 +307,6 @@ def test_mgiou_reads_the_forward_flag_as_its_value_checks(kind, monkeypatch):
             mgiou(*_problem_case(kind))
     if kind.endswith("nonfinite"):  # check_finite=False: the flag's non-finite bits are not asked about
         mgiou(*_problem_case(kind), check_finite=False)
-
-
-@pytest.mark.parametrize("bad", ["pred", "target"])
-@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
-def test_unmasked_mgiou_checks_values_through_the_queued_hint(bad, value, monkeypatch):
-    """Without masks `mgiou` reads a finiteness hint queued ahead of the kernel (not the kernel's flag): a non-finite
-    coordinate of either input raises the eager checks' error; check_finite=False reads nothing."""
-    monkeypatch.setattr("losses._kernels.mgiou_runs", lambda pred, target: True)
-    pred, target = _SQUARE.repeat(3, 1, 1), _SQUARE.repeat(3, 1, 1) + 0.5
-    (pred if bad == "pred" else target)[1, 2, 0] = value
-    with pytest.raises(LossInputError, match=f"{bad} has 1 real vertex"):
-        mgiou(pred, target)
-    assert mgiou(pred, target, check_finite=False).shape == (3,)
-
-
-def test_unmasked_mgiou_confirms_a_hint_from_an_overflowing_sum(monkeypatch):
-    """Finite coordinates whose sum overflows float32 raise the hint: the exact checks find nothing, so the loss is
-    returned (here the same as for the shapes scaled down: the loss is scale invariant)."""
-    monkeypatch.setattr("losses._kernels.mgiou_runs", lambda pred, target: True)
-    pred, target = _SQUARE.repeat(3, 1, 1), _SQUARE.repeat(3, 1, 1) + 0.5
-    huge = 1e37
-    assert bool(nonfinite_hint(pred * huge, target * huge))
-    torch.testing.assert_close(mgiou(pred * huge, target * huge), mgiou(pred, target))
-
-
-def test_nonfinite_hint_is_raised_by_any_nonfinite_value_and_not_by_finite_ones():
-    finite = torch.randn(4, 5, 2)
-    assert not bool(nonfinite_hint(finite, finite.half()))
-    for value in (math.nan, math.inf, -math.inf):
-        broken = finite.clone()
-        broken[3, 4, 1] = value
-        assert bool(nonfinite_hint(finite, broken)) and bool(nonfinite_hint(broken.half()))
 
 
 def test_mgiou_reports_a_flag_the_checks_cannot_explain(monkeypatch):
