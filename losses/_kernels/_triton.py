@@ -44,6 +44,11 @@ _POSITIVES_BLOCK_A = 256
 _TOP_BLOCK_MAX = 16384  # longest row the top-k kernel holds in registers
 _TOP_MAX_WARPS = 16  # 16384 anchors: 32 per thread (8, 16 and 32 warps measured: 16 the fastest)
 _MGIOU_BLOCK = 64  # pairs per program
+# Warps of an MGIoU program: 2 (one thread per pair, its vertex reductions in that thread's registers) once the grid
+# fills the SMs, else 4 (two threads per pair, more work per SM). H200, `benchmarks/mgiou_kernel_time.py`, with
+# gradients: 1M x 8 pairs 1098 -> 732 us, 100k x 4 54 -> 38 us; 4200 x 8 (66 programs) 47 us with 4, 51 with 2.
+_MGIOU_WARPS_FULL, _MGIOU_WARPS_FEW = 2, 4
+_SM_COUNTS: dict[int, int] = {}  # device index -> streaming multiprocessors
 _CLASS_BLOCK_A = 1024  # anchors per program of the class term
 
 
@@ -940,7 +945,19 @@ def _mgiou_launch(pred, target, pred_mask, target_mask):
     consts = dict(VB=vb, HAS_PM=pred_mask is not None, HAS_TM=target_mask is not None,
                   EDGE_SQ=MGIOU_EDGE_EPS * MGIOU_EDGE_EPS, SPREAD_SQ=MGIOU_SPREAD_EPS * MGIOU_SPREAD_EPS,
                   BLOCK=_MGIOU_BLOCK)
-    return n, vp, vt, (triton.cdiv(n, _MGIOU_BLOCK),), args, consts
+    programs = triton.cdiv(n, _MGIOU_BLOCK)
+    consts["num_warps"] = _MGIOU_WARPS_FULL if programs >= _sm_count(pred.device) else _MGIOU_WARPS_FEW
+    return n, vp, vt, (programs,), args, consts
+
+
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (kept); 1 for CPU tensors (Triton's interpreter, no warps)."""
+    if device.type != "cuda":
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNTS[index]
 
 
 def mgiou_forward(pred, target, pred_mask, target_mask, need_pred=False, need_target=False):
