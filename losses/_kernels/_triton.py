@@ -43,11 +43,11 @@ _BOX_BLOCK_K = 128
 _POSITIVES_BLOCK_A = 256
 _TOP_BLOCK_MAX = 16384  # longest row the top-k kernel holds in registers
 _TOP_MAX_WARPS = 16  # 16384 anchors: 32 per thread (8, 16 and 32 warps measured: 16 the fastest)
-_MGIOU_BLOCK = 64  # pairs per program
-# Warps of an MGIoU program: 2 (one thread per pair, its vertex reductions in that thread's registers) once the grid
-# fills the SMs, else 4 (two threads per pair, more work per SM). H200, `benchmarks/mgiou_kernel_time.py`, with
-# gradients: 1M x 8 pairs 1098 -> 732 us, 100k x 4 54 -> 38 us; 4200 x 8 (66 programs) 47 us with 4, 51 with 2.
-_MGIOU_WARPS_FULL, _MGIOU_WARPS_FEW = 2, 4
+# (pairs per program, warps) of the MGIoU kernel: one thread per pair (its vertex reductions in that thread's
+# registers) in 1-warp programs once 64-pair programs would fill the SMs, else 64 pairs over 4 warps (two threads per
+# pair, more work per SM). H200, `benchmarks/mgiou_kernel_time.py`, with gradients, against 64 pairs over 4 warps
+# throughout: 1M x 8 pairs 1098 -> 735 us, 100k x 4 54 -> 24 us; 4200 x 8 (66 programs) 47 us, 51 with (32, 1).
+_MGIOU_FULL, _MGIOU_FEW = (32, 1), (64, 4)
 _SM_COUNTS: dict[int, int] = {}  # device index -> streaming multiprocessors
 _CLASS_BLOCK_A = 1024  # anchors per program of the class term
 
@@ -668,7 +668,8 @@ def class_bce_backward(logits, labels, score, grad):
 
 
 # ---------------------------------------------------------------------------------------------------------- MGIoU
-# One program takes _MGIOU_BLOCK pairs; a pair's vertices lie along the second dimension (VB slots, a power of two).
+# One program takes BLOCK pairs (see _MGIOU_FULL); a pair's vertices lie along the second dimension (VB slots, a
+# power of two).
 # The axes are visited one after the other in a loop (pred's edge normals, target's, then x and y), so the vertex
 # counts are runtime values and one compilation serves every count up to VB. Reductions across the slots are what
 # costs: per axis the four interval ends are four (each gives its first extreme slot too); an edge's vertices and the
@@ -942,12 +943,11 @@ def _mgiou_launch(pred, target, pred_mask, target_mask):
     pm = dummy if pred_mask is None else pred_mask.contiguous().view(torch.uint8)
     tm = dummy if target_mask is None else target_mask.contiguous().view(torch.uint8)
     args = (pred.contiguous(), target.contiguous(), pm, tm)
+    block, warps = _MGIOU_FULL if triton.cdiv(n, _MGIOU_FEW[0]) >= _sm_count(pred.device) else _MGIOU_FEW
     consts = dict(VB=vb, HAS_PM=pred_mask is not None, HAS_TM=target_mask is not None,
                   EDGE_SQ=MGIOU_EDGE_EPS * MGIOU_EDGE_EPS, SPREAD_SQ=MGIOU_SPREAD_EPS * MGIOU_SPREAD_EPS,
-                  BLOCK=_MGIOU_BLOCK)
-    programs = triton.cdiv(n, _MGIOU_BLOCK)
-    consts["num_warps"] = _MGIOU_WARPS_FULL if programs >= _sm_count(pred.device) else _MGIOU_WARPS_FEW
-    return n, vp, vt, (programs,), args, consts
+                  BLOCK=block, num_warps=warps)
+    return n, vp, vt, (triton.cdiv(n, block),), args, consts
 
 
 def _sm_count(device: torch.device) -> int:
