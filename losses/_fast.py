@@ -419,7 +419,8 @@ class FastPath:
             image = torch.where(in_use, image, b)
         counts = det.image_counts(image, b + 1)
         failed = checks.failure(scores.device)
-        status = torch.stack((failed.long(), counts[:b].max()))
+        largest = counts[:b].max() if b else counts.new_zeros(())  # no image (B = 0): no object either
+        status = torch.stack((failed.long(), largest))
         capacity = capacity or padded_slot_count(batch_idx.shape[0])
         gt = det.fill_slots(image, cls, bboxes, counts, capacity, imgsz)
         # A core may be queued before the status is read (see _evaluate): after a failed check the slots hold no

@@ -102,11 +102,43 @@ def test_fast_path_matches_reference(mode, case):
     ref_loss, ref_items, ref_grads = _evaluate(reference, mode, preds, batch, progress)
     fast_loss, fast_items, fast_grads = _evaluate(fast, mode, preds, batch, progress)
     torch.testing.assert_close(fast_loss, ref_loss, rtol=TOL, atol=TOL)
-    assert fast_items.keys() == ref_items.keys()
+    _assert_items_close(fast_items, ref_items)
     assert fast_grads.keys() == ref_grads.keys()
     for name, ref in ref_grads.items():
         scale = float(ref.abs().max()) or 1.0
         torch.testing.assert_close(fast_grads[name], ref, rtol=TOL, atol=TOL * scale, msg=lambda m: f"{name}: {m}")
+
+
+def _assert_items_close(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=TOL, atol=TOL, msg=lambda m: f"item {name}: {m}")
+
+
+def _no_images(device: str) -> tuple[dict, dict]:
+    """Head outputs and a batch with no image (B = 0), on `device`."""
+    feats = [torch.randn(1, c, 64 // int(s), 64 // int(s), generator=torch.Generator().manual_seed(c)) for c, s in
+             zip(CHANNELS, STRIDES)]
+    full = _head_outputs(feats, seed=0, spread=1.0)
+    preds = {k: (v[:0].detach().to(device).requires_grad_() if k != "feats" else [f[:0].to(device) for f in v])
+             for k, v in full.items()}
+    empty = {"batch_idx": torch.zeros(0, dtype=torch.long), "cls": torch.zeros(0, 1), "bboxes": torch.zeros(0, 4),
+             "polygons": torch.zeros(0, NP, 2)}
+    return preds, {k: v.to(device) for k, v in empty.items()}
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("mode", MODES)
+def test_fast_path_equals_reference_on_a_batch_of_no_images(mode, device):
+    """B = 0 (an empty last batch): the reference gives zero terms and empty gradients; so does the fast path (its
+    items are the loss over B, which must not become 0 / 0), eagerly on the CPU and graphed on the GPU."""
+    preds, empty = _no_images(device)
+    reference, fast = _criteria(mode)
+    ref_loss, ref_items, ref_grads = _evaluate(reference, mode, preds, empty, 0.5)
+    fast_loss, fast_items, fast_grads = _evaluate(fast, mode, preds, empty, 0.5)
+    torch.testing.assert_close(fast_loss, ref_loss, rtol=0, atol=0)
+    _assert_items_close(fast_items, ref_items)
+    assert {k: g.shape for k, g in fast_grads.items()} == {k: g.shape for k, g in ref_grads.items()}
 
 
 def _raised(fn) -> tuple[str, str] | None:
