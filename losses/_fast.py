@@ -58,11 +58,14 @@ def check_cuda_graphs(cuda_graphs) -> bool | None:
 
 
 def use_fast_path(cuda_graphs: bool | None, fast: FastPath | None, preds) -> bool:
-    """Whether a loss call takes the fast path: `cuda_graphs` when it is True or False; when None, yes for CUDA
+    """Whether a loss call takes the fast path: never for a batch of no image (B = 0: nothing to speed up, and the
+    graphs' padding rows need an image to name); else `cuda_graphs` when it is True or False; when None, yes for CUDA
     predictions unless a CUDA-graph capture of this loss has failed (then the eager reference is the faster choice)."""
+    scores = preds.get("scores") if isinstance(preds, Mapping) else None
+    if isinstance(scores, torch.Tensor) and scores.ndim and scores.shape[0] == 0:
+        return False
     if cuda_graphs is not None:
         return cuda_graphs
-    scores = preds.get("scores") if isinstance(preds, Mapping) else None
     if not (isinstance(scores, torch.Tensor) and scores.is_cuda):
         return False  # the CPU (or an input the checks will reject): the reference path, its errors
     return fast is None or fast.core.disabled_reason is None
@@ -419,8 +422,7 @@ class FastPath:
             image = torch.where(in_use, image, b)
         counts = det.image_counts(image, b + 1)
         failed = checks.failure(scores.device)
-        largest = counts[:b].max() if b else counts.new_zeros(())  # no image (B = 0): no object either
-        status = torch.stack((failed.long(), largest))
+        status = torch.stack((failed.long(), counts[:b].max()))
         capacity = capacity or padded_slot_count(batch_idx.shape[0])
         gt = det.fill_slots(image, cls, bboxes, counts, capacity, imgsz)
         # A core may be queued before the status is read (see _evaluate): after a failed check the slots hold no

@@ -144,7 +144,7 @@ class DetectionLoss:
             if self._fast is None:
                 self._fast = FastPath(self)
             loss = self._fast.detection_loss(preds, batch)
-            terms = loss.detach() / max(preds["boxes"].shape[0], 1)  # B = 0: the terms are 0, as the loss
+            terms = loss.detach() / preds["boxes"].shape[0]
         else:
             terms, _ = self.detection_terms(preds, batch)
             loss, terms = terms * preds["boxes"].shape[0], terms.detach()

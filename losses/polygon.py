@@ -152,7 +152,7 @@ class PolygonLoss:
             if self._fast is None:
                 self._fast = FastPath(self.detection, self)
             loss = self._fast.polygon_loss(preds, batch, self._check_progress(progress))
-            vector = loss.detach() / max(preds["scores"].shape[0], 1)  # B = 0: the terms are 0, as the loss
+            vector = loss.detach() / preds["scores"].shape[0]
         else:
             vector = self.terms(preds, batch, progress).vector
             loss, vector = vector * preds["scores"].shape[0], vector.detach()

@@ -130,8 +130,9 @@ def _no_images(device: str) -> tuple[dict, dict]:
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("mode", MODES)
 def test_fast_path_equals_reference_on_a_batch_of_no_images(mode, device):
-    """B = 0 (an empty last batch): the reference gives zero terms and empty gradients; so does the fast path (its
-    items are the loss over B, which must not become 0 / 0), eagerly on the CPU and graphed on the GPU."""
+    """B = 0 (an empty last batch): the reference gives zero terms and empty gradients, and a loss built for the fast
+    path hands the call to it (on the GPU the graphs' padding rows would name image 0, which does not exist; the
+    fast path's items, the loss over B, would be 0 / 0)."""
     preds, empty = _no_images(device)
     reference, fast = _criteria(mode)
     ref_loss, ref_items, ref_grads = _evaluate(reference, mode, preds, empty, 0.5)
