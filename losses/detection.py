@@ -100,6 +100,7 @@ class DetectionLoss:
     `None` (the default): the fast path for CUDA predictions, unless a capture fails (an op in a user's code that
     syncs, say): from then on the eager reference; CPU predictions always take the reference path. `True`: always the
     fast path (its core eager where graphs cannot run). `False`: always the eager reference path described above.
+    A batch of no image (B = 0) always takes the reference path: there is nothing to speed up.
     """
 
     names = ("box_loss", "cls_loss", "dfl_loss")
