@@ -28,7 +28,7 @@ holds min(B * A, B * n_slots * topk) entries: no positive is ever dropped.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +69,16 @@ def use_fast_path(cuda_graphs: bool | None, fast: FastPath | None, preds) -> boo
     if not (isinstance(scores, torch.Tensor) and scores.is_cuda):
         return False  # the CPU (or an input the checks will reject): the reference path, its errors
     return fast is None or fast.core.disabled_reason is None
+
+
+def kept(cache: dict, limit: int, key, build: Callable[[], object]):
+    """`cache[key]`, built by `build()` on first use; a cache holding `limit` entries is emptied first (a bound on
+    memory where keys vary over a run: object counts, progress values)."""
+    if key not in cache:
+        if len(cache) >= limit:
+            cache.clear()
+        cache[key] = build()
+    return cache[key]
 
 
 def padded_slot_count(n: int) -> int:
@@ -220,12 +230,8 @@ class FastPath:
     def _progress_value(self, progress: float, device: torch.device) -> torch.Tensor:
         """`progress` as a 0-d float32 tensor on `device` (the polygon core's input), kept per value: a schedule
         that changes per epoch builds each value once."""
-        key = (progress, device)
-        if key not in self._progress_values:
-            if len(self._progress_values) >= PROGRESS_CACHE:
-                self._progress_values.clear()
-            self._progress_values[key] = torch.full((), progress, dtype=torch.float32, device=device)
-        return self._progress_values[key]
+        return kept(self._progress_values, PROGRESS_CACHE, (progress, device),
+                    lambda: torch.full((), progress, dtype=torch.float32, device=device))
 
     def slot_guess(self, capacity: int) -> int | None:
         """The slot count the next core starts at: the largest of the last SLOT_HISTORY calls (within `capacity`,
@@ -303,14 +309,13 @@ class FastPath:
         """The slot tensors cut to b images and n slots; views of a graph's static slots are kept (a few aten calls
         of host time each, per call otherwise)."""
         labels, bboxes, mask, extra = prepared.slots
-        if not prepared.preloaded:  # eager: fresh slots every call
+
+        def cut() -> list[torch.Tensor]:
             return [t[:b, :n] for t in (labels, bboxes, mask, *(extra or ()))]
-        key = (labels.data_ptr(), b, n)
-        if key not in self._slot_view_cache:
-            if len(self._slot_view_cache) >= SLOT_VIEW_CACHE:
-                self._slot_view_cache.clear()
-            self._slot_view_cache[key] = [t[:b, :n] for t in (labels, bboxes, mask, *(extra or ()))]
-        return self._slot_view_cache[key]
+
+        if not prepared.preloaded:  # eager: fresh slots every call
+            return cut()
+        return kept(self._slot_view_cache, SLOT_VIEW_CACHE, (labels.data_ptr(), b, n), cut)
 
     def _graphed(self, preds) -> bool:
         """Whether this call's checks and core run as CUDA graphs (see GraphedCore.usable)."""
@@ -370,13 +375,13 @@ class FastPath:
         """Where a call of this layout with n rows is copied (the prediction buffers, the batch buffers' first n rows,
         the 0-d row count) and the row count's source (a constant 0-d tensor holding n), kept per (layout, n): a
         host call per view otherwise."""
-        if layout not in self._load_cache:
-            if len(self._load_cache) >= LOAD_CACHE:
-                self._load_cache.clear()
-            n = layout[-1]
+        n = layout[-1]
+
+        def build() -> tuple[list[torch.Tensor], torch.Tensor]:
             targets = [pred_buffers[k] for k in self.pred_keys] + [batch_buffers[k][:n] for k in keys]
-            self._load_cache[layout] = (targets + [batch_buffers["rows"]], batch_buffers["row_counts"][n])
-        return self._load_cache[layout]
+            return targets + [batch_buffers["rows"]], batch_buffers["row_counts"][n]
+
+        return kept(self._load_cache, LOAD_CACHE, layout, build)
 
     @staticmethod
     def _buffers(cache: dict, key: tuple, source, names, rows: int | None) -> dict[str, torch.Tensor]:

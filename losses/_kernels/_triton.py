@@ -954,10 +954,9 @@ def _sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (kept); 1 for CPU tensors (Triton's interpreter, no warps)."""
     if device.type != "cuda":
         return 1
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNTS:
-        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNTS[index]
+    if device.index not in _SM_COUNTS:  # a tensor's CUDA device always has its index
+        _SM_COUNTS[device.index] = torch.cuda.get_device_properties(device.index).multi_processor_count
+    return _SM_COUNTS[device.index]
 
 
 def mgiou_forward(pred, target, pred_mask, target_mask, need_pred=False, need_target=False):
