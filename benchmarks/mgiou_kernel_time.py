@@ -53,9 +53,10 @@ def main() -> None:
         ours = _triton.mgiou_forward(pred, target, None, target_mask, True, True)
         for other in args.against:
             theirs = modules[other].mgiou_forward(pred, target, None, target_mask, True, True)
+            # (loss, [problems,] pred gradient, target gradient): revisions before 2026-12-04 returned the problems
             print(f"   largest differences from {other}: loss {(ours[0] - theirs[0]).abs().max().item():.2e}, "
-                  f"gradients {(ours[2] - theirs[2]).abs().max().item():.2e} / "
-                  f"{(ours[3] - theirs[3]).abs().max().item():.2e}")
+                  f"gradients {(ours[-2] - theirs[-2]).abs().max().item():.2e} / "
+                  f"{(ours[-1] - theirs[-1]).abs().max().item():.2e}")
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ Conventions shared by every function here:
   never by multiplying a NaN by zero: loss and gradients stay finite for repeated, collinear or coincident vertices.
   Gradients scale like 1 / extent (the loss is scale invariant), so they are finite while that is representable.
 - Non-finite coordinates of a real vertex raise `LossInputError` (``check_finite=False`` skips this check and, where
-  no mask is given, the device sync it costs). On CUDA the MGIoU kernel flags them, and empty masks, as it reads the
-  vertices; `mgiou` reads that flag once and words the error from the checks here.
+  no mask is given, the device sync it costs). On CUDA one small kernel flags them, and empty masks, ahead of the
+  MGIoU kernel; `mgiou` reads that flag once and words the error from the checks here.
 """
 
 from __future__ import annotations
@@ -100,6 +100,17 @@ def _check_pair(pred, target, pred_mask, target_mask) -> None:
         raise LossInputError(f"target is on {target.device}; expected {pred.device}, the device of pred")
     _check_mask(pred_mask, "pred_mask", pred)
     _check_mask(target_mask, "target_mask", target)
+
+
+def _check_flagged_values(named: dict[str, tuple[torch.Tensor, str, torch.Tensor | None]],
+                          check_finite: bool) -> None:
+    """`_check_values` where the MGIoU kernels run: one small kernel flags every problem (`_kernels.mgiou_problems`),
+    read before the loss kernel is queued, so the host waits for that read only; the slow path words the error."""
+    (pred, _, pred_mask), (target, _, target_mask) = named["pred"], named["target"]
+    wanted = _problem_bits(check_finite, pred_mask, target_mask)
+    if wanted and _kernels.mgiou_problems(pred, target, pred_mask, target_mask) & wanted:
+        _check_values(named, check_finite)
+        raise RuntimeError("the MGIoU kernel flagged an input problem that the value checks do not find")
 
 
 def _problem_bits(check_finite: bool, pred_mask, target_mask) -> int:
@@ -228,16 +239,11 @@ def mgiou(pred: torch.Tensor, target: torch.Tensor, pred_mask: torch.Tensor | No
     """
     _check_pair(pred, target, pred_mask, target_mask)
     named = {"pred": (pred, "pred_mask", pred_mask), "target": (target, "target_mask", target_mask)}
-    if not _kernels.mgiou_runs(pred, target):
+    if _kernels.mgiou_runs(pred, target):
+        _check_flagged_values(named, check_finite)
+    else:
         _check_values(named, check_finite)
-        return _mgiou_loss(pred, target, pred_mask, target_mask)
-    # The kernel finds the value problems as it reads the vertices: one read of its flag is every value check.
-    loss, problems = _kernels.mgiou_loss_and_problems(pred, target, pred_mask, target_mask)
-    wanted = _problem_bits(check_finite, pred_mask, target_mask)
-    if wanted and int(problems) & wanted:
-        _check_values(named, check_finite)  # words the error
-        raise RuntimeError("the MGIoU kernel flagged an input problem that the value checks do not find")
-    return loss
+    return _mgiou_loss(pred, target, pred_mask, target_mask)
 
 
 def _mgiou_loss(pred: torch.Tensor, target: torch.Tensor, pred_mask: torch.Tensor | None = None,

@@ -291,12 +291,12 @@ PROBLEMS = {"none": (0, None), "pred nonfinite": (spec.MGIOU_PRED_NONFINITE, "pr
 
 @pytest.mark.parametrize("kind", PROBLEMS)
 def test_mgiou_spec_flags_each_problem_with_its_bit(kind):
-    assert int(spec.mgiou_forward(*_problem_case(kind))[1]) == PROBLEMS[kind][0]
+    assert int(spec.mgiou_problems(*_problem_case(kind))) == PROBLEMS[kind][0]
 
 
 @pytest.mark.parametrize("kind", PROBLEMS)
-def test_mgiou_reads_the_forward_flag_as_its_value_checks(kind, monkeypatch):
-    """Where the kernel runs, `mgiou` checks values through the forward's flag; it raises what the eager checks
+def test_mgiou_reads_the_problem_flag_as_its_value_checks(kind, monkeypatch):
+    """Where the kernel runs, `mgiou` checks values through the problem kernel's flag; it raises what the eager checks
     raise (here the spec stands in for the kernel on the CPU), and nothing for junk in padded slots."""
     monkeypatch.setattr("losses._kernels.mgiou_runs", lambda pred, target: True)
     expected = PROBLEMS[kind][1]
@@ -309,13 +309,41 @@ def test_mgiou_reads_the_forward_flag_as_its_value_checks(kind, monkeypatch):
         mgiou(*_problem_case(kind), check_finite=False)
 
 
+@pytest.mark.parametrize("check_finite, masked, reads", [(True, False, 1), (False, True, 1), (False, False, 0)])
+def test_mgiou_reads_the_problem_flag_once_and_only_when_asked(check_finite, masked, reads, monkeypatch):
+    """The value checks cost one read of the problem kernel's flag, and none where nothing is asked (no finiteness
+    check, no mask): that call never waits for the device."""
+    monkeypatch.setattr("losses._kernels.mgiou_runs", lambda pred, target: True)
+    calls = []
+
+    def counted(*args):
+        calls.append(args)
+        return int(spec.mgiou_problems(*args))
+
+    monkeypatch.setattr("losses._kernels.mgiou_problems", counted)
+    pred, target = _SQUARE.repeat(3, 1, 1), _SQUARE.repeat(3, 1, 1) + 0.5
+    mask = torch.ones(3, 4, dtype=torch.bool) if masked else None
+    assert torch.isfinite(mgiou(pred, target, mask, check_finite=check_finite)).all()
+    assert len(calls) == reads
+
+
+def test_the_problem_flag_is_kept_while_it_reads_zero_and_dropped_after_a_problem():
+    """`ops.mgiou_problems` or-s into a flag it keeps while the flag reads 0 (no fill per call); after a problem
+    the flag is dropped, so the next call's bits are its own."""
+    clean, bad, cpu = _problem_case("none"), _problem_case("pred nonfinite"), torch.device("cpu")
+    assert ops.mgiou_problems(*clean) == 0
+    kept = ops._ZEROED_FLAGS.by_device[cpu]
+    assert ops.mgiou_problems(*clean) == 0 and ops._ZEROED_FLAGS.by_device[cpu] is kept
+    assert ops.mgiou_problems(*bad) == spec.MGIOU_PRED_NONFINITE
+    assert cpu not in ops._ZEROED_FLAGS.by_device
+    assert ops.mgiou_problems(*clean) == 0
+
+
 def test_mgiou_reports_a_flag_the_checks_cannot_explain(monkeypatch):
     """A flag raised on inputs the eager checks accept is a kernel fault: it is reported as such, never ignored."""
     monkeypatch.setattr("losses._kernels.mgiou_runs", lambda pred, target: True)
     case = _problem_case("none")
-    loss = torch.zeros(case[0].shape[0])
-    flagged = torch.tensor(spec.MGIOU_PRED_NONFINITE, dtype=torch.int32)
-    monkeypatch.setattr("losses._kernels.mgiou_loss_and_problems", lambda *args: (loss, flagged))
+    monkeypatch.setattr("losses._kernels.mgiou_problems", lambda *args: spec.MGIOU_PRED_NONFINITE)
     with pytest.raises(RuntimeError, match="flagged an input problem that the value checks do not find"):
         mgiou(*case)
 
@@ -354,12 +382,14 @@ def interpreted_kernel_against_spec(n: int = 70) -> list[str]:
         case = (pred, target, pred_mask, target_mask)
         got, want = _triton.mgiou_forward(*case, True, True), spec.mgiou_forward(*case, True, True)
         name = f"{family} {vp}x{vt}{' masked' if masked else ''}"
-        if not torch.equal(got[0], want[0]) or int(got[1]) != int(want[1]):
-            failures.append(f"{name}: loss or problems differ")
+        if not torch.equal(got[0], want[0]):
+            failures.append(f"{name}: loss differs")
+        if int(_triton.mgiou_problems(*case)) != int(spec.mgiou_problems(*case)):
+            failures.append(f"{name}: problems differ")
         if not torch.equal(_triton.mgiou_forward(*case)[0], got[0]):
             failures.append(f"{name}: the loss without gradients differs")
         ones = torch.ones(n)
-        for label, g, w in (("pred", got[2], want[2]), ("target", got[3], want[3])):
+        for label, g, w in (("pred", got[1], want[1]), ("target", got[2], want[2])):
             try:  # the spec as the truth: the bound is 1e-5 of the gradient and of the pair's natural scale
                 _assert_grads_close(f"{name} {label} gradient", g, w, w, ones, _gradient_scale(*case))
             except AssertionError as error:
@@ -393,17 +423,19 @@ def test_mgiou_kernel_equals_spec(case):
     from losses._kernels import _triton
 
     pred, target, pred_mask, target_mask = _cuda(case)
-    want_loss, want_problems, *want = spec.mgiou_forward(pred, target, pred_mask, target_mask, True, True)
-    got_loss, got_problems, *got = _triton.mgiou_forward(pred, target, pred_mask, target_mask, True, True)
-    assert int(got_problems) == int(want_problems) == 0, "problems flagged for junk in padded slots"
+    want_loss, *want = spec.mgiou_forward(pred, target, pred_mask, target_mask, True, True)
+    got_loss, *got = _triton.mgiou_forward(pred, target, pred_mask, target_mask, True, True)
+    problems = _triton.mgiou_problems(pred, target, pred_mask, target_mask)
+    assert int(problems) == int(spec.mgiou_problems(pred, target, pred_mask, target_mask)) == 0, \
+        "problems flagged for junk in padded slots"
     assert _rel(got_loss, want_loss) <= 1e-6, f"loss: relative difference {_rel(got_loss, want_loss):.2e}"
     without_gradients = _triton.mgiou_forward(pred, target, pred_mask, target_mask)
-    assert torch.equal(without_gradients[0], got_loss) and without_gradients[2:] == (None, None)
+    assert torch.equal(without_gradients[0], got_loss) and without_gradients[1:] == (None, None)
     # Drawn on the CPU from a seeded generator: deterministic per example, and clear of the CUDA generator, whose
     # state a CUDA-graph capture earlier in the same worker once left unusable ("Offset increment outside graph
     # capture encountered unexpectedly").
     upstream = torch.randn(pred.shape[0], generator=torch.Generator().manual_seed(pred.shape[0])).cuda()
-    truth = spec.mgiou_forward(pred.double(), target.double(), pred_mask, target_mask, True, True)[2:]
+    truth = spec.mgiou_forward(pred.double(), target.double(), pred_mask, target_mask, True, True)[1:]
     gradient_scale = _gradient_scale(pred, target, pred_mask, target_mask)
     per_pair = upstream[:, None, None]
     for name, actual, expected, exact in zip(("pred gradient", "target gradient"), got, want, truth):
@@ -418,7 +450,7 @@ def test_mgiou_kernel_flags_each_problem_as_the_spec(kind):
     from losses._kernels import _triton
 
     case = _cuda(_problem_case(kind))
-    assert int(_triton.mgiou_forward(*case)[1]) == int(spec.mgiou_forward(*case)[1]) == PROBLEMS[kind][0]
+    assert int(_triton.mgiou_problems(*case)) == int(spec.mgiou_problems(*case)) == PROBLEMS[kind][0]
     expected = PROBLEMS[kind][1]
     if expected is not None:
         with pytest.raises(LossInputError, match=expected):

@@ -19,8 +19,8 @@ entry points (`ops`) choose per call, so callers never branch:
 - `mgiou_loss(pred, target, pred_mask, target_mask)`: MGIoU (`losses.mgiou`) and its hand-written gradient in one
   kernel (the backward a multiply), for CUDA vertices computed in float32 (`mgiou_runs(pred, target)` says whether the
   kernel runs; `losses.mgiou` dispatches to it there and keeps its own torch code everywhere else);
-  `mgiou_loss_and_problems` also returns the forward's flag of non-finite vertices and empty masks
-  (`spec.mgiou_problems`), which `losses.mgiou.mgiou` reads as its value checks.
+  `mgiou_problems` finds non-finite vertices and empty masks (`spec.mgiou_problems`) in one small kernel ahead of
+  the loss, which `losses.mgiou.mgiou` reads as its value checks.
 
 Where they run: `losses.assigner.task_aligned_assign` takes its metric from `assign_metrics` on accelerators (the CPU
 keeps its exact `nonzero` order) and its positives from `assign_positives` everywhere (the spec on the CPU; soft
@@ -50,11 +50,11 @@ from .ops import (
     class_bce,
     dfl_expectation,
     mgiou_loss,
-    mgiou_loss_and_problems,
+    mgiou_problems,
     mgiou_runs,
     positive_boxes,
     positive_dfl,
 )
 
 __all__ = ["UNAVAILABLE_REASON", "assign_metrics", "assign_positives", "available", "class_bce", "dfl_expectation",
-           "mgiou_loss", "mgiou_loss_and_problems", "mgiou_runs", "positive_boxes", "positive_dfl"]
+           "mgiou_loss", "mgiou_problems", "mgiou_runs", "positive_boxes", "positive_dfl"]

@@ -48,6 +48,7 @@ _TOP_MAX_WARPS = 16  # 16384 anchors: 32 per thread (8, 16 and 32 warps measured
 # pair, more work per SM). H200, `benchmarks/mgiou_kernel_time.py`, with gradients, against 64 pairs over 4 warps
 # throughout: 1M x 8 pairs 1098 -> 735 us, 100k x 4 54 -> 24 us; 4200 x 8 (66 programs) 47 us, 51 with (32, 1).
 _MGIOU_FULL, _MGIOU_FEW = (32, 1), (64, 4)
+_MGIOU_PROBLEMS_BLOCK = 256  # pairs per program of the problem check (4 warps; it reads each vertex once)
 _SM_COUNTS: dict[int, int] = {}  # device index -> streaming multiprocessors
 _CLASS_BLOCK_A = 1024  # anchors per program of the class term
 
@@ -671,9 +672,10 @@ def class_bce_backward(logits, labels, score, grad):
 # One program takes BLOCK pairs (see _MGIOU_FULL); a pair's vertices lie along the second dimension (VB slots, a
 # power of two).
 # The axes are visited one after the other in a loop (pred's edge normals, target's, then x and y), so the vertex
-# counts are runtime values and one compilation serves every count up to VB. Reductions across the slots are what
-# costs: per axis the four interval ends are four (each gives its first extreme slot too); an edge's vertices and the
-# extreme vertices are read again from memory rather than picked out of the tiles.
+# counts are runtime values and one compilation serves every count up to VB. With one thread per pair (_MGIOU_FULL)
+# a reduction across the slots stays in that thread's registers: per axis the four interval ends are four (each gives
+# its first extreme slot too), and an edge's vertices and the extreme vertices are picked out of the tiles (`_pick`;
+# reading them again from memory and normalising them again took 83 us against 65, 100k x 8 with gradients, H200).
 @triton.jit
 def _max_combine(a, b):
     return tl.maximum(a, b)
@@ -722,14 +724,26 @@ def _or_combine(a, b):
 
 
 @triton.jit
-def _mgiou_geometry(p_ptr, t_ptr, pm_ptr, tm_ptr, rows, row_ok, VP, VT, VB: tl.constexpr, HAS_PM: tl.constexpr,
-                    HAS_TM: tl.constexpr):
-    """Both shapes filled and normalised (centred on the joint box, divided by its longer side), the slot each
-    filled slot reads, the frame (centre and scale, (BLOCK,) each) and the problems (`spec.mgiou_problems` bits)."""
-    px, py, p_src, p_ok, p_real = _mgiou_vertices(p_ptr, pm_ptr, rows, row_ok, VP, VB, HAS_PM)
-    tx, ty, t_src, t_ok, t_real = _mgiou_vertices(t_ptr, tm_ptr, rows, row_ok, VT, VB, HAS_TM)
+def _mgiou_problems_kernel(p_ptr, t_ptr, pm_ptr, tm_ptr, problems_ptr, N, VP, VT, VB: tl.constexpr,
+                           HAS_PM: tl.constexpr, HAS_TM: tl.constexpr, BLOCK: tl.constexpr):
+    """The `spec.mgiou_problems` bits of BLOCK pairs, or-ed into the 0-d flag (zeroed by the caller)."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    row_ok = rows < N
+    px, py, _, p_ok, p_real = _mgiou_vertices(p_ptr, pm_ptr, rows, row_ok, VP, VB, HAS_PM)
+    tx, ty, _, t_ok, t_real = _mgiou_vertices(t_ptr, tm_ptr, rows, row_ok, VT, VB, HAS_TM)
     problems = _mgiou_row_problems(px, py, p_ok, p_real, row_ok, HAS_PM, _PRED_NONFINITE, _PRED_EMPTY)
     problems |= _mgiou_row_problems(tx, ty, t_ok, t_real, row_ok, HAS_TM, _TARGET_NONFINITE, _TARGET_EMPTY)
+    found = tl.reduce(problems, 0, _or_combine)
+    tl.atomic_or(problems_ptr, found, mask=found != 0)
+
+
+@triton.jit
+def _mgiou_geometry(p_ptr, t_ptr, pm_ptr, tm_ptr, rows, row_ok, VP, VT, VB: tl.constexpr, HAS_PM: tl.constexpr,
+                    HAS_TM: tl.constexpr):
+    """Both shapes filled and normalised (centred on the joint box, divided by its longer side), their slot masks,
+    the slot each filled slot reads, and the scale (BLOCK,)."""
+    px, py, p_src, p_ok, _ = _mgiou_vertices(p_ptr, pm_ptr, rows, row_ok, VP, VB, HAS_PM)
+    tx, ty, t_src, t_ok, _ = _mgiou_vertices(t_ptr, tm_ptr, rows, row_ok, VT, VB, HAS_TM)
     inf = float("inf")
     lx = tl.minimum(tl.min(tl.where(p_ok, px, inf), 1), tl.min(tl.where(t_ok, tx, inf), 1))
     ly = tl.minimum(tl.min(tl.where(p_ok, py, inf), 1), tl.min(tl.where(t_ok, ty, inf), 1))
@@ -744,21 +758,13 @@ def _mgiou_geometry(p_ptr, t_ptr, pm_ptr, tm_ptr, rows, row_ok, VP, VT, VB: tl.c
     py = tl.math.div_rn(py - cy[:, None], scale[:, None])
     tx = tl.math.div_rn(tx - cx[:, None], scale[:, None])
     ty = tl.math.div_rn(ty - cy[:, None], scale[:, None])
-    return px, py, tx, ty, p_ok, t_ok, p_src, t_src, cx, cy, scale, problems
+    return px, py, tx, ty, p_ok, t_ok, p_src, t_src, scale
 
 
 @triton.jit
-def _mgiou_vertex(ptr, rows, row_ok, V, slot, source, cols, cx, cy, scale, HAS_MASK: tl.constexpr):
-    """The filled, normalised vertex in slot `slot` (BLOCK,) of each shape, x and y (BLOCK,): read again from memory
-    (a cache hit) and rounded as the tile's own values are, so that no reduction across the slots picks it out (a
-    mask costs one, for the slot it reads)."""
-    if HAS_MASK:
-        slot = tl.sum(tl.where(cols[None, :] == slot[:, None], source, 0), 1)
-    # A NaN projection can make the extreme a lane past the shape's V slots: reads stay in its row.
-    at = (rows.to(tl.int64) * V + tl.minimum(slot, V - 1)) * 2
-    x = tl.load(ptr + at, mask=row_ok, other=0.0)
-    y = tl.load(ptr + at + 1, mask=row_ok, other=0.0)
-    return tl.math.div_rn(x - cx, scale), tl.math.div_rn(y - cy, scale)
+def _pick(tile, slot, cols):
+    """The value (BLOCK,) in slot `slot` (BLOCK,) of each row of a (BLOCK, VB) tile, exactly (the other slots add 0)."""
+    return tl.sum(tl.where(cols[None, :] == slot[:, None], tile, 0.0), 1)
 
 
 @triton.jit
@@ -785,25 +791,21 @@ def _mgiou_add(g, cols, slot, value):
 
 
 @triton.jit
-def _mgiou_pull(g_ax, g_ay, d, shape, slot, geo, HAS_MASK: tl.constexpr):
+def _mgiou_pull(g_ax, g_ay, d, shape, slot, cols):
     """The axis gradient (g_ax, g_ay) plus `d` (BLOCK,), an interval end's gradient, times the vertex in `slot`
     (BLOCK,) of `shape` that reaches that end."""
-    ptr, _, _, _, source, V = shape
-    rows, row_ok, cols, cx, cy, scale = geo
-    x, y = _mgiou_vertex(ptr, rows, row_ok, V, slot, source, cols, cx, cy, scale, HAS_MASK)
-    return g_ax + d * x, g_ay + d * y
+    x, y, _ = shape
+    return g_ax + d * _pick(x, slot, cols), g_ay + d * _pick(y, slot, cols)
 
 
 @triton.jit
-def _mgiou_axis(p, t, geo, ax, ay, axis_sq, extra_valid, total, count, gpx, gpy, gtx, gty,
-                VB: tl.constexpr, HAS_PM: tl.constexpr, HAS_TM: tl.constexpr, WITH_GRAD: tl.constexpr,
-                SPREAD_SQ: tl.constexpr):
+def _mgiou_axis(p, t, cols, ax, ay, axis_sq, extra_valid, total, count, gpx, gpy, gtx, gty,
+                WITH_GRAD: tl.constexpr, SPREAD_SQ: tl.constexpr):
     """One axis: its 1-D GIoU added to the running sum and count where valid and, WITH_GRAD, its gradient for a unit
     upstream gradient of each valid axis's GIoU (`spec._mgiou_unit_gradients`): added to the four extreme vertices
     (times the axis); returned for the axis itself (the extreme vertices, times the gradients of the ends)."""
-    _, px, py, p_ok, _, _ = p
-    _, tx, ty, t_ok, _, _ = t
-    cols = geo[2]
+    px, py, p_ok = p
+    tx, ty, t_ok = t
     p_lo, p_hi, p_lo_at, p_hi_at = _mgiou_support(px, py, p_ok, ax, ay, WITH_GRAD)
     t_lo, t_hi, t_lo_at, t_hi_at = _mgiou_support(tx, ty, t_ok, ax, ay, WITH_GRAD)
     overlap = tl.minimum(p_hi, t_hi) - tl.maximum(p_lo, t_lo)
@@ -829,38 +831,33 @@ def _mgiou_axis(p, t, geo, ax, ay, axis_sq, extra_valid, total, count, gpx, gpy,
         gpy = _mgiou_add(_mgiou_add(gpy, cols, p_hi_at, d_p_hi * ay), cols, p_lo_at, d_p_lo * ay)
         gtx = _mgiou_add(_mgiou_add(gtx, cols, t_hi_at, d_t_hi * ax), cols, t_lo_at, d_t_lo * ax)
         gty = _mgiou_add(_mgiou_add(gty, cols, t_hi_at, d_t_hi * ay), cols, t_lo_at, d_t_lo * ay)
-        g_ax, g_ay = _mgiou_pull(g_ax, g_ay, d_p_hi, p, p_hi_at, geo, HAS_PM)
-        g_ax, g_ay = _mgiou_pull(g_ax, g_ay, d_p_lo, p, p_lo_at, geo, HAS_PM)
-        g_ax, g_ay = _mgiou_pull(g_ax, g_ay, d_t_hi, t, t_hi_at, geo, HAS_TM)
-        g_ax, g_ay = _mgiou_pull(g_ax, g_ay, d_t_lo, t, t_lo_at, geo, HAS_TM)
+        g_ax, g_ay = _mgiou_pull(g_ax, g_ay, d_p_hi, p, p_hi_at, cols)
+        g_ax, g_ay = _mgiou_pull(g_ax, g_ay, d_p_lo, p, p_lo_at, cols)
+        g_ax, g_ay = _mgiou_pull(g_ax, g_ay, d_t_hi, t, t_hi_at, cols)
+        g_ax, g_ay = _mgiou_pull(g_ax, g_ay, d_t_lo, t, t_lo_at, cols)
     return total, count, gpx, gpy, gtx, gty, g_ax, g_ay
 
 
 @triton.jit
-def _mgiou_edges(p, t, geo, total, count, gpx, gpy, gtx, gty, VB: tl.constexpr,
-                 HAS_PM: tl.constexpr, HAS_TM: tl.constexpr, OF_PRED: tl.constexpr,
-                 WITH_GRAD: tl.constexpr, EDGE_SQ: tl.constexpr, SPREAD_SQ: tl.constexpr):
-    """The axes of one shape's edges (pred's if OF_PRED, else target's), in order: the normal (-e_y, e_x) of edge m
+def _mgiou_edges(p, t, cols, V, total, count, gpx, gpy, gtx, gty, OF_PRED: tl.constexpr, WITH_GRAD: tl.constexpr,
+                 EDGE_SQ: tl.constexpr, SPREAD_SQ: tl.constexpr):
+    """The axes of one shape's V edges (pred's if OF_PRED, else target's), in order: the normal (-e_y, e_x) of edge m
     (vertex m to vertex m + 1, cyclically), valid where not shorter than the edge threshold; each normal passes its
     own gradient on to its edge's two vertices."""
     if OF_PRED:
-        ptr, _, _, _, source, V = p
-        HAS_MASK: tl.constexpr = HAS_PM
+        x, y, _ = p
     else:
-        ptr, _, _, _, source, V = t
-        HAS_MASK: tl.constexpr = HAS_TM
-    rows, row_ok, cols, cx, cy, scale = geo
-    slot = rows * 0
-    x0, y0 = _mgiou_vertex(ptr, rows, row_ok, V, slot, source, cols, cx, cy, scale, HAS_MASK)
+        x, y, _ = t
+    slot = tl.zeros_like(count)
+    x0, y0 = _pick(x, slot, cols), _pick(y, slot, cols)
     for _ in range(0, V):
         nxt = tl.where(slot + 1 < V, slot + 1, 0)
-        x1, y1 = _mgiou_vertex(ptr, rows, row_ok, V, nxt, source, cols, cx, cy, scale, HAS_MASK)
+        x1, y1 = _pick(x, nxt, cols), _pick(y, nxt, cols)
         nx = -(y1 - y0)
         ny = x1 - x0
         nsq = nx * nx + ny * ny
         total, count, gpx, gpy, gtx, gty, g_ax, g_ay = _mgiou_axis(
-            p, t, geo, nx, ny, nsq, nsq > EDGE_SQ, total, count, gpx, gpy, gtx, gty, VB, HAS_PM,
-            HAS_TM, WITH_GRAD, SPREAD_SQ)
+            p, t, cols, nx, ny, nsq, nsq > EDGE_SQ, total, count, gpx, gpy, gtx, gty, WITH_GRAD, SPREAD_SQ)
         if WITH_GRAD:  # edge e = v[nxt] - v[slot]: d e_x = d normal_y, d e_y = -d normal_x
             if OF_PRED:
                 gpx = _mgiou_add(_mgiou_add(gpx, cols, nxt, g_ay), cols, slot, -g_ay)
@@ -888,21 +885,18 @@ def _mgiou_store_grad(ptr, gx, gy, g, source, ok, rows, cols, V, scale, HAS_MASK
 
 
 @triton.jit
-def _mgiou_kernel(p_ptr, t_ptr, pm_ptr, tm_ptr, loss_ptr, problems_ptr, gp_ptr, gt_ptr, N, VP, VT, VB: tl.constexpr,
+def _mgiou_kernel(p_ptr, t_ptr, pm_ptr, tm_ptr, loss_ptr, gp_ptr, gt_ptr, N, VP, VT, VB: tl.constexpr,
                   HAS_PM: tl.constexpr, HAS_TM: tl.constexpr, NEED_P: tl.constexpr, NEED_T: tl.constexpr,
                   WITH_GRAD: tl.constexpr, EDGE_SQ: tl.constexpr, SPREAD_SQ: tl.constexpr, BLOCK: tl.constexpr):
-    """Loss, problem flag and, where asked (NEED_P, NEED_T), each pair's loss gradient: one pass over the axes, each
-    axis's extremes found once for both (the gradient for a unit upstream gradient per axis, scaled at the end)."""
+    """Loss and, where asked (NEED_P, NEED_T), each pair's loss gradient: one pass over the axes, each axis's
+    extremes found once for both (the gradient for a unit upstream gradient per axis, scaled at the end)."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     row_ok = rows < N
     cols = tl.arange(0, VB)
-    px, py, tx, ty, p_ok, t_ok, p_src, t_src, cx, cy, scale, problems = _mgiou_geometry(
+    px, py, tx, ty, p_ok, t_ok, p_src, t_src, scale = _mgiou_geometry(
         p_ptr, t_ptr, pm_ptr, tm_ptr, rows, row_ok, VP, VT, VB, HAS_PM, HAS_TM)
-    found = tl.reduce(problems, 0, _or_combine)
-    tl.atomic_or(problems_ptr, found, mask=found != 0)
-    p = (p_ptr, px, py, p_ok, p_src, VP)
-    t = (t_ptr, tx, ty, t_ok, t_src, VT)
-    geo = (rows, row_ok, cols, cx, cy, scale)
+    p = (px, py, p_ok)
+    t = (tx, ty, t_ok)
     total = tl.zeros((BLOCK,), tl.float32)
     count = tl.zeros((BLOCK,), tl.int32)
     gpx = tl.zeros((BLOCK, VB), tl.float32)
@@ -910,10 +904,10 @@ def _mgiou_kernel(p_ptr, t_ptr, pm_ptr, tm_ptr, loss_ptr, problems_ptr, gp_ptr, 
     gtx = tl.zeros((BLOCK, VB), tl.float32)
     gty = tl.zeros((BLOCK, VB), tl.float32)
     # Edge normals: pred's, then target's; each passes its gradient on to its own shape's vertices.
-    total, count, gpx, gpy, gtx, gty = _mgiou_edges(p, t, geo, total, count, gpx, gpy, gtx, gty, VB, HAS_PM, HAS_TM,
-                                                    True, WITH_GRAD, EDGE_SQ, SPREAD_SQ)
-    total, count, gpx, gpy, gtx, gty = _mgiou_edges(p, t, geo, total, count, gpx, gpy, gtx, gty, VB, HAS_PM, HAS_TM,
-                                                    False, WITH_GRAD, EDGE_SQ, SPREAD_SQ)
+    total, count, gpx, gpy, gtx, gty = _mgiou_edges(p, t, cols, VP, total, count, gpx, gpy, gtx, gty, True,
+                                                    WITH_GRAD, EDGE_SQ, SPREAD_SQ)
+    total, count, gpx, gpy, gtx, gty = _mgiou_edges(p, t, cols, VT, total, count, gpx, gpy, gtx, gty, False,
+                                                    WITH_GRAD, EDGE_SQ, SPREAD_SQ)
     no_edge_axis = count == 0
     one = tl.full((BLOCK,), 1.0, tl.float32)
     zero = tl.zeros((BLOCK,), tl.float32)
@@ -921,8 +915,7 @@ def _mgiou_kernel(p_ptr, t_ptr, pm_ptr, tm_ptr, loss_ptr, problems_ptr, gp_ptr, 
         ax = tl.where(k == 0, one, zero)
         ay = tl.where(k == 0, zero, one)
         total, count, gpx, gpy, gtx, gty, _, _ = _mgiou_axis(
-            p, t, geo, ax, ay, one, no_edge_axis, total, count, gpx, gpy, gtx, gty, VB, HAS_PM,
-            HAS_TM, WITH_GRAD, SPREAD_SQ)
+            p, t, cols, ax, ay, one, no_edge_axis, total, count, gpx, gpy, gtx, gty, WITH_GRAD, SPREAD_SQ)
     mean = tl.math.div_rn(total, tl.maximum(count, 1).to(tl.float32))
     similarity = tl.where(count > 0, mean, 1.0)
     tl.store(loss_ptr + rows, (1.0 - similarity) * 0.5, mask=row_ok)
@@ -935,19 +928,17 @@ def _mgiou_kernel(p_ptr, t_ptr, pm_ptr, tm_ptr, loss_ptr, problems_ptr, gp_ptr, 
             _mgiou_store_grad(gt_ptr, gtx, gty, g, t_src, t_ok, rows, cols, VT, scale, HAS_TM)
 
 
-def _mgiou_launch(pred, target, pred_mask, target_mask):
+def _mgiou_operands(pred, target, pred_mask, target_mask):
+    """The arguments both MGIoU kernels start with: pred, target and mask pointers (a mask as bytes; where it is
+    absent, a placeholder the kernel never reads), the pair count and the vertex counts, and the slot count VB."""
     n, vp, _ = pred.shape
     vt = target.shape[1]
-    vb = max(2, triton.next_power_of_2(max(vp, vt)))
-    dummy = pred  # never read where the mask is absent
-    pm = dummy if pred_mask is None else pred_mask.contiguous().view(torch.uint8)
-    tm = dummy if target_mask is None else target_mask.contiguous().view(torch.uint8)
-    args = (pred.contiguous(), target.contiguous(), pm, tm)
-    block, warps = _MGIOU_FULL if triton.cdiv(n, _MGIOU_FEW[0]) >= _sm_count(pred.device) else _MGIOU_FEW
-    consts = dict(VB=vb, HAS_PM=pred_mask is not None, HAS_TM=target_mask is not None,
-                  EDGE_SQ=MGIOU_EDGE_EPS * MGIOU_EDGE_EPS, SPREAD_SQ=MGIOU_SPREAD_EPS * MGIOU_SPREAD_EPS,
-                  BLOCK=block, num_warps=warps)
-    return n, vp, vt, (triton.cdiv(n, block),), args, consts
+    placeholder = pred
+    pm = placeholder if pred_mask is None else pred_mask.contiguous().view(torch.uint8)
+    tm = placeholder if target_mask is None else target_mask.contiguous().view(torch.uint8)
+    consts = dict(VB=max(2, triton.next_power_of_2(max(vp, vt))), HAS_PM=pred_mask is not None,
+                  HAS_TM=target_mask is not None)
+    return (pred.contiguous(), target.contiguous(), pm, tm), (n, vp, vt), consts
 
 
 def _sm_count(device: torch.device) -> int:
@@ -959,16 +950,30 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNTS[device.index]
 
 
+def mgiou_problems(pred, target, pred_mask, target_mask, out=None):
+    """The kernel behind `spec.mgiou_problems` (CUDA vertices of any float dtype; the same 0-d int32 bits, or-ed into
+    `out` where given)."""
+    pointers, counts, consts = _mgiou_operands(pred, target, pred_mask, target_mask)
+    problems = torch.zeros((), dtype=torch.int32, device=pred.device) if out is None else out
+    if counts[0]:
+        grid = (triton.cdiv(counts[0], _MGIOU_PROBLEMS_BLOCK),)
+        _mgiou_problems_kernel[grid](*pointers, problems, *counts, **consts, BLOCK=_MGIOU_PROBLEMS_BLOCK)
+    return problems
+
+
 def mgiou_forward(pred, target, pred_mask, target_mask, need_pred=False, need_target=False):
     """The kernel behind `spec.mgiou_forward` (float32 CUDA vertices; same arguments and results)."""
-    n, vp, vt, grid, args, consts = _mgiou_launch(pred, target, pred_mask, target_mask)
+    pointers, counts, consts = _mgiou_operands(pred, target, pred_mask, target_mask)
+    n = counts[0]
     loss = torch.empty(n, dtype=torch.float32, device=pred.device)
-    problems = torch.zeros((), dtype=torch.int32, device=pred.device)
     # Contiguous (N, V, 2), the layout the kernel writes (empty_like would copy a non-contiguous input's strides).
     grad_pred = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device) if need_pred else None
     grad_target = torch.empty(target.shape, dtype=target.dtype, device=target.device) if need_target else None
     if n:
-        _mgiou_kernel[grid](*args, loss, problems, pred if grad_pred is None else grad_pred,
-                            target if grad_target is None else grad_target, n, vp, vt, NEED_P=need_pred,
-                            NEED_T=need_target, WITH_GRAD=need_pred or need_target, **consts, **_EXACT)
-    return loss, problems, grad_pred, grad_target
+        block, warps = _MGIOU_FULL if triton.cdiv(n, _MGIOU_FEW[0]) >= _sm_count(pred.device) else _MGIOU_FEW
+        _mgiou_kernel[(triton.cdiv(n, block),)](
+            *pointers, loss, pred if grad_pred is None else grad_pred, target if grad_target is None else grad_target,
+            *counts, NEED_P=need_pred, NEED_T=need_target, WITH_GRAD=need_pred or need_target, **consts,
+            EDGE_SQ=MGIOU_EDGE_EPS * MGIOU_EDGE_EPS, SPREAD_SQ=MGIOU_SPREAD_EPS * MGIOU_SPREAD_EPS, BLOCK=block,
+            num_warps=warps, **_EXACT)
+    return loss, grad_pred, grad_target

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -204,40 +206,34 @@ _MGIOU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class _MGIoU(torch.autograd.Function):
-    """MGIoU loss (N,) and the problems found (0-d, no gradient). One kernel (or the spec) computes the loss and, where
-    an input needs one, each pair's gradient; the backward multiplies that by the upstream gradient (a torch op, no
-    second pass over the vertices, no second launch)."""
+    """MGIoU loss (N,). One kernel (or the spec) computes the loss and, where an input needs one, each pair's gradient;
+    the backward multiplies that by the upstream gradient (a torch op, no second pass over the vertices)."""
 
     @staticmethod
     def forward(ctx, pred, target, pred_mask, target_mask, need_pred: bool, need_target: bool):
         # Contiguous copies where needed: the kernels address (N, V, 2) rows densely, and the gradients they write are
         # allocated in that layout (an input's own strides, e.g. a transposed view's, would scramble them).
         pred, target = pred.contiguous(), target.contiguous()
-        loss, problems, grad_pred, grad_target = _backend(pred).mgiou_forward(pred, target, pred_mask, target_mask,
-                                                                              need_pred, need_target)
+        loss, grad_pred, grad_target = _backend(pred).mgiou_forward(pred, target, pred_mask, target_mask, need_pred,
+                                                                    need_target)
         ctx.save_for_backward(grad_pred, grad_target)
-        ctx.mark_non_differentiable(problems)
-        ctx.set_materialize_grads(False)  # no zeros built for the flag's (absent) gradient
-        return loss, problems
+        return loss
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: torch.Tensor | None, _grad_problems=None):
+    def backward(ctx, grad: torch.Tensor):
         grad_pred, grad_target = ctx.saved_tensors
-        if grad is None:
-            return None, None, None, None, None, None
         per_pair = grad[:, None, None]  # broadcast as it comes (a sum's gradient is an expanded view: no copy)
         return (None if grad_pred is None else grad_pred * per_pair,
                 None if grad_target is None else grad_target * per_pair, None, None, None, None)
 
 
-def mgiou_loss_and_problems(pred: torch.Tensor, target: torch.Tensor, pred_mask: torch.Tensor | None = None,
-                            target_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def mgiou_loss(pred: torch.Tensor, target: torch.Tensor, pred_mask: torch.Tensor | None = None,
+               target_mask: torch.Tensor | None = None) -> torch.Tensor:
     """`losses.mgiou._mgiou_loss` (unchecked inputs) in one fused pass, forward and gradient together: the Triton
     kernel where `mgiou_runs`, else `spec.mgiou_forward` (the same operations, in torch). float16 and bfloat16
-    vertices are computed in float32, as the reference computes them; the loss is float32. Also returns the 0-d
-    `spec.mgiou_problems` flag found as the vertices are read (not read here: no sync). The gradient is computed only
-    for inputs that require one while grad mode is on."""
+    vertices are computed in float32, as the reference computes them; the loss is float32. The gradient is computed
+    only for inputs that require one while grad mode is on."""
     grad_on = torch.is_grad_enabled()
     need_pred, need_target = grad_on and pred.requires_grad, grad_on and target.requires_grad
     if pred.dtype != torch.float32 and pred.dtype in _MGIOU_DTYPES:
@@ -247,7 +243,21 @@ def mgiou_loss_and_problems(pred: torch.Tensor, target: torch.Tensor, pred_mask:
     return _MGIoU.apply(pred, target, pred_mask, target_mask, need_pred, need_target)
 
 
-def mgiou_loss(pred: torch.Tensor, target: torch.Tensor, pred_mask: torch.Tensor | None = None,
-               target_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """The loss of `mgiou_loss_and_problems`."""
-    return mgiou_loss_and_problems(pred, target, pred_mask, target_mask)[0]
+_ZEROED_FLAGS = threading.local()  # per thread: device -> a 0-d int32 flag that holds 0
+
+
+def mgiou_problems(pred: torch.Tensor, target: torch.Tensor, pred_mask: torch.Tensor | None = None,
+                   target_mask: torch.Tensor | None = None) -> int:
+    """The `spec.mgiou_problems` bits of these vertices, read (one device sync): one small kernel where `mgiou_runs`,
+    else the spec. Read before `mgiou_loss` is queued, it keeps the loss kernel out of the host's wait. The bits are
+    or-ed into a flag this thread keeps per device while it reads 0 (so a call queues no fill of a new one)."""
+    backend = _triton if mgiou_runs(pred, target) else spec
+    zeroed = _ZEROED_FLAGS.__dict__.setdefault("by_device", {})
+    flag = zeroed.pop(pred.device, None)
+    if flag is None:
+        flag = torch.zeros((), dtype=torch.int32, device=pred.device)
+    with torch.no_grad():
+        bits = int(backend.mgiou_problems(pred, target, pred_mask, target_mask, out=flag))
+    if bits == 0:
+        zeroed[pred.device] = flag
+    return bits

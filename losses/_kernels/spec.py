@@ -23,7 +23,8 @@ same inputs, so that the kernel can be checked against it on the GPU and the spe
   summed, from the per-anchor class and target score (the dense targets are never built), and its gradient.
 - `mgiou_forward`: MGIoU (`losses.mgiou._mgiou_loss`: fill, normalise, axes, supports, 1-D GIoU mean) and, in the
   same pass, its hand-written gradient per pair, with autograd's rules at ties (first extreme vertex; halves at equal
-  interval ends); a backward is then one multiply by the upstream gradient.
+  interval ends); a backward is then one multiply by the upstream gradient. `mgiou_problems`: the bits of
+  `losses.mgiou.mgiou`'s value checks (non-finite real vertices, empty masks), found in one read of the vertices.
 
 Layouts: logits are the head's own (B, 4, R, A) view; positives are (image, anchor) index pairs (K,) with targets
 (K, 4) in bins. Index pairs may repeat only where the repeats carry a zero upstream gradient (the fast path's filler
@@ -416,8 +417,8 @@ def class_bce_backward(logits: torch.Tensor, labels: torch.Tensor, score: torch.
 # losses.mgiou's thresholds (relative to a pair's extent; tests/test_mgiou_kernel.py ties them to that module's).
 MGIOU_EDGE_EPS = 1e-6
 MGIOU_SPREAD_EPS = 1e-6
-# Bits of the problem flag `mgiou_forward` returns: the value checks of `losses.mgiou.mgiou`, found while the vertices
-# are read, so that the checks cost one read of a 0-d tensor.
+# Bits of the problem flag `mgiou_problems` returns: the value checks of `losses.mgiou.mgiou`, found in one read of the
+# vertices, so that the checks cost one read of a 0-d tensor.
 MGIOU_PRED_NONFINITE = 1  # a real pred vertex has a non-finite coordinate
 MGIOU_TARGET_NONFINITE = 2
 MGIOU_PRED_EMPTY = 4  # a pred_mask row has no real vertex
@@ -431,16 +432,17 @@ def real_finite(vertices: torch.Tensor, mask: torch.Tensor | None) -> torch.Tens
 
 
 def mgiou_problems(pred: torch.Tensor, target: torch.Tensor, pred_mask: torch.Tensor | None,
-                   target_mask: torch.Tensor | None) -> torch.Tensor:
+                   target_mask: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
     """0-d int32: the MGIOU_* bits of the problems found in any pair (a row without a real vertex is only empty: its
-    padded slots are never read, so their values are not a problem)."""
+    padded slots are never read, so their values are not a problem), or-ed into `out` where given."""
     no = torch.zeros((), dtype=torch.bool, device=pred.device)
     found = torch.stack((~real_finite(pred, pred_mask).all(), ~real_finite(target, target_mask).all(),
                          no if pred_mask is None else ~pred_mask.any(dim=1).all(),
                          no if target_mask is None else ~target_mask.any(dim=1).all()))
     bits = torch.tensor([MGIOU_PRED_NONFINITE, MGIOU_TARGET_NONFINITE, MGIOU_PRED_EMPTY, MGIOU_TARGET_EMPTY],
                         dtype=torch.int32, device=pred.device)
-    return (found.to(torch.int32) * bits).sum(dtype=torch.int32)
+    found_bits = (found.to(torch.int32) * bits).sum(dtype=torch.int32)
+    return found_bits if out is None else out.bitwise_or_(found_bits)
 
 
 def mgiou_sources(mask: torch.Tensor | None, n: int, v: int, device) -> torch.Tensor:
@@ -518,9 +520,9 @@ def _mgiou_axes_terms(pred, target, pred_mask, target_mask):
 
 def mgiou_forward(pred: torch.Tensor, target: torch.Tensor, pred_mask: torch.Tensor | None,
                   target_mask: torch.Tensor | None, need_pred: bool = False, need_target: bool = False
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """MGIoU loss (N,) of float32 vertices (N, Vp, 2), (N, Vt, 2) with optional (N, V) bool masks, as
-    `losses.mgiou._mgiou_loss` computes it; the problems found (`mgiou_problems`); and, where asked, the gradient of
+    `losses.mgiou._mgiou_loss` computes it, and, where asked, the gradient of
     each pair's loss with respect to its pred and its target vertices (N, Vp, 2), (N, Vt, 2), 0 at padded slots (else
     None). A backward multiplies them by the upstream gradient of each pair: one pass computes everything.
 
@@ -537,8 +539,7 @@ def mgiou_forward(pred: torch.Tensor, target: torch.Tensor, pred_mask: torch.Ten
     mean = total / count.clamp(min=1).to(total.dtype)
     similarity = torch.where(count > 0, mean, torch.ones_like(mean))
     grads = _mgiou_gradients(terms, count) if (need_pred or need_target) else (None, None)
-    return ((1 - similarity) / 2, mgiou_problems(pred, target, pred_mask, target_mask),
-            grads[0] if need_pred else None, grads[1] if need_target else None)
+    return (1 - similarity) / 2, grads[0] if need_pred else None, grads[1] if need_target else None
 
 
 def _mgiou_gradients(f: dict, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
