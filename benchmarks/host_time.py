@@ -17,10 +17,12 @@ import time
 from pathlib import Path
 
 import torch
+import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import losses  # noqa: E402
+from losses.mgiou import _check_pair  # noqa: E402
 from benchmarks._inputs import make_polygon_pairs  # noqa: E402
 from losses._kernels import _triton  # noqa: E402
 
@@ -57,6 +59,27 @@ class _Identity(torch.autograd.Function):
         return grad
 
 
+def _mgiou_launches(pred: torch.Tensor, target: torch.Tensor):
+    """The MGIoU kernel (loss and pred gradient) launched through Triton's JIT, and through `DirectLaunch` (the
+    compiled kernel's own launcher: no argument binding, specialisation or cache lookup), as `losses` launches it."""
+    pointers, counts, consts = _triton._mgiou_operands(pred, target, None, None)
+    n = counts[0]
+    block, warps = _triton._MGIOU_FULL
+    grid = (triton.cdiv(n, block),)
+    loss, grad = torch.empty(n, device="cuda"), torch.empty_like(pred)
+    args = (*pointers, loss, grad, target, *counts)
+    kwargs = {**consts, "NEED_P": True, "NEED_T": False, "WITH_GRAD": True, "EDGE_SQ": _triton.MGIOU_EDGE_EPS ** 2,
+              "SPREAD_SQ": _triton.MGIOU_SPREAD_EPS ** 2, "BLOCK": block, "num_warps": warps, **_triton._EXACT}
+
+    def jit_launch():
+        _triton._mgiou_kernel.jit[grid](*args, **kwargs)
+
+    def direct_launch():
+        _triton._mgiou_kernel[grid](*args, **kwargs)
+
+    return jit_launch, direct_launch
+
+
 def mgiou_calls(n: int = 100_000, vertices: int = 8) -> dict:
     pred, target = make_polygon_pairs(n, vertices, "cuda")
     pred.requires_grad_()
@@ -89,6 +112,11 @@ def mgiou_calls(n: int = 100_000, vertices: int = 8) -> dict:
         leaf.grad = None
         (leaf * upstream[:, None, None]).sum((1, 2)).sum().backward()
 
+    jit_launch, direct_launch = _mgiou_launches(detached, target)
+
+    def trivial_forward():  # a Python Function's forward alone, its graph dropped
+        _Identity.apply(leaf)
+
     return {
         "autograd round trip (trivial Function, same shape)": engine_round_trip,
         "autograd round trip (trivial Function, no device thread)": engine_round_trip_on_the_calling_thread,
@@ -98,8 +126,14 @@ def mgiou_calls(n: int = 100_000, vertices: int = 8) -> dict:
         "mgiou fwd+bwd, check_finite=False (no sync)": step_unchecked,
         "mgiou fwd": lambda: losses.mgiou(pred, target),
         "mgiou fwd, check_finite=False": lambda: losses.mgiou(pred, target, check_finite=False),
+        "problem check: kernel and read": lambda: int(_triton.mgiou_problems(detached, target, None, None)),
         "kernel call, loss only": lambda: _triton.mgiou_forward(detached, target, None, None),
         "kernel call, loss and pred gradient": lambda: _triton.mgiou_forward(detached, target, None, None, True),
+        "trivial Function forward alone": trivial_forward,
+        "MGIoU kernel launch through Triton's JIT": jit_launch,
+        "MGIoU kernel launch, DirectLaunch (as losses launches it)": direct_launch,
+        "_check_pair (structural checks)": lambda: _check_pair(pred, target, None, None),
+        "torch.empty(n) on the device": lambda: torch.empty(n, device="cuda"),
         "torch.zeros(()) on the device": lambda: torch.zeros((), device="cuda"),
         "one .item() of a 0-d tensor": lambda: upstream[0].item(),
     }

@@ -17,6 +17,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from . import spec
+from ._launch import DirectLaunch
 from .spec import (
     ASPECT_GAIN,
     BOX_EPS,
@@ -71,6 +72,7 @@ def _pow(x, e: tl.constexpr):
     return y
 
 
+@DirectLaunch
 @triton.jit
 def _assign_metrics_kernel(
     scores_ptr, s_sb, s_sa, s_sc,
@@ -203,6 +205,7 @@ def assign_metrics(pd_scores, pd_bboxes, anchor_points, labels, gt_bboxes, mask_
 # One program per (image, block of anchors) walks the gts in order: whether each picked the anchor among its top-k
 # (the top-k kernel's mark), the running positive count, the first positive gt and the first gt of highest overlap.
 # Then the anchor's gt, its metric, and (atomically) each gt's largest metric and overlap over its positives.
+@DirectLaunch
 @triton.jit
 def _assign_positives_kernel(picked_ptr, cand_ptr, overlap_ptr, align_ptr,
                              fg_ptr, gt_index_ptr, own_ptr, best_align_ptr, best_overlap_ptr,
@@ -286,6 +289,7 @@ def _top_keys(align_ptr, row, A, K: tl.constexpr, BLOCK: tl.constexpr):
     return cols, (key >= kth) & ok
 
 
+@DirectLaunch
 @triton.jit
 def _top_picks_kernel(align_ptr, real_ptr, picked_ptr, A, K: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -294,6 +298,7 @@ def _top_picks_kernel(align_ptr, real_ptr, picked_ptr, A, K: tl.constexpr, BLOCK
         tl.store(picked_ptr + row * A + cols, tl.full((BLOCK,), 1, tl.int8), mask=picked)
 
 
+@DirectLaunch
 @triton.jit
 def _top_indices_kernel(align_ptr, real_ptr, idx_ptr, A, K: tl.constexpr, K_P2: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -355,6 +360,7 @@ def _softmax_rows(logits_ptr, row, cols, A, R: tl.constexpr, R_P2: tl.constexpr)
     return probs, bins.to(tl.float32)[:, None], ok, offs
 
 
+@DirectLaunch
 @triton.jit
 def _expectation_fwd_kernel(logits_ptr, out_ptr, A, R: tl.constexpr, R_P2: tl.constexpr, BLOCK_A: tl.constexpr):
     row = tl.program_id(1)
@@ -363,6 +369,7 @@ def _expectation_fwd_kernel(logits_ptr, out_ptr, A, R: tl.constexpr, R_P2: tl.co
     tl.store(out_ptr + row.to(tl.int64) * A + cols, tl.sum(probs * bins, 0), mask=cols < A)
 
 
+@DirectLaunch
 @triton.jit
 def _expectation_bwd_kernel(logits_ptr, exp_ptr, grad_ptr, out_ptr, A, R: tl.constexpr, R_P2: tl.constexpr,
                             BLOCK_A: tl.constexpr):
@@ -418,6 +425,7 @@ def _positive_tile(logits_ptr, image_ptr, anchor_ptr, target_ptr, k, K, A, side:
     return x, offs, ok, k_ok, bins, left, w_left
 
 
+@DirectLaunch
 @triton.jit
 def _positive_dfl_fwd_kernel(logits_ptr, image_ptr, anchor_ptr, target_ptr, out_ptr, K, A, R: tl.constexpr,
                              R_P2: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -434,6 +442,7 @@ def _positive_dfl_fwd_kernel(logits_ptr, image_ptr, anchor_ptr, target_ptr, out_
     tl.store(out_ptr + k, total * 0.25, mask=k < K)
 
 
+@DirectLaunch
 @triton.jit
 def _positive_dfl_bwd_kernel(logits_ptr, image_ptr, anchor_ptr, target_ptr, grad_ptr, out_ptr, K, A, R: tl.constexpr,
                              R_P2: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -488,6 +497,7 @@ def _tie_share(x, other, WINS_ABOVE: tl.constexpr):
     return tl.where(x == other, 0.5, tl.where(wins, 1.0, 0.0))
 
 
+@DirectLaunch
 @triton.jit
 def _positive_boxes_kernel(exp_ptr, anchor_ptr, stride_ptr, index_ptr, valid_ptr, tbox_ptr, tscore_ptr,
                            loss_ptr, weight_ptr, dfl_ptr, grad_ptr, K, A, NC, DFL_MAX, EPS: tl.constexpr,
@@ -567,6 +577,7 @@ def _positive_boxes_kernel(exp_ptr, anchor_ptr, stride_ptr, index_ptr, valid_ptr
     tl.store(grad_ptr + k * 4 + 3, -dy2 * weight, mask=k_ok)
 
 
+@DirectLaunch
 @triton.jit
 def _positive_boxes_bwd_kernel(grad_ptr, grad_loss_ptr, index_ptr, valid_ptr, out_ptr, K, A, BLOCK_K: tl.constexpr):
     k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -626,6 +637,7 @@ def _class_target_and_logit(x_ptr, label_ptr, score_ptr, NC, A, BLOCK_A: tl.cons
     return x, tl.where(label == cls, score, 0.0), row * A + ai, ok
 
 
+@DirectLaunch
 @triton.jit
 def _class_bce_fwd_kernel(x_ptr, label_ptr, score_ptr, partial_ptr, NC, A, BLOCK_A: tl.constexpr):
     x, t, _, ok = _class_target_and_logit(x_ptr, label_ptr, score_ptr, NC, A, BLOCK_A)
@@ -634,6 +646,7 @@ def _class_bce_fwd_kernel(x_ptr, label_ptr, score_ptr, partial_ptr, NC, A, BLOCK
     tl.store(partial_ptr + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0), tl.sum(loss, 0))
 
 
+@DirectLaunch
 @triton.jit
 def _class_bce_bwd_kernel(x_ptr, label_ptr, score_ptr, grad_ptr, out_ptr, NC, A, BLOCK_A: tl.constexpr):
     x, t, at, ok = _class_target_and_logit(x_ptr, label_ptr, score_ptr, NC, A, BLOCK_A)
@@ -723,6 +736,7 @@ def _or_combine(a, b):
     return a | b
 
 
+@DirectLaunch
 @triton.jit
 def _mgiou_problems_kernel(p_ptr, t_ptr, pm_ptr, tm_ptr, problems_ptr, N, VP, VT, VB: tl.constexpr,
                            HAS_PM: tl.constexpr, HAS_TM: tl.constexpr, BLOCK: tl.constexpr):
@@ -884,6 +898,7 @@ def _mgiou_store_grad(ptr, gx, gy, g, source, ok, rows, cols, V, scale, HAS_MASK
     tl.store(ptr + at + 1, gy, mask=ok)
 
 
+@DirectLaunch
 @triton.jit
 def _mgiou_kernel(p_ptr, t_ptr, pm_ptr, tm_ptr, loss_ptr, gp_ptr, gt_ptr, N, VP, VT, VB: tl.constexpr,
                   HAS_PM: tl.constexpr, HAS_TM: tl.constexpr, NEED_P: tl.constexpr, NEED_T: tl.constexpr,
