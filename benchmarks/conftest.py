@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import statistics
 import subprocess
+import time
 from collections.abc import Callable
 
 import pytest
@@ -58,8 +60,23 @@ def _driver_version() -> str | None:
     return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
 
 
+def autograd_round_trip_us(rounds: int = 200) -> float:
+    """Median wall time (us) of the cheapest CUDA training step, a product, a sum, a backward and a sync: the host's
+    speed at what bounds small steps (it differed 2.7x between H200 machines lent on one day)."""
+    leaf = torch.ones(1024, device="cuda", requires_grad=True)
+    times = []
+    for _ in range(rounds):
+        leaf.grad = None
+        start = time.perf_counter()
+        (leaf * 1.0).sum().backward()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[rounds // 10:]) * 1e6
+
+
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
-    """Add the GPU, driver, CUDA runtime and torch versions, so results from different cards never get mixed up."""
+    """Add the GPU, driver, CUDA runtime and torch versions, so results from different cards never get mixed up, and
+    the host's autograd round trip, so absolute times from different hosts can be told apart."""
     info: dict[str, object] = {"torch": torch.__version__, "cuda_runtime": torch.version.cuda, "gpu": None}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
@@ -70,6 +87,7 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
             compute_capability=f"{props.major}.{props.minor}",
             driver=_driver_version(),
             cudnn=torch.backends.cudnn.version(),
+            autograd_round_trip_us=round(autograd_round_trip_us(), 1),
         )
     machine_info["cuda"] = info
 

@@ -94,8 +94,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with open(args.json_file) as f:
         data = json.load(f)
-    gpu = data.get("machine_info", {}).get("cuda", {}).get("gpu") or "no GPU recorded"
-    print(f"card: {gpu}")
+    cuda = data.get("machine_info", {}).get("cuda", {})
+    round_trip = cuda.get("autograd_round_trip_us")
+    host = f"; host: autograd round trip {round_trip} us" if round_trip is not None else ""
+    print(f"card: {cuda.get('gpu') or 'no GPU recorded'}{host}")
     print(format_rows(pair_rows(records_from_json(data)), markdown=args.markdown))
 
 
