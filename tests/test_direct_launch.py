@@ -54,7 +54,8 @@ def _scaled(launch, src, n, factor, block=64):
 def test_later_launches_skip_the_jit_and_pass_every_runtime_value(launch):
     src = torch.arange(1000, dtype=torch.float32, device="cuda")
     assert torch.equal(_scaled(launch, src, 1000, 2.0), src * 2)
-    assert torch.equal(_scaled(launch, src, 500, 3.0)[:500], src[:500] * 3)  # other count and factor: same key
+    # Another count (not 1, not a multiple of 16 either way) and another runtime float: the same specialisation.
+    assert torch.equal(_scaled(launch, src, 500, 3.0)[:500], src[:500] * 3)
     assert launch.jit.launches == 1 and len(launch._compiled) == 1
 
 

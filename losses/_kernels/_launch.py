@@ -7,10 +7,9 @@ H200 host, against 7 for the launcher alone (`benchmarks/host_time.py`). `Direct
 and later calls go straight to the launcher that call found.
 
 The key is what Triton 3.6 specialises a kernel on: per tensor its dtype and whether its address is a multiple of
-16; per integer whether it is 1, a multiple of 16, and which integer type holds it; constexprs and launch options
-(warps, fp fusion) by value; and the current device. Runtime floats and bools are keyed by value (Triton keys them by
-type: a finer key only costs a JIT launch per new value). Runtime parameters come positionally and constexprs by
-keyword; a call that mixes them otherwise takes the JIT. The launcher's calling convention
+16; per integer whether it is 1, a multiple of 16, and which integer type holds it; other runtime values (floats,
+bools) by type; constexprs and launch options (warps, fp fusion) by value; and the current device. Runtime
+parameters come positionally and constexprs by keyword; a call that passes them otherwise takes the JIT. The launcher's calling convention
 (grid, stream, function, metadata, hooks, then every parameter in order) is Triton 3.6's too, so other versions take
 the JIT every time, as do Triton's interpreter, its debug mode and launches while a launch hook is registered (a
 profiler's: the direct path would skip it).
@@ -32,11 +31,11 @@ _I64 = range(-(2**63), 2**63)
 
 
 def _key(args: tuple, kwargs: dict) -> tuple:
-    """What Triton 3.6 specialises these arguments on (constexprs and options among the keywords, by value)."""
+    """What Triton 3.6 specialises runtime arguments `args` and keyword constexprs and options `kwargs` on."""
     return (torch.cuda.current_device(), tuple(kwargs.items()), *[
         (arg.dtype, arg.data_ptr() % 16 == 0) if isinstance(arg, torch.Tensor)
         else (arg == 1, arg % 16 == 0, arg in _I32, arg in _I64) if isinstance(arg, int) and not isinstance(arg, bool)
-        else arg  # floats and bools (runtime or constexpr) by value: finer than Triton's key, never coarser
+        else type(arg)  # runtime floats and bools: Triton types them (fp32, i1), it does not specialise on them
         for arg in args])
 
 
