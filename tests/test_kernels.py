@@ -11,12 +11,6 @@ graphs, kernels) against the eager reference (`cuda_graphs=False`), loss and who
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -33,6 +27,7 @@ from losses._boxes import bbox2dist, bbox_ciou, dfl_loss
 from losses._kernels import available, spec
 from losses._kernels import dfl_expectation as fused_expectation
 from losses.assigner import AssignerConfig, _anchors_in_boxes, _assign, _metrics
+from tests._interpreter import interpreted_failures
 
 EXPONENTS = [0.0, 0.3, 0.5, 1.0, 2.0, 3.0, 6.0]  # torch special-cases 0, 1, 0.5, 2, 3 in pow; the kernel must too
 GPU_EXPONENTS = [0.5, 1.0, 3.0, 6.0]  # each (alpha, beta) pair is a kernel compilation: a few cover every branch
@@ -531,7 +526,6 @@ def test_top_indices_kernel_at_benchmark_rows():
     """The benchmark's row length (8400 anchors: a 16384-lane block) with many ties, negative zeros among them, and
     padding rows, under the interpreter: picks of `spec.top_indices`, values of torch.topk; and a row of negative
     NaNs keeps its marks inside the row."""
-    pytest.importorskip("triton")
     code = ("import json, torch, tests.test_kernels as t; "
             "g = torch.Generator().manual_seed(0); "
             "align = (torch.rand(2, 3, 8400, generator=g) * (torch.rand(2, 3, 8400, generator=g) < 0.02) * 8).round(); "
@@ -539,11 +533,7 @@ def test_top_indices_kernel_at_benchmark_rows():
             "real = torch.tensor([[True, True, False], [True, False, False]]); "
             "print(json.dumps(t.top_indices_failures(align, real, 10) "
             "+ t.top_indices_failures(align[:, :, :20], real, 10) + t.top_picks_stay_in_their_rows()))")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
-                          cwd=Path(__file__).resolve().parents[1])
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout.splitlines()[-1]) == []
+    assert interpreted_failures(code) == []
 
 
 @pytest.mark.cuda
@@ -643,13 +633,8 @@ def test_kernels_equal_specs_under_the_interpreter():
     """CI has no GPU: Triton's CPU interpreter runs the box-term kernels (their arithmetic, masks, filler entries and
     ties), the metrics kernel (its tiles without candidates too), the top-k kernels, the positives pass (ties too)
     and the class-term kernels against their specs."""
-    pytest.importorskip("triton")
     code = "import json, tests.test_kernels as t; print(json.dumps(t.interpreted_kernel_failures()))"
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
-                          cwd=Path(__file__).resolve().parents[1])
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout.splitlines()[-1]) == []
+    assert interpreted_failures(code) == []
 
 
 @pytest.mark.cuda

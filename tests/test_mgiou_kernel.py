@@ -21,12 +21,7 @@ the geometry: a plain relative comparison of two noises would be meaningless the
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -36,6 +31,7 @@ from hypothesis import strategies as st
 from losses._kernels import mgiou_loss, mgiou_runs, ops, spec
 from losses._validate import LossInputError
 from losses.mgiou import EDGE_EPS, SPREAD_EPS, _mgiou_similarity, _normalise, _prepare, mgiou
+from tests._interpreter import interpreted_failures
 
 HAS_TRITON = ops._triton is not None
 needs_kernels = pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()),
@@ -400,14 +396,9 @@ def interpreted_kernel_against_spec(n: int = 70) -> list[str]:
 def test_mgiou_kernel_equals_spec_under_the_interpreter():
     """CI has no GPU: the kernel's arithmetic, masks and tie rules are checked by Triton's CPU interpreter (loss bit
     for bit; gradients, summed in another order, within the gradient bound)."""
-    pytest.importorskip("triton")
     code = ("import json, tests.test_mgiou_kernel as t; "
             "print(json.dumps(t.interpreted_kernel_against_spec()))")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
-                          cwd=Path(__file__).resolve().parents[1])
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout.splitlines()[-1]) == []
+    assert interpreted_failures(code) == []
 
 
 # ---------------------------------------------------------------------------------------------------- kernel (GPU)
