@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import torch
-import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -62,14 +61,8 @@ class _Identity(torch.autograd.Function):
 def _mgiou_launches(pred: torch.Tensor, target: torch.Tensor):
     """The MGIoU kernel (loss and pred gradient) launched through Triton's JIT, and through `DirectLaunch` (the
     compiled kernel's own launcher: no argument binding, specialisation or cache lookup), as `losses` launches it."""
-    pointers, counts, consts = _triton._mgiou_operands(pred, target, None, None)
-    n = counts[0]
-    block, warps = _triton._MGIOU_FULL
-    grid = (triton.cdiv(n, block),)
-    loss, grad = torch.empty(n, device="cuda"), torch.empty_like(pred)
-    args = (*pointers, loss, grad, target, *counts)
-    kwargs = {**consts, "NEED_P": True, "NEED_T": False, "WITH_GRAD": True, "EDGE_SQ": _triton.MGIOU_EDGE_EPS ** 2,
-              "SPREAD_SQ": _triton.MGIOU_SPREAD_EPS ** 2, "BLOCK": block, "num_warps": warps, **_triton._EXACT}
+    loss, grad = torch.empty(pred.shape[0], device="cuda"), torch.empty_like(pred)
+    grid, args, kwargs = _triton.mgiou_launch(pred, target, None, None, loss, grad, None)
 
     def jit_launch():
         _triton._mgiou_kernel.jit[grid](*args, **kwargs)

@@ -976,19 +976,29 @@ def mgiou_problems(pred, target, pred_mask, target_mask, out=None):
     return problems
 
 
-def mgiou_forward(pred, target, pred_mask, target_mask, need_pred=False, need_target=False):
-    """The kernel behind `spec.mgiou_forward` (float32 CUDA vertices; same arguments and results)."""
+def mgiou_launch(pred, target, pred_mask, target_mask, loss, grad_pred, grad_target):
+    """Grid, arguments and keywords of the MGIoU kernel for N > 0 pairs writing `loss` and the gradients given (None:
+    not asked for): `_mgiou_kernel[grid](*args, **kwargs)`."""
     pointers, counts, consts = _mgiou_operands(pred, target, pred_mask, target_mask)
     n = counts[0]
+    block, warps = _MGIOU_FULL if triton.cdiv(n, _MGIOU_FEW[0]) >= _sm_count(pred.device) else _MGIOU_FEW
+    need_pred, need_target = grad_pred is not None, grad_target is not None
+    args = (*pointers, loss, pred if grad_pred is None else grad_pred, target if grad_target is None else grad_target,
+            *counts)
+    kwargs = dict(NEED_P=need_pred, NEED_T=need_target, WITH_GRAD=need_pred or need_target, **consts,
+                  EDGE_SQ=MGIOU_EDGE_EPS * MGIOU_EDGE_EPS, SPREAD_SQ=MGIOU_SPREAD_EPS * MGIOU_SPREAD_EPS, BLOCK=block,
+                  num_warps=warps, **_EXACT)
+    return (triton.cdiv(n, block),), args, kwargs
+
+
+def mgiou_forward(pred, target, pred_mask, target_mask, need_pred=False, need_target=False):
+    """The kernel behind `spec.mgiou_forward` (float32 CUDA vertices; same arguments and results)."""
+    n = pred.shape[0]
     loss = torch.empty(n, dtype=torch.float32, device=pred.device)
     # Contiguous (N, V, 2), the layout the kernel writes (empty_like would copy a non-contiguous input's strides).
     grad_pred = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device) if need_pred else None
     grad_target = torch.empty(target.shape, dtype=target.dtype, device=target.device) if need_target else None
     if n:
-        block, warps = _MGIOU_FULL if triton.cdiv(n, _MGIOU_FEW[0]) >= _sm_count(pred.device) else _MGIOU_FEW
-        _mgiou_kernel[(triton.cdiv(n, block),)](
-            *pointers, loss, pred if grad_pred is None else grad_pred, target if grad_target is None else grad_target,
-            *counts, NEED_P=need_pred, NEED_T=need_target, WITH_GRAD=need_pred or need_target, **consts,
-            EDGE_SQ=MGIOU_EDGE_EPS * MGIOU_EDGE_EPS, SPREAD_SQ=MGIOU_SPREAD_EPS * MGIOU_SPREAD_EPS, BLOCK=block,
-            num_warps=warps, **_EXACT)
+        grid, args, kwargs = mgiou_launch(pred, target, pred_mask, target_mask, loss, grad_pred, grad_target)
+        _mgiou_kernel[grid](*args, **kwargs)
     return loss, grad_pred, grad_target
